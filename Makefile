@@ -1,0 +1,52 @@
+# fedsqueeze developer commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROTO_DIR := proto
+PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch, pinned: a bare `torch` would pull the multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv with the CPU build of torch and fedsqueeze (editable, with dev tools)
+
+demo: $(STAMP) ## Run a real local federation: aggregator + 4 collaborator processes, 20 rounds on digits
+	$(BIN)/fedsqueeze demo --collaborators 4 --rounds 20
+
+test: $(STAMP) ## Run the test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## Run the tests that start no servers
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy fedsqueeze codecs aggregator collaborator
+
+proto: $(STAMP) ## Regenerate the Python code from proto/fedsqueeze/v1/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) $(PROTO_SRC)
+
+check-proto: $(STAMP) ## Fail if the committed generated code differs from a fresh generation
+	@tmp=$$(mktemp -d); \
+	$(BIN)/python -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_SRC) && \
+	diff -ru $$tmp/fedsqueeze/v1 $(PROTO_DIR)/fedsqueeze/v1 -x '*.proto' -x '__init__.py' -x '__pycache__' && echo "generated code is up to date"; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
+
+bench: $(STAMP) ## Run the benchmarks and write docs/benchmarks.md
+	$(BIN)/python -m bench.codecs_bench --out docs/benchmarks.md
+
+clean: ## Remove build outputs and run artefacts (keeps .venv)
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache runs

@@ -1,0 +1,1 @@
+"""The aggregator: a long-running gRPC service that runs federated rounds."""

@@ -1,0 +1,1 @@
+"""The collaborator: joins a federation, trains locally and submits encoded updates."""

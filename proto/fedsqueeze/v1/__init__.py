@@ -1,0 +1,1 @@
+"""fedsqueeze.v1: generated protobuf and gRPC code for the wire protocol (see fedsqueeze.proto)."""
