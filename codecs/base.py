@@ -24,20 +24,20 @@ import json
 import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from .errors import CodecError
 from .layout import Layout
 
-Data = Union[np.ndarray, bytes]
+Data = np.ndarray | bytes
 StageState = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class ArraySpec:
-    dtype: np.dtype
+    dtype: Any  # anything np.dtype() accepts; stored as np.dtype
     count: int
     layout: Layout | None = None
     symbols: tuple[int, int] | None = None
@@ -76,7 +76,7 @@ class BytesSpec:
         return bytes(y)
 
 
-Spec = Union[ArraySpec, BytesSpec]
+Spec = ArraySpec | BytesSpec
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,13 @@ class Zstd(Codec):
         if params.content_size > limit:
             raise CodecError(f"zstd: frame claims {params.content_size} bytes, above the expected {limit}")
         try:
-            out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+            # The claimed size is bounded above; libzstd enforces that the content matches it.
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            out = stream.decompress(frame)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd: corrupt frame: {exc}") from exc
+        if not stream.eof or stream.unused_data:
+            raise CodecError("zstd: truncated frame or trailing bytes after it")
         if len(out) != params.content_size:
             raise CodecError("zstd: frame content does not match its declared size")
         return out

@@ -1,0 +1,92 @@
+"""`aggregator`: the command line of the aggregator service.
+
+    aggregator serve --port 50051 [--plan plan.json] [--report runs/report.json] [--keep-serving]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedsqueeze.console import ROUND_HEADER, die, round_row, summary_lines
+from fedsqueeze.plan import Plan, PlanError
+from fedsqueeze.report import RoundRecord
+from fedsqueeze.tasks import DataError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import AggregatorServer
+
+    plan = Plan.load(args.plan) if args.plan else Plan()
+    overrides = {"rounds": args.rounds}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(plan, key, value)
+    if args.min_collaborators is not None:
+        plan.collaborators.min = args.min_collaborators
+    if args.keep_serving:
+        plan.keep_serving = True
+    plan.validate()
+    report = Path(args.report) if args.report else None
+
+    def on_round(record: RoundRecord) -> None:
+        print(round_row(record), flush=True)
+
+    server = AggregatorServer(plan, host=args.host, port=args.port, report_path=report, on_round=on_round).start()
+    server.install_signal_handlers()
+    f = server.federation
+    print(
+        f"aggregator on port {server.port}: {plan.rounds} rounds of {plan.model.name} on {plan.task.dataset} "
+        f"({f.layout.numel:,} parameters), waiting for {plan.collaborators.min} collaborators",
+        flush=True,
+    )
+    print(f"uplink: {f.up_chain}   downlink: {f.down_chain}", flush=True)
+    print(ROUND_HEADER, flush=True)
+    try:
+        server.wait(keep_serving=plan.keep_serving)
+    finally:
+        server.stop()
+    if server.error is not None:
+        die(str(server.error), 1)
+    for line in summary_lines(f.report.summary()):
+        print(line)
+    if report:
+        print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aggregator", description="fedsqueeze aggregator service")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the federation as a gRPC service")
+    serve.add_argument("--port", type=int, default=50051, help="port to listen on (0: any free port)")
+    serve.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
+    serve.add_argument("--plan", help="federation plan (JSON); default: the built-in digits plan")
+    serve.add_argument("--report", help="write the run report (JSON) here, updated after every round")
+    serve.add_argument("--rounds", type=int, help="override the plan's number of rounds")
+    serve.add_argument("--min-collaborators", type=int, help="override collaborators.min")
+    serve.add_argument("--keep-serving", action="store_true", help="keep serving after the last round until SIGTERM")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except (PlanError, DataError, OSError) as exc:
+        die(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

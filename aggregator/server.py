@@ -1,0 +1,107 @@
+"""`aggregator serve`: the gRPC server around a Federation, with health checks and SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedsqueeze.plan import Plan
+from fedsqueeze.report import RoundRecord
+from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
+
+from .federation import Federation
+from .servicer import MAX_CHUNK, FederationServicer
+
+log = logging.getLogger("fedsqueeze.aggregator")
+SERVICE_NAME = "fedsqueeze.v1.Federation"
+
+
+def grpc_options(max_message: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+
+
+class AggregatorServer:
+    """A running aggregator: the gRPC server plus the round thread."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        host: str = "[::]",
+        port: int = 0,
+        report_path: Path | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        max_workers: int = 32,
+        linger_s: float = 15.0,
+    ) -> None:
+        self.linger_s = linger_s
+        self.federation = Federation(plan, report_path=report_path, on_round=on_round)
+        # Messages: the downlink model in one response, uplink chunks of at most MAX_CHUNK.
+        max_message = max(MAX_CHUNK + (1 << 16), 2 * self.federation.layout.raw_bytes + (1 << 20))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message))
+        pb_grpc.add_FederationServicer_to_server(FederationServicer(self.federation), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run_rounds, name="rounds", daemon=True)
+
+    def start(self) -> AggregatorServer:
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._thread.start()
+        log.info("aggregator listening on port %d", self.port)
+        return self
+
+    def _run_rounds(self) -> None:
+        try:
+            self.federation.run(self.stop_event)
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+            self.federation.shutdown()
+
+    def wait(self, keep_serving: bool = False) -> None:
+        """Block until the rounds are done (and, with keep_serving, until stopped)."""
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+        # Give polling collaborators a moment to hear DONE and leave.
+        linger = time.monotonic() + self.linger_s
+        while self.federation.active_ids() and time.monotonic() < linger and not self.stop_event.is_set():
+            time.sleep(0.1)
+        if keep_serving:
+            self.stop_event.wait()
+
+    def stop(self, grace: float = 3.0) -> None:
+        self.stop_event.set()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.federation.shutdown()
+        # Let collaborators that are polling learn that the federation is over.
+        self.server.stop(grace).wait()
+        self.federation.report.write()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            log.info("signal %d: shutting down", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

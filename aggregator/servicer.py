@@ -1,0 +1,115 @@
+"""Thin gRPC servicer: unpack protobuf, call the Federation, map domain errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from fedsqueeze.codecs import CodecError
+from fedsqueeze.errors import FederationError, InvalidArgument
+from fedsqueeze.v1 import fedsqueeze_pb2 as pb
+from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
+from fedsqueeze.wire import payload_to_proto
+
+from .federation import Federation
+
+log = logging.getLogger("fedsqueeze.aggregator")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MAX_CHUNK = 4 << 20
+
+
+def _mapped(method: F) -> F:
+    """Turn domain errors into gRPC statuses; anything unexpected becomes INTERNAL, logged."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except FederationError as exc:
+            context.abort(exc.code, exc.message)
+        except CodecError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the server must keep serving
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _assemble(requests: Iterator[Any], header_field: str, size_field: str, limit: int) -> tuple[Any, bytes]:
+    """Read a header-then-chunks client stream into (header, bytes), enforcing sizes as it goes."""
+    try:
+        first = next(requests)
+    except StopIteration:
+        raise InvalidArgument("empty stream: the first message must be a header") from None
+    if first.WhichOneof("part") != "header":
+        raise InvalidArgument("the first message of the stream must be a header")
+    header = first.header
+    declared = getattr(header, size_field)
+    if declared < 0 or declared > limit:
+        raise InvalidArgument(f"declared size {declared} bytes is outside [0, {limit}]")
+    buf = bytearray()
+    for req in requests:
+        if req.WhichOneof("part") != "chunk":
+            raise InvalidArgument("only chunks may follow the header")
+        if len(req.chunk) > MAX_CHUNK:
+            raise InvalidArgument(f"chunk of {len(req.chunk)} bytes exceeds {MAX_CHUNK}")
+        buf += req.chunk
+        if len(buf) > declared:
+            raise InvalidArgument(f"stream carries more than the declared {declared} bytes")
+    if len(buf) != declared:
+        raise InvalidArgument(f"stream ended after {len(buf)} of the declared {declared} bytes")
+    return header, bytes(buf)
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, federation: Federation) -> None:
+        self.fed = federation
+
+    @_mapped
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        r = self.fed.join(request.name, request.num_samples)
+        return pb.JoinResponse(
+            collaborator_id=r.collaborator_id,
+            token=r.token,
+            plan=pb.Plan(json=r.plan_json, sha256=r.plan_sha256),
+            shard_index=r.shard_index,
+            num_shards=r.num_shards,
+        )
+
+    @_mapped
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
+        cred = request.credentials
+        task = self.fed.get_task(cred.collaborator_id, cred.token, request.wait_ms / 1000.0)
+        resp = pb.GetTaskResponse(kind=pb.GetTaskResponse.Kind.Value(task.kind), round=task.round, message=task.message)
+        if task.model is not None:
+            resp.model.CopyFrom(payload_to_proto(task.model))
+        return resp
+
+    @_mapped
+    def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
+        header, blob = _assemble(request_iterator, "header", "payload_size", self.fed.max_update_bytes)
+        cred = header.credentials
+        metrics = dict(header.metrics)
+        wire = self.fed.submit_update(cred.collaborator_id, cred.token, header.round, header.num_samples, blob, metrics)
+        return pb.SubmitUpdateResponse(accepted=True, message="accepted", bytes_received=wire)
+
+    @_mapped
+    def UploadDecoder(self, request_iterator: Iterator[pb.UploadDecoderRequest], context: grpc.ServicerContext) -> pb.UploadDecoderResponse:
+        header, blob = _assemble(request_iterator, "header", "size", self.fed.max_decoder_bytes)
+        cred = header.credentials
+        architecture = MessageToDict(header.architecture, preserving_proto_field_name=True)
+        n = self.fed.upload_decoder(cred.collaborator_id, cred.token, architecture, blob)
+        return pb.UploadDecoderResponse(accepted=True, message="decoder accepted", bytes_received=n)
+
+    @_mapped
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        self.fed.leave(request.credentials.collaborator_id, request.credentials.token)
+        return pb.LeaveResponse()

@@ -1,0 +1,76 @@
+"""`collaborator`: the command line of a collaborator process.
+
+    collaborator join --server localhost:50051 [--data digits | file.npz | mnist:DIR | cifar10:DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedsqueeze.codecs import CodecError
+from fedsqueeze.console import die
+from fedsqueeze.models import ModelError
+from fedsqueeze.plan import PlanError
+from fedsqueeze.tasks import DataError
+
+from .transport import ConnectError, RemoteError
+
+
+def _join(args: argparse.Namespace) -> int:
+    from .runner import run_collaborator
+
+    result = run_collaborator(
+        args.server,
+        data=args.data,
+        name=args.name,
+        connect_timeout=args.connect_timeout,
+        report_path=Path(args.report) if args.report else None,
+        progress=not args.no_progress,
+    )
+    print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collaborator", description="fedsqueeze collaborator")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    join = sub.add_parser("join", help="join a federation and train until it ends")
+    join.add_argument("--server", required=True, help="aggregator address HOST:PORT")
+    join.add_argument(
+        "--data",
+        help="local data: the plan's built-in set by default (digits, mnist1d: this collaborator's shard), "
+        "or FILE.npz (x, y), mnist:DIR or cifar10:DIR in torchvision's layout",
+    )
+    join.add_argument("--name", help="a display name (default: the hostname)")
+    join.add_argument("--connect-timeout", type=float, default=60.0, help="give up after this many seconds without the aggregator")
+    join.add_argument("--report", help="write what this collaborator sent and received (JSON)")
+    join.add_argument("--no-progress", action="store_true", help="no progress bar")
+    join.set_defaults(func=_join)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ConnectError as exc:
+        die(str(exc), 1)
+    except RemoteError as exc:
+        die(f"the aggregator refused: {exc}", 1)
+    except (DataError, PlanError, ModelError, CodecError, OSError) as exc:
+        die(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

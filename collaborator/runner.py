@@ -1,0 +1,140 @@
+"""The collaborator loop: join, load the local shard, then train and submit until DONE."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedsqueeze.codecs import CodecState
+from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
+from fedsqueeze.report import write_json_atomic
+from fedsqueeze.tasks import Dataset, load_dataset, parse_data_arg, partition
+from fedsqueeze.training import train_local
+from fedsqueeze.wire import WirePayload
+
+from .transport import FederationClient, Session
+
+log = logging.getLogger("fedsqueeze.collaborator")
+
+
+@dataclass
+class LocalData:
+    x: np.ndarray
+    y: np.ndarray
+    input_shape: tuple[int, ...]
+    num_classes: int
+    description: str
+
+
+def load_local_data(session: Session, data_arg: str | None) -> LocalData:
+    """The plan's built-in data set, cut to this collaborator's shard, or the user's own data."""
+    plan = session.plan
+    if data_arg is None:
+        name, path = plan.task.dataset, plan.task.data_path
+    else:
+        name, path = parse_data_arg(data_arg)
+    ds: Dataset = load_dataset(name, path, plan.seed)
+    if data_arg is None or name in ("digits", "mnist1d"):
+        shards = partition(ds.y_train, session.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
+        idx = shards[session.shard_index % len(shards)]
+        desc = f"{name} shard {session.shard_index + 1}/{session.num_shards} ({len(idx)} samples)"
+        return LocalData(ds.x_train[idx], ds.y_train[idx], ds.input_shape, ds.num_classes, desc)
+    return LocalData(ds.x_train, ds.y_train, ds.input_shape, ds.num_classes, f"{name} {path} ({len(ds.y_train)} samples)")
+
+
+@dataclass
+class CollaboratorReport:
+    """What this collaborator sent and received, for checking the aggregator's byte counts."""
+
+    path: Path | None
+    collaborator_id: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def write(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, {"collaborator_id": self.collaborator_id, "rounds": self.rounds})
+
+
+def run_collaborator(
+    server: str,
+    *,
+    data: str | None = None,
+    name: str | None = None,
+    connect_timeout: float = 60.0,
+    report_path: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # several collaborators share a machine in the demo and tests
+    client = FederationClient(server, connect_timeout=connect_timeout)
+    try:
+        session = client.join(name or socket.gethostname())
+        plan = session.plan
+        local = load_local_data(session, data)
+        model = build_model(plan.model.name, local.input_shape, local.num_classes, plan.model.args, plan.seed)
+        layout = model_layout(model)
+        up_chain, down_chain = plan.uplink_chain(), plan.downlink_chain()
+        up_fp = up_chain.fingerprint(layout)
+        up_state, down_state = CodecState(), CodecState()
+        report = CollaboratorReport(report_path, session.collaborator_id)
+        log.info("joined as %s: %s", session.collaborator_id, local.description)
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.rounds, desc=session.collaborator_id, unit="round", disable=not progress, leave=False)
+        trained = 0
+        while True:
+            task = client.get_task(wait_s=10.0)
+            if task.kind == "DONE":
+                break
+            if task.kind != "TRAIN" or task.model is None:
+                continue
+            t0 = time.perf_counter()
+            chain, _ = task.model.resolve(down_chain, layout)
+            global_hat = chain.decode(task.model.data, layout, down_state)
+            set_flat(model, global_hat)
+            metrics = train_local(
+                model,
+                local.x,
+                local.y,
+                epochs=plan.training.local_epochs,
+                batch_size=plan.training.batch_size,
+                lr=plan.training.lr,
+                momentum=plan.training.momentum,
+                weight_decay=plan.training.weight_decay,
+                seed=plan.seed * 100_003 + task.round * 1009 + session.shard_index,
+            )
+            local_vec = get_flat(model)
+            x = local_vec - global_hat if plan.uplink.target == "delta" else local_vec
+            encoded = up_chain.encode(x, layout, up_state)
+            payload = WirePayload(data=encoded.data, fingerprint=up_fp)
+            wire = client.submit_update(task.round, len(local.y), payload, metrics)
+            trained += 1
+            record = {
+                "round": task.round,
+                "up_raw": layout.raw_bytes,
+                "up_wire": wire,
+                "down_raw": layout.raw_bytes,
+                "down_wire": task.wire_bytes,
+                "nmse": encoded.stats.nmse,
+                "encode_seconds": encoded.stats.seconds,
+                "seconds": time.perf_counter() - t0,
+                **{f"train_{k}": v for k, v in metrics.items()},
+            }
+            report.rounds.append(record)
+            report.write()
+            bar.update(task.round - bar.n)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", up=f"{encoded.stats.ratio:.0f}x")
+        bar.close()
+        client.leave("done")
+        report.write()
+        return {"collaborator_id": session.collaborator_id, "rounds_trained": trained}
+    finally:
+        client.close()

@@ -1,0 +1,149 @@
+"""The collaborator's gRPC client: retries, chunked uploads, protobuf kept at this edge."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from fedsqueeze.plan import Plan
+from fedsqueeze.v1 import fedsqueeze_pb2 as pb
+from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
+from fedsqueeze.wire import WirePayload, payload_from_proto, payload_to_proto
+
+log = logging.getLogger("fedsqueeze.collaborator")
+
+CHUNK_SIZE = 1 << 20
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+T = TypeVar("T")
+
+
+class ConnectError(RuntimeError):
+    """The aggregator could not be reached in time."""
+
+
+class RemoteError(RuntimeError):
+    """The aggregator answered with an error status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class Session:
+    collaborator_id: str
+    token: str
+    plan: Plan
+    shard_index: int
+    num_shards: int
+
+
+@dataclass
+class TaskMessage:
+    kind: str
+    round: int
+    model: WirePayload | None
+    wire_bytes: int
+    message: str
+
+
+class FederationClient:
+    def __init__(self, address: str, *, connect_timeout: float = 60.0, max_message: int = 256 << 20) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        options = [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.session: Session | None = None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn`, retrying UNAVAILABLE with capped exponential backoff and jitter."""
+        budget = self.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in RETRYABLE:
+                    raise RemoteError(code, exc.details() or "") from None  # type: ignore[attr-defined]
+                if time.monotonic() + delay > deadline:
+                    raise ConnectError(
+                        f"could not reach the aggregator at {self.address} for {budget:.0f} s ({what}: {code.name})"
+                    ) from None
+                log.info("%s: %s, retrying in %.1f s", what, code.name, delay)
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    def _credentials(self) -> pb.Credentials:
+        assert self.session is not None, "join first"
+        return pb.Credentials(collaborator_id=self.session.collaborator_id, token=self.session.token)
+
+    def join(self, name: str, num_samples: int = 0) -> Session:
+        resp = self._call(
+            "join",
+            lambda: self.stub.Join(pb.JoinRequest(name=name, num_samples=num_samples), timeout=30, wait_for_ready=False),
+        )
+        plan = Plan.from_json(json.loads(resp.plan.json))
+        if plan.sha256 != resp.plan.sha256:
+            raise RemoteError(grpc.StatusCode.DATA_LOSS, "plan digest mismatch")
+        self.session = Session(resp.collaborator_id, resp.token, plan, resp.shard_index, resp.num_shards)
+        return self.session
+
+    def get_task(self, wait_s: float = 10.0) -> TaskMessage:
+        req = pb.GetTaskRequest(credentials=self._credentials(), wait_ms=int(wait_s * 1000))
+        resp = self._call("get task", lambda: self.stub.GetTask(req, timeout=wait_s + 30))
+        kind = pb.GetTaskResponse.Kind.Name(resp.kind)
+        model = payload_from_proto(resp.model) if resp.HasField("model") else None
+        wire = resp.model.ByteSize() if resp.HasField("model") else 0
+        return TaskMessage(kind, resp.round, model, wire, resp.message)
+
+    def submit_update(self, round_number: int, num_samples: int, payload: WirePayload, metrics: dict[str, float]) -> int:
+        """Stream the serialized Payload in chunks; returns the wire bytes (its serialized size)."""
+        blob = payload_to_proto(payload).SerializeToString()
+        header = pb.UpdateHeader(
+            credentials=self._credentials(),
+            round=round_number,
+            num_samples=num_samples,
+            payload_size=len(blob),
+            metrics=metrics,
+        )
+
+        def requests() -> Iterator[pb.SubmitUpdateRequest]:
+            yield pb.SubmitUpdateRequest(header=header)
+            for start in range(0, len(blob), CHUNK_SIZE):
+                yield pb.SubmitUpdateRequest(chunk=blob[start : start + CHUNK_SIZE])
+
+        self._call("submit update", lambda: self.stub.SubmitUpdate(requests(), timeout=300))
+        return len(blob)
+
+    def upload_decoder(self, architecture: dict[str, Any], blob: bytes) -> int:
+        arch = pb.DecoderArchitecture(kind=str(architecture["kind"]), sizes={k: int(v) for k, v in architecture.get("sizes", {}).items()})
+        header = pb.DecoderHeader(credentials=self._credentials(), architecture=arch, size=len(blob))
+
+        def requests() -> Iterator[pb.UploadDecoderRequest]:
+            yield pb.UploadDecoderRequest(header=header)
+            for start in range(0, len(blob), CHUNK_SIZE):
+                yield pb.UploadDecoderRequest(chunk=blob[start : start + CHUNK_SIZE])
+
+        resp = self._call("upload decoder", lambda: self.stub.UploadDecoder(requests(), timeout=600))
+        return int(resp.bytes_received)
+
+    def leave(self, reason: str = "done") -> None:
+        try:
+            self.stub.Leave(pb.LeaveRequest(credentials=self._credentials(), reason=reason), timeout=5)
+        except grpc.RpcError as exc:
+            log.info("leave: %s", exc.code())  # type: ignore[attr-defined]

@@ -1,0 +1,230 @@
+"""The federation plan: what every collaborator receives at Join.
+
+A plan is JSON. Every field has a default, unknown fields are refused, and each value is
+checked, so a malformed plan fails at start-up with a message naming the field. Example:
+
+    {
+      "task": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5},
+      "model": {"name": "mlp"},
+      "rounds": 20,
+      "collaborators": {"min": 4, "fraction": 1.0, "min_per_round": 2},
+      "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.1},
+      "uplink": {"chain": "ef | topk:0.01 | qsgd:4 | entropy", "target": "delta"},
+      "downlink": {"chain": "identity"}
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedsqueeze.codecs import CodecError, Pipeline
+
+
+class PlanError(ValueError):
+    """The plan is malformed; the message names the field."""
+
+
+@dataclass
+class TaskSpec:
+    dataset: str = "digits"  # digits | mnist1d | npz | mnist | cifar10
+    data_path: str | None = None  # for npz/mnist/cifar10: where the aggregator's test set lives
+    partition: str = "iid"  # iid | dirichlet
+    alpha: float = 0.5  # Dirichlet concentration for label-skewed shards
+    num_shards: int = 0  # built-in data sets are cut into this many shards (0: collaborators.min)
+
+
+@dataclass
+class ModelSpec:
+    name: str = "mlp"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CollaboratorsSpec:
+    min: int = 2  # collaborators that must join before round 1
+    fraction: float = 1.0  # fraction of active collaborators selected per round
+    min_per_round: int = 1  # at least this many per round
+    join_timeout_s: float = 600.0  # give up if `min` have not joined by then
+
+
+@dataclass
+class TrainingSpec:
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class UplinkSpec:
+    chain: Any = "identity"  # chain string or list of codec configs
+    target: str = "delta"  # what is encoded: "delta" (local - global) or "weights" (the local model)
+
+
+@dataclass
+class DownlinkSpec:
+    chain: Any = "identity"  # encodes the global model; a `residual` stage sends only what changed
+
+
+@dataclass
+class PrepassSpec:
+    enabled: bool = False
+    epochs: int = 5
+    snapshot_every: str = "epoch"  # epoch | batch
+
+
+@dataclass
+class Plan:
+    task: TaskSpec = field(default_factory=TaskSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    rounds: int = 20
+    seed: int = 0
+    collaborators: CollaboratorsSpec = field(default_factory=CollaboratorsSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    uplink: UplinkSpec = field(default_factory=UplinkSpec)
+    downlink: DownlinkSpec = field(default_factory=DownlinkSpec)
+    prepass: PrepassSpec = field(default_factory=PrepassSpec)
+    round_timeout_s: float = 300.0
+    keep_serving: bool = False
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def canonical(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical().encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, data: Any) -> Plan:
+        plan = _build(cls, data, "plan")
+        plan.validate()
+        return plan
+
+    @classmethod
+    def from_text(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_json(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {path}: {exc.strerror}") from exc
+        return cls.from_text(text)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def uplink_chain(self) -> Pipeline:
+        return Pipeline.from_config(self.uplink.chain)
+
+    def downlink_chain(self) -> Pipeline:
+        return Pipeline.from_config(self.downlink.chain)
+
+    @property
+    def num_shards(self) -> int:
+        return self.task.num_shards or self.collaborators.min
+
+    def validate(self) -> None:
+        from fedsqueeze.models import MODELS
+        from fedsqueeze.tasks import DATASETS
+
+        _check(self.task.dataset in DATASETS, f"task.dataset must be one of {sorted(DATASETS)}, got {self.task.dataset!r}")
+        _check(self.task.partition in ("iid", "dirichlet"), f"task.partition must be 'iid' or 'dirichlet', got {self.task.partition!r}")
+        _check(self.task.alpha > 0, "task.alpha must be > 0")
+        _check(self.task.num_shards >= 0, "task.num_shards must be >= 0")
+        _check(self.model.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.model.name!r}")
+        _check(1 <= self.rounds <= 1_000_000, f"rounds must be in [1, 1000000], got {self.rounds}")
+        c = self.collaborators
+        _check(c.min >= 1, "collaborators.min must be >= 1")
+        _check(0 < c.fraction <= 1, "collaborators.fraction must be in (0, 1]")
+        _check(c.min_per_round >= 1, "collaborators.min_per_round must be >= 1")
+        _check(c.join_timeout_s > 0, "collaborators.join_timeout_s must be > 0")
+        t = self.training
+        _check(t.local_epochs >= 0, "training.local_epochs must be >= 0")
+        _check(t.batch_size >= 1, "training.batch_size must be >= 1")
+        _check(t.lr > 0, "training.lr must be > 0")
+        _check(self.uplink.target in ("delta", "weights"), f"uplink.target must be 'delta' or 'weights', got {self.uplink.target!r}")
+        _check(self.prepass.snapshot_every in ("epoch", "batch"), "prepass.snapshot_every must be 'epoch' or 'batch'")
+        _check(self.prepass.epochs >= 1, "prepass.epochs must be >= 1")
+        _check(self.round_timeout_s > 0, "round_timeout_s must be > 0")
+        for name in ("uplink", "downlink"):
+            try:
+                Pipeline.from_config(getattr(self, name).chain)
+            except CodecError as exc:
+                raise PlanError(f"{name}.chain: {exc}") from exc
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(message)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, where: str) -> T:
+    """Build a dataclass from JSON, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name, value in data.items():
+        hint = str(hints[name])
+        nested = _NESTED.get(hint)
+        if nested is not None:
+            kwargs[name] = _build(nested, value, f"{where}.{name}" if where != "plan" else name)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}" if where != "plan" else name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: str, where: str) -> Any:
+    if hint == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanError(f"{where} must be an integer, got {value!r}")
+    elif hint == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PlanError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif hint == "bool":
+        if not isinstance(value, bool):
+            raise PlanError(f"{where} must be true or false, got {value!r}")
+    elif hint == "str":
+        if not isinstance(value, str):
+            raise PlanError(f"{where} must be a string, got {value!r}")
+    elif hint == "str | None":
+        if value is not None and not isinstance(value, str):
+            raise PlanError(f"{where} must be a string or null, got {value!r}")
+    elif hint.startswith("dict"):
+        if not isinstance(value, dict):
+            raise PlanError(f"{where} must be a JSON object, got {value!r}")
+    return value
+
+
+_NESTED: dict[str, type] = {
+    "TaskSpec": TaskSpec,
+    "ModelSpec": ModelSpec,
+    "CollaboratorsSpec": CollaboratorsSpec,
+    "TrainingSpec": TrainingSpec,
+    "UplinkSpec": UplinkSpec,
+    "DownlinkSpec": DownlinkSpec,
+    "PrepassSpec": PrepassSpec,
+}

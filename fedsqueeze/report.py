@@ -1,0 +1,109 @@
+"""The run report: one JSON file, rewritten atomically after every round.
+
+Schema (see README "Run report"):
+{
+  "plan": {...}, "plan_sha256": "...", "model": {"name", "parameters", "raw_bytes"},
+  "uplink_chain": "...", "downlink_chain": "...",
+  "rounds": [{"round", "accuracy", "loss", "participants", "dropped", "seconds",
+              "bytes": {"up_raw", "up_wire", "down_raw", "down_wire", "decoder"}}],
+  "summary": {"rounds", "final_accuracy", "best_accuracy", "up_raw", "up_wire", "down_raw",
+              "down_wire", "decoder", "up_ratio", "down_ratio", "seconds"},
+  "baseline_accuracy": null
+}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BYTE_KEYS = ("up_raw", "up_wire", "down_raw", "down_wire", "decoder")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float
+    loss: float
+    participants: int
+    dropped: int = 0
+    seconds: float = 0.0
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
+    status: str = "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "participants": self.participants,
+            "dropped": self.dropped,
+            "seconds": round(self.seconds, 4),
+            "status": self.status,
+            "bytes": dict(self.bytes),
+        }
+
+
+def ratio(raw: int, wire: int) -> float:
+    return raw / wire if wire else 0.0
+
+
+@dataclass
+class RunReport:
+    path: Path | None
+    header: dict[str, Any]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    prepass_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
+    baseline_accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        totals = dict(self.prepass_bytes)
+        for r in self.rounds:
+            for k in BYTE_KEYS:
+                totals[k] += r.bytes[k]
+        ok = [r for r in self.rounds if r.status == "ok"]
+        return {
+            "rounds": len(ok),
+            "final_accuracy": ok[-1].accuracy if ok else None,
+            "best_accuracy": max((r.accuracy for r in ok), default=None),
+            **totals,
+            "up_ratio": ratio(totals["up_raw"], totals["up_wire"]),
+            "down_ratio": ratio(totals["down_raw"], totals["down_wire"]),
+            "total_ratio": ratio(totals["up_raw"] + totals["down_raw"], totals["up_wire"] + totals["down_wire"] + totals["decoder"]),
+            "seconds": round(sum(r.seconds for r in self.rounds), 3),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.header,
+            "prepass_bytes": self.prepass_bytes,
+            "rounds": [r.to_json() for r in self.rounds],
+            "summary": self.summary(),
+            "baseline_accuracy": self.baseline_accuracy,
+            **self.extra,
+        }
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        write_json_atomic(self.path, self.to_json())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

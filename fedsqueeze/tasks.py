@@ -1,0 +1,240 @@
+"""Data sets that need no download, users' own files, and federated partitioning.
+
+Built-in: `digits` (scikit-learn's 8x8 handwritten digits, shipped inside the package) and
+`mnist1d` (generated procedurally by the `mnist1d` package). Users' own data: an `.npz` with
+`x` and `y` (and optionally `x_test`, `y_test`), an MNIST folder in torchvision's layout
+(`MNIST/raw/*-ubyte[.gz]`), or a CIFAR-10 folder (`cifar-10-batches-bin` or `-py`). Nothing is
+ever downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle  # only for local CIFAR-10 python batches, through an allow-listing unpickler
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data set cannot be loaded; the message says which file and why."""
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray  # float32, (N, C, ...) channels first
+    y_train: np.ndarray  # int64
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def load_digits(seed: int = 0) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
+    return Dataset(x_tr, y_tr, x_te, y_te, 10)
+
+
+def load_mnist1d(seed: int = 0, num_samples: int = 5000) -> Dataset:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = 42 + seed
+    state = np.random.get_state()  # mnist1d seeds numpy's global generator
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return Dataset(
+        data["x"].astype(np.float32)[:, None, :],
+        data["y"].astype(np.int64),
+        data["x_test"].astype(np.float32)[:, None, :],
+        data["y_test"].astype(np.int64),
+        10,
+    )
+
+
+def load_npz(path: str | Path, seed: int = 0) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable .npz file: {exc}") from exc
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"{path} must hold arrays 'x' and 'y' (found {sorted(arrays)})")
+    x, y = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+    if len(x) != len(y):
+        raise DataError(f"{path}: x has {len(x)} samples, y has {len(y)}")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim == 2:
+        x = x[:, None, :]
+    if "x_test" in arrays and "y_test" in arrays:
+        x_te, y_te = arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64)
+        x_te = x_te.reshape((len(x_te),) + x.shape[1:])
+        x_tr, y_tr = x, y
+    else:
+        x_tr, y_tr, x_te, y_te = _split(x, y, 0.2, seed)
+    num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
+    return Dataset(x_tr, y_tr, x_te, y_te, num_classes)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: only unsigned-byte IDX files are supported")
+    dims = np.frombuffer(raw[4 : 4 + 4 * ndim], dtype=">u4").astype(np.int64)
+    data = np.frombuffer(raw[4 + 4 * ndim :], dtype=np.uint8)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {tuple(dims)} but holds {data.size} bytes")
+    return data.reshape(tuple(dims))
+
+
+def _find(root: Path, stem: str) -> Path:
+    for candidate in (root / "MNIST" / "raw", root / "raw", root):
+        for suffix in ("", ".gz"):
+            p = candidate / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+    raise DataError(f"MNIST file {stem}[.gz] not found under {root} (expected torchvision's MNIST/raw layout)")
+
+
+def load_mnist(root: str | Path) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"MNIST folder {root} does not exist")
+    xs = {s: _read_idx(_find(root, f"{s}-images-idx3-ubyte")) for s in ("train", "t10k")}
+    ys = {s: _read_idx(_find(root, f"{s}-labels-idx1-ubyte")) for s in ("train", "t10k")}
+    return Dataset(
+        (xs["train"].astype(np.float32) / 255.0)[:, None],
+        ys["train"].astype(np.int64),
+        (xs["t10k"].astype(np.float32) / 255.0)[:, None],
+        ys["t10k"].astype(np.int64),
+        10,
+    )
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles of dicts of numpy arrays: allow exactly that."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise DataError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def load_cifar10(root: str | Path) -> Dataset:
+    root = Path(root)
+    bin_dir = next((d for d in (root / "cifar-10-batches-bin", root) if (d / "test_batch.bin").is_file()), None)
+    py_dir = next((d for d in (root / "cifar-10-batches-py", root) if (d / "test_batch").is_file()), None)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
+    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    if bin_dir is not None:
+        for split, files in names.items():
+            for name in files:
+                raw = np.fromfile(bin_dir / f"{name}.bin", dtype=np.uint8).reshape(-1, 3073)
+                parts[split].append((raw[:, 1:].reshape(-1, 3, 32, 32), raw[:, 0].astype(np.int64)))
+    elif py_dir is not None:
+        for split, files in names.items():
+            for name in files:
+                with open(py_dir / name, "rb") as f:
+                    batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+                parts[split].append(
+                    (np.asarray(batch[b"data"]).reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"], dtype=np.int64))
+                )
+    else:
+        raise DataError(f"no CIFAR-10 batches under {root} (expected cifar-10-batches-bin or cifar-10-batches-py)")
+    x_tr = np.concatenate([p[0] for p in parts["train"]]).astype(np.float32) / 255.0
+    x_te = np.concatenate([p[0] for p in parts["test"]]).astype(np.float32) / 255.0
+    return Dataset(
+        x_tr, np.concatenate([p[1] for p in parts["train"]]), x_te, np.concatenate([p[1] for p in parts["test"]]), 10
+    )
+
+
+DATASETS = {"digits", "mnist1d", "npz", "mnist", "cifar10"}
+
+
+def load_dataset(name: str, path: str | None = None, seed: int = 0) -> Dataset:
+    if name == "digits":
+        return load_digits(seed)
+    if name == "mnist1d":
+        return load_mnist1d(seed)
+    if path is None:
+        raise DataError(f"data set {name!r} needs a path (--data {name}:PATH)")
+    if name == "npz":
+        return load_npz(path, seed)
+    if name == "mnist":
+        return load_mnist(path)
+    if name == "cifar10":
+        return load_cifar10(path)
+    raise DataError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+
+
+def partition(labels: np.ndarray, num_shards: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+    """Indices of each shard: IID, or a Dirichlet(alpha) label split (smaller alpha, more skew)."""
+    if num_shards < 1:
+        raise DataError("num_shards must be >= 1")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        return [np.sort(s) for s in np.array_split(rng.permutation(len(labels)), num_shards)]
+    if scheme != "dirichlet":
+        raise DataError(f"unknown partition scheme {scheme!r}")
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        proportions = rng.dirichlet(np.full(num_shards, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(idx)).astype(int)
+        for shard, part in zip(shards, np.split(idx, cuts), strict=True):
+            shard.append(part)
+    out = [np.sort(np.concatenate(s)) for s in shards]
+    # Every shard gets at least one sample, taken from the largest shard.
+    for i, s in enumerate(out):
+        if s.size == 0:
+            donor = int(np.argmax([len(t) for t in out]))
+            out[i], out[donor] = out[donor][:1], out[donor][1:]
+    return out
+
+
+def parse_data_arg(spec: str) -> tuple[str, str | None]:
+    """`digits`, `mnist1d`, `file.npz`, `npz:PATH`, `mnist:DIR`, `cifar10:DIR` -> (name, path)."""
+    if spec.endswith(".npz") and ":" not in spec:
+        return "npz", spec
+    name, sep, path = spec.partition(":")
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r} in --data {spec!r}; known: {sorted(DATASETS)} or a .npz file")
+    return name, (path if sep else None)

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from fedsqueeze.plan import Plan, PlanError
+
+
+def test_default_plan_is_valid_and_round_trips() -> None:
+    plan = Plan()
+    plan.validate()
+    again = Plan.from_text(json.dumps(plan.to_json()))
+    assert again == plan
+    assert again.sha256 == plan.sha256
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not valid JSON"),
+        ("[]", "must be a JSON object"),
+        ('{"roundz": 3}', "unknown field(s) ['roundz']"),
+        ('{"rounds": "three"}', "rounds must be an integer"),
+        ('{"rounds": 0}', "rounds must be in"),
+        ('{"task": {"dataset": "imagenet"}}', "task.dataset must be one of"),
+        ('{"model": {"name": "resnet1000"}}', "model.name must be one of"),
+        ('{"uplink": {"chain": "nosuchcodec"}}', "unknown codec 'nosuchcodec'"),
+        ('{"uplink": {"chain": "zstd:99"}}', "uplink.chain: zstd: level"),
+        ('{"collaborators": {"fraction": 2}}', "fraction must be in"),
+        ('{"downlink": {"target": "delta"}}', "downlink: unknown field(s) ['target']"),
+    ],
+)
+def test_malformed_plans_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(PlanError) as info:
+        Plan.from_text(text)
+    assert message in str(info.value)
+
+
+def test_missing_plan_file(tmp_path) -> None:
+    with pytest.raises(PlanError, match="cannot read plan"):
+        Plan.load(tmp_path / "nope.json")
