@@ -1,0 +1,22 @@
+"""Helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEADER = "# Benchmarks\n\nEvery table here is written by a script in `bench/`; the command is given with each.\n"
+
+
+def replace_section(path: Path, key: str, title: str, lines: list[str]) -> None:
+    """Write `lines` under `## title` between markers, keeping other benchmarks' sections."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = "\n".join([start, f"## {title}", "", *lines, end])
+    text = path.read_text() if path.exists() else HEADER
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
