@@ -26,6 +26,9 @@ install: $(STAMP) ## Create .venv with the CPU build of torch and fedsqueeze (ed
 demo: $(STAMP) ## Run a real local federation: aggregator + 4 collaborator processes, 20 rounds on digits
 	$(BIN)/fedsqueeze demo --collaborators 4 --rounds 20
 
+demo-ae: $(STAMP) ## The autoencoder federation: prepass, decoder uploads, 4 collaborator processes, baseline beside it
+	$(BIN)/fedsqueeze demo-ae --collaborators 4
+
 test: $(STAMP) ## Run the test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 

@@ -57,6 +57,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _savings(args: argparse.Namespace) -> int:
+    from . import savings as sv
+
+    context: dict[str, object] = {}
+    if args.report:
+        try:
+            sizes, context = sv.sizes_from_report(sv.load_report(args.report))
+        except (OSError, ValueError, KeyError) as exc:
+            die(f"cannot read sizes from {args.report}: {exc}")
+        sizes = sv.Sizes(args.original or sizes.original, args.compressed or sizes.compressed, args.decoder or sizes.decoder)
+    else:
+        if not (args.original and args.compressed and args.decoder is not None):
+            die("give --report RUN/report.json, or --original, --compressed and --decoder (bytes)")
+        sizes = sv.Sizes(args.original, args.compressed, args.decoder)
+    if sizes.original <= 0 or sizes.compressed <= 0 or sizes.decoder < 0:
+        die("sizes must be positive")
+    collaborators = args.collaborators or int(context.get("collaborators", 4))  # type: ignore[call-overload]
+    rounds = args.rounds or int(context.get("rounds", 20))  # type: ignore[call-overload]
+    if context:
+        print(f"from {args.report}: {context['messages']} uplink messages, {context['decoder_uploads']} decoder upload(s), "
+              f"decoder mode of the run: {context['mode']}")  # fmt: skip
+    print(f"savings ratio for C = {collaborators} collaborators, R = {rounds} rounds")
+    for line in sv.table(sizes, rounds, collaborators):
+        print(line)
+    print()
+    for line in sv.grid(sizes, sorted({1, 10, rounds, 100, 1000}), sorted({1, 4, collaborators, 40, 1000})):
+        print(line)
+    if args.plot:
+        try:
+            path = sv.plot(sizes, rounds, collaborators, Path(args.plot))
+        except RuntimeError as exc:
+            die(str(exc))
+        print(f"plot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aggregator", description="fedsqueeze aggregator service")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -70,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--min-collaborators", type=int, help="override collaborators.min")
     serve.add_argument("--keep-serving", action="store_true", help="keep serving after the last round until SIGTERM")
     serve.set_defaults(func=_serve)
+    sav = sub.add_parser("savings", help="savings ratio and break-even of AE compression (seed 001, eq. 4-6, Figs. 10-11)")
+    sav.add_argument("--report", help="take the sizes from this run report")
+    sav.add_argument("--original", type=float, help="bytes of one uncompressed update (O)")
+    sav.add_argument("--compressed", type=float, help="wire bytes of one compressed update (S)")
+    sav.add_argument("--decoder", type=float, help="bytes of one decoder (D, half the autoencoder)")
+    sav.add_argument("--collaborators", type=int, help="C (default: the run's)")
+    sav.add_argument("--rounds", type=int, help="R (default: the run's)")
+    sav.add_argument("--plot", help="draw Figs. 10-11 to this PNG")
+    sav.set_defaults(func=_savings)
     return parser
 
 

@@ -36,6 +36,7 @@ from fedsqueeze.tasks import load_dataset
 from fedsqueeze.training import evaluate
 from fedsqueeze.wire import WirePayload, payload_from_bytes, payload_wire_size
 
+from .decoders import Prepass
 from .strategy import FedAvg, Strategy
 
 log = logging.getLogger("fedsqueeze.aggregator")
@@ -118,8 +119,11 @@ class Federation:
         self._collaborators: dict[str, Collaborator] = {}
         self._joined = 0
         self._round: RoundState | None = None
-        self._phase = "waiting"  # waiting | training | done
+        self._phase = "waiting"  # waiting | prepass | training | done
         self._down_cache: tuple[int, WirePayload] | None = None
+        self.prepass = Prepass(self)
+        if self.prepass.enabled:
+            self.max_decoder_bytes = self.prepass.max_bytes
         self.report = RunReport(
             path=report_path,
             header={
@@ -186,6 +190,9 @@ class Federation:
             while True:
                 if self._phase == "done":
                     return Task("DONE", message="the federation has finished")
+                prepass_task = self.prepass.task_for(collab)
+                if prepass_task is not None:
+                    return prepass_task
                 rnd = self._round
                 if rnd is not None and collab.id in rnd.participants and collab.id not in rnd.submitted:
                     payload = rnd.sent.get(collab.id)
@@ -265,19 +272,20 @@ class Federation:
         return rnd
 
     def upload_decoder(self, collaborator_id: str, token: str, architecture: dict[str, Any], blob: bytes) -> int:
-        """Envelope checks for the one-time decoder upload; the autoencoder codec installs it."""
+        """Envelope checks for the one-time decoder upload; aggregator/decoders.py validates and installs it."""
         collab = self.authenticate(collaborator_id, token)
         if len(blob) > self.max_decoder_bytes:
             raise InvalidArgument(f"decoder of {len(blob)} bytes exceeds the limit of {self.max_decoder_bytes}")
         stages = [s for s in self.up_chain.stages if getattr(s, "accepts_decoder", False)]
         if not stages:
             raise FailedPrecondition("this federation's uplink chain has no autoencoder stage: no decoder is expected")
-        raise FailedPrecondition(f"decoder upload from {collab.id} is not supported by this build")
+        return self.prepass.upload(collab, architecture, blob)
 
     # -- the round loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         plan = self.plan
         self._wait_for_collaborators(stop)
+        self.prepass.run(stop)
         loss, acc = self._evaluate()
         self.report.extra["initial_accuracy"] = acc
         self.report.write()

@@ -55,10 +55,14 @@ class CollaboratorReport:
     path: Path | None
     collaborator_id: str = ""
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    prepass: dict[str, Any] = field(default_factory=dict)
 
     def write(self) -> None:
         if self.path is not None:
-            write_json_atomic(self.path, {"collaborator_id": self.collaborator_id, "rounds": self.rounds})
+            data = {"collaborator_id": self.collaborator_id, "rounds": self.rounds}
+            if self.prepass:
+                data["prepass"] = self.prepass
+            write_json_atomic(self.path, data)
 
 
 def run_collaborator(
@@ -90,10 +94,19 @@ def run_collaborator(
 
         bar = tqdm(total=plan.rounds, desc=session.collaborator_id, unit="round", disable=not progress, leave=False)
         trained = 0
+        prepass_ctx = None
         while True:
             task = client.get_task(wait_s=10.0)
             if task.kind == "DONE":
                 break
+            if task.kind == "PREPASS":
+                from .prepass import PrepassContext, handle_task
+
+                if prepass_ctx is None:
+                    prepass_ctx = PrepassContext(client, session, model, local.x, local.y, layout, up_chain, up_state, down_chain, down_state)
+                report.prepass = handle_task(prepass_ctx, task)
+                report.write()
+                continue
             if task.kind != "TRAIN" or task.model is None:
                 continue
             t0 = time.perf_counter()

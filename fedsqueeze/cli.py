@@ -20,8 +20,17 @@ from fedsqueeze.console import die
 from fedsqueeze.plan import Plan, PlanError
 
 
+def _builtin_plan(name: str) -> Plan:
+    return Plan.load(Path(__file__).parent / "plans" / f"{name}.json")
+
+
 def _demo_plan(args: argparse.Namespace) -> Plan:
-    plan = Plan.load(args.plan) if args.plan else Plan()
+    if args.plan:
+        plan = Plan.load(args.plan)
+    elif getattr(args, "ae", False):
+        plan = _builtin_plan("ae-paper" if getattr(args, "paper", False) else "ae")
+    else:
+        plan = Plan()
     plan.rounds = args.rounds if args.rounds is not None else plan.rounds
     plan.collaborators.min = args.collaborators
     plan.collaborators.min_per_round = min(plan.collaborators.min_per_round, args.collaborators)
@@ -86,12 +95,45 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"collaborators {failed} failed: see {out}/collaborator-<i>.log", file=sys.stderr)
         if code != 0:
             print(f"the aggregator exited with {code}: see {out / 'aggregator.log'}", file=sys.stderr)
+        if getattr(args, "ae", False) and code == 0 and report_path.exists():
+            _add_baseline(plan, report_path)
         print(f"report: {report_path}")
         return 0 if code == 0 and not failed else 1
     finally:
         for proc in [agg, *collaborators]:
             if proc.poll() is None:
                 proc.terminate()
+
+
+def _add_baseline(plan: Plan, report_path: Path) -> None:
+    """Run the same plan uncompressed (identity chains, no prepass, same seed and shards) in-process; record it."""
+    from fedsqueeze.console import human_bytes
+    from fedsqueeze.simulate import simulate, uncompressed
+
+    print("baseline: the same federation uncompressed (identity codec, same seed and shards), in-process ...", flush=True)
+    base = simulate(uncompressed(plan))
+    report = json.loads(report_path.read_text())
+    report["baseline_accuracy"] = base["final_accuracy"]
+    report["baseline"] = {"how": "fedsqueeze.simulate: in-process FedAvg, identity chains, same plan and seed",
+                          "accuracy": [r["accuracy"] for r in base["rounds"]]}  # fmt: skip
+    s = report["summary"]
+    s["baseline_accuracy"] = base["final_accuracy"]
+    messages = sum(r["participants"] for r in report["rounds"]) or 1
+    s["up_wire_per_message"] = s["up_wire"] / messages
+    s["up_ratio_per_message"] = report["model"]["raw_bytes"] / s["up_wire_per_message"]
+    from fedsqueeze.report import write_json_atomic
+
+    write_json_atomic(report_path, report)
+    acc = s["final_accuracy"]
+    print(f"AE accuracy      : {acc:.2%}   uncompressed baseline (same seed): {base['final_accuracy']:.2%}   "
+          f"difference {100 * (acc - base['final_accuracy']):+.2f} pp")  # fmt: skip
+    print(f"uplink / message : {s['up_wire_per_message']:.1f} wire bytes of {report['model']['raw_bytes']:,} "
+          f"({s['up_ratio_per_message']:.0f}x); decoders uploaded: {human_bytes(s['decoder'])}")  # fmt: skip
+
+
+def run_demo_ae(args: argparse.Namespace) -> int:
+    args.ae = True
+    return run_demo(args)
 
 
 def list_codecs(args: argparse.Namespace) -> int:
@@ -115,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--uplink", help="uplink codec chain, e.g. 'ef | topk:0.01 | qsgd:4 | entropy'")
     demo.add_argument("--downlink", help="downlink codec chain")
     demo.add_argument("--out", help="run folder (default: runs/demo-<time>)")
+    demo.add_argument("--ae", action="store_true", help="the autoencoder federation: prepass, decoder uploads, AE rounds, baseline")
+    demo.add_argument("--paper", action="store_true", help="with --ae: the paper's literal method (weights through a FC AE)")
     demo.set_defaults(func=run_demo)
+    demo_ae = sub.add_parser("demo-ae", help="the autoencoder demo: same as `demo --ae`", parents=[], add_help=True)
+    for a in demo._actions[1:]:
+        if a.dest not in ("ae",):
+            demo_ae._add_action(a)
+    demo_ae.set_defaults(func=run_demo_ae)
     codecs = sub.add_parser("codecs", help="list the registered codecs")
     codecs.set_defaults(func=list_codecs)
     return parser

@@ -75,9 +75,23 @@ class DownlinkSpec:
 
 @dataclass
 class PrepassSpec:
+    """The autoencoder prepass (seed 001 section 3); the AE fields also configure the chain's `ae` stage."""
+
     enabled: bool = False
-    epochs: int = 5
+    epochs: int = 5  # local epochs without aggregation
     snapshot_every: str = "epoch"  # epoch | batch
+    what: str = "update"  # update: AE on deltas, with error feedback (hybrid) | weights: the paper's literal method
+    span: int = 0  # update mode: snapshots between the two ends of a training delta (0: one round of local training)
+    decoder: str = "per_collaborator"  # per_collaborator (case b) | shared (case a: trained by the first collaborator)
+    variant: str = "dense"  # dense (the paper's FC AE) | chunked (one small AE shared by fixed-size chunks)
+    hidden: list[int] = field(default_factory=list)  # funnel hidden widths (encoder side, mirrored)
+    latent: int = 32  # latent size (per chunk when chunked)
+    bits: int = 8  # bits per latent value on the wire
+    correction: float = 0.002  # fraction of entries sent as a sparse correction of the AE's error
+    chunk: int = 1024  # chunk length of the chunked variant
+    ae_epochs: int = 300  # autoencoder training (eq. 3, MSE, Adam)
+    ae_lr: float = 0.001
+    allow_retrain: bool = False  # accept a second decoder upload from the same collaborator
 
 
 @dataclass
@@ -129,7 +143,9 @@ class Plan:
 
     # -- checks ---------------------------------------------------------------------------------
     def uplink_chain(self) -> Pipeline:
-        return Pipeline.from_config(self.uplink.chain)
+        from fedsqueeze.codecs.autoencoder import chain_with_prepass
+
+        return Pipeline.from_config(chain_with_prepass(self.uplink.chain, dataclasses.asdict(self.prepass)))
 
     def downlink_chain(self) -> Pipeline:
         return Pipeline.from_config(self.downlink.chain)
@@ -163,9 +179,13 @@ class Plan:
         _check(self.round_timeout_s > 0, "round_timeout_s must be > 0")
         for name in ("uplink", "downlink"):
             try:
-                Pipeline.from_config(getattr(self, name).chain)
+                getattr(self, f"{name}_chain")()
             except CodecError as exc:
                 raise PlanError(f"{name}.chain: {exc}") from exc
+        from fedsqueeze.codecs.autoencoder import check_plan
+
+        problem = check_plan(self)
+        _check(problem is None, problem or "")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,0 +1,524 @@
+"""`ae`: autoencoder compression of updates (seeds 000/001) with a quantized latent, error feedback and a sparse correction.
+
+The collaborator trains an autoencoder in the prepass (`collaborator/prepass.py`) and keeps the
+encoder and the decoder in its uplink CodecState; the aggregator receives only the decoder
+(`UploadDecoder`, safetensors) and installs it in that collaborator's uplink CodecState.
+
+Two things can be encoded (`what`):
+
+- `update` (the default, the hybrid): e = x + memory, the update plus the error-feedback memory.
+  The encoder sees e / rms(e); the receiver gets alpha * Dec(q(z)) where alpha is the least
+  squares scale of the decoded direction, so the AE part never makes the error larger than
+  sending nothing. The residual e - alpha * Dec(q(z)) is corrected at its `k` largest entries
+  (sign and one shared magnitude, positions Golomb-Rice coded), and whatever is still missing stays
+  in the sender's memory (error feedback), so the AE's drift does not accumulate.
+- `weights` (the paper's literal method): the local model itself goes through the AE, no scale,
+  no memory; `correction` is 0 unless set.
+
+Variants (`variant`):
+
+- `dense`: the paper's fully connected funnel, input and output = the number of parameters,
+  hidden sizes `hidden` (mirrored in the decoder), latent `latent`.
+- `chunked`: the flat vector is cut into `chunk`-sized pieces (zero padded) that share one small
+  dense AE with `latent` values per chunk; the decoder's size does not grow with the model.
+
+Wire format of the stage (side header | body; the stage emits bytes, nothing else is appended):
+
+    side: alpha bf16 | lo bf16 | hi bf16 | k varint | rice u8 | magnitude bf16
+    body: latent (bits each, MSB first) | k Golomb-Rice coded gaps | k sign bits
+
+The networks run in numpy here (both sides run the same code); the torch training lives in the
+prepass. Decoders travel as safetensors only, with the tensor names and shapes of
+`decoder_shapes()`; `validate_decoder` checks an upload against them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import (
+    BytesSpec,
+    Codec,
+    Data,
+    SideReader,
+    SideWriter,
+    Spec,
+    StageState,
+    StageUpdate,
+    register_codec,
+    require_array_spec,
+)
+from .errors import CodecError
+
+KINDS = ("dense", "chunked")  # the allow-list of decoder architectures
+WHAT = ("update", "weights")
+MAX_HIDDEN_LAYERS = 4
+MAX_WIDTH = 1 << 16
+MEMORY = "memory"
+
+
+# -- Golomb-Rice coding of sorted positions ---------------------------------------------------------
+def rice_parameter(k: int, n: int) -> int:
+    """The Rice parameter for k positions among n (mean gap ~ n / k)."""
+    if k <= 0:
+        return 0
+    target = max(n / k - 1.0, 1.0) * math.log(2)
+    return 0 if target < 1 else min(30, int(math.floor(math.log2(target))))
+
+
+def rice_encode(idx: np.ndarray, b: int) -> np.ndarray:
+    """Bits (uint8 0/1) of the gaps between sorted unique positions: unary quotient, then b remainder bits."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return np.zeros(0, np.uint8)
+    gaps = np.diff(np.concatenate([[-1], idx])) - 1
+    q = gaps >> b
+    r = gaps & ((1 << b) - 1)
+    lengths = q + 1 + b
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    bits = np.zeros(int(lengths.sum()), np.uint8)
+    total_q = int(q.sum())
+    if total_q:
+        offsets = np.arange(total_q) - np.repeat(np.cumsum(q) - q, q)
+        bits[np.repeat(starts, q) + offsets] = 1
+    if b:
+        shifts = np.arange(b - 1, -1, -1)
+        rbits = ((r[:, None] >> shifts) & 1).astype(np.uint8)
+        pos = (starts + q + 1)[:, None] + np.arange(b)
+        bits[pos.reshape(-1)] = rbits.reshape(-1)
+    return bits
+
+
+def rice_decode(bits: np.ndarray, start: int, k: int, b: int, n: int) -> tuple[np.ndarray, int]:
+    """k positions in [0, n) from `bits` at `start`; returns (positions, end). CodecError on bad input."""
+    out = np.empty(k, np.int64)
+    pos, prev = start, -1
+    zeros = np.flatnonzero(bits[start:] == 0) + start
+    zi = 0
+    weights = 1 << np.arange(b - 1, -1, -1) if b else None
+    for i in range(k):
+        # The unary part ends at the next zero bit.
+        while zi < len(zeros) and zeros[zi] < pos:
+            zi += 1
+        if zi >= len(zeros):
+            raise CodecError("ae: position stream truncated")
+        q = int(zeros[zi] - pos)
+        pos = int(zeros[zi]) + 1
+        if pos + b > len(bits):
+            raise CodecError("ae: position stream truncated")
+        r = int(bits[pos : pos + b] @ weights) if b else 0
+        pos += b
+        prev = prev + 1 + (q << b) + r
+        if prev >= n:
+            raise CodecError(f"ae: correction position {prev} outside the model ({n})")
+        out[i] = prev
+    return out, pos
+
+
+# -- the networks, in numpy --------------------------------------------------------------------------
+def layer_sizes(variant: str, n: int, hidden: list[int], latent: int, chunk: int) -> list[int]:
+    """Encoder widths, input first; the decoder mirrors them."""
+    d_in = n if variant == "dense" else chunk
+    return [d_in, *hidden, latent]
+
+
+def decoder_shapes(sizes: list[int]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the decoder (torch's Linear convention: weight is (out, in))."""
+    dec = list(reversed(sizes))
+    out: dict[str, tuple[int, ...]] = {}
+    for j, (a, b) in enumerate(zip(dec[:-1], dec[1:], strict=True)):
+        out[f"dec.{j}.weight"] = (b, a)
+        out[f"dec.{j}.bias"] = (b,)
+    return out
+
+
+def encoder_shapes(sizes: list[int]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for j, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        out[f"enc.{j}.weight"] = (b, a)
+        out[f"enc.{j}.bias"] = (b,)
+    return out
+
+
+def _mlp(tensors: StageState, prefix: str, layers: int, x: np.ndarray) -> np.ndarray:
+    """Linear layers with tanh between them (none after the last), rows are samples."""
+    h = x
+    for j in range(layers):
+        w, b = tensors[f"{prefix}.{j}.weight"], tensors[f"{prefix}.{j}.bias"]
+        h = h @ w.T + b
+        if j < layers - 1:
+            h = np.tanh(h)
+    return h.astype(np.float32, copy=False)
+
+
+def _quantize(z: np.ndarray, bits: int) -> tuple[float, float, np.ndarray]:
+    if z.size == 0:
+        return 0.0, 0.0, np.zeros(0, np.int64)
+    lo, hi = float(np.float32(z.min())), float(np.float32(z.max()))
+    levels = (1 << bits) - 1
+    if not hi > lo:
+        return lo, lo, np.zeros(z.shape, np.int64)
+    q = np.rint((z - lo) / (hi - lo) * levels)
+    return lo, hi, np.clip(q, 0, levels).astype(np.int64)
+
+
+def _dequantize(q: np.ndarray, lo: float, hi: float, bits: int) -> np.ndarray:
+    levels = (1 << bits) - 1
+    return (np.float32(lo) + q.astype(np.float32) * np.float32((hi - lo) / levels)).astype(np.float32)
+
+
+def _bf16(v: float) -> bytes:
+    """A float as bfloat16 (the top 16 bits of float32, rounded to nearest even), little-endian."""
+    bits = int(np.array([v], np.float32).view(np.uint32)[0])
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return struct.pack("<H", bits & 0xFFFF)
+
+
+def _from_bf16(b: bytes) -> float:
+    return float(np.array([struct.unpack("<H", b)[0] << 16], np.uint32).view(np.float32)[0])
+
+
+def _round_bf16(v: float) -> float:
+    return _from_bf16(_bf16(float(v)))
+
+
+def _pack(values: np.ndarray, width: int) -> np.ndarray:
+    shifts = np.arange(width - 1, -1, -1)
+    return ((values[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
+
+
+def _unpack(bits: np.ndarray, width: int) -> np.ndarray:
+    if bits.size == 0:
+        return np.zeros(0, np.int64)
+    return bits.reshape(-1, width).astype(np.int64) @ (1 << np.arange(width - 1, -1, -1))
+
+
+# -- the codec ---------------------------------------------------------------------------------------
+@register_codec
+@dataclass
+class Autoencoder(Codec):
+    variant: str = "dense"  # dense | chunked
+    what: str = "update"  # update (hybrid, error feedback) | weights (the paper's literal method)
+    hidden: list[int] = field(default_factory=list)  # funnel hidden widths, encoder side
+    latent: int = 32  # latent size (per chunk for `chunked`)
+    bits: int = 8  # bits per latent value on the wire (1..8)
+    correction: float = 0.002  # fraction of entries of the residual sent as a sparse correction
+    chunk: int = 1024  # chunk length for `chunked`
+    refine: bool = True  # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
+
+    codec_id: ClassVar[str] = "ae"
+    stateful: ClassVar[bool] = True
+    output_kind: ClassVar[str] = "bytes"
+    #: Federation.upload_decoder looks for stages that take an uploaded decoder.
+    accepts_decoder: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in KINDS:
+            raise CodecError(f"ae: variant must be one of {KINDS}, got {self.variant!r}")
+        if self.what not in WHAT:
+            raise CodecError(f"ae: what must be one of {WHAT}, got {self.what!r}")
+        if not isinstance(self.hidden, list) or len(self.hidden) > MAX_HIDDEN_LAYERS or any(
+            isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= MAX_WIDTH for h in self.hidden
+        ):
+            raise CodecError(f"ae: hidden must be a list of at most {MAX_HIDDEN_LAYERS} widths in [1, {MAX_WIDTH}]")
+        if isinstance(self.latent, bool) or not isinstance(self.latent, int) or not 1 <= self.latent <= MAX_WIDTH:
+            raise CodecError(f"ae: latent must be an integer in [1, {MAX_WIDTH}]")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise CodecError("ae: bits must be an integer in [1, 8]")
+        if isinstance(self.correction, bool) or not isinstance(self.correction, int | float) or not 0 <= self.correction <= 1:
+            raise CodecError("ae: correction must be a fraction in [0, 1]")
+        if not isinstance(self.refine, bool):
+            raise CodecError("ae: refine must be true or false")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or not 1 <= self.chunk <= MAX_WIDTH:
+            raise CodecError(f"ae: chunk must be an integer in [1, {MAX_WIDTH}]")
+
+    # -- architecture ------------------------------------------------------------------------------
+    def sizes(self, n: int) -> list[int]:
+        return layer_sizes(self.variant, n, self.hidden, self.latent, self.chunk)
+
+    def architecture(self, n: int) -> dict[str, Any]:
+        """The DecoderArchitecture for a model of n parameters: an allow-listed kind and its sizes."""
+        sizes: dict[str, int] = {"input": n, "latent": self.latent, "layers": len(self.hidden)}
+        sizes.update({f"hidden_{i}": h for i, h in enumerate(self.hidden)})
+        if self.variant == "chunked":
+            sizes["chunk"] = self.chunk
+        return {"kind": self.variant, "sizes": sizes}
+
+    def decoder_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        return decoder_shapes(self.sizes(n))
+
+    def encoder_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        return encoder_shapes(self.sizes(n))
+
+    def decoder_nbytes(self, n: int) -> int:
+        return 4 * sum(math.prod(s) for s in self.decoder_shapes(n).values())
+
+    def num_chunks(self, n: int) -> int:
+        return 1 if self.variant == "dense" else -(-n // self.chunk)
+
+    def latent_count(self, n: int) -> int:
+        return self.latent * self.num_chunks(n)
+
+    def max_k(self, n: int) -> int:
+        return min(n, int(math.ceil(self.correction * n - 1e-9)))
+
+    @property
+    def error_feedback(self) -> bool:
+        return self.what == "update"
+
+    # -- the networks --------------------------------------------------------------------------------
+    def _layers(self) -> int:
+        return len(self.hidden) + 1
+
+    def _rows(self, v: np.ndarray, n: int) -> np.ndarray:
+        if self.variant == "dense":
+            return v.reshape(1, n)
+        rows = np.zeros(self.num_chunks(n) * self.chunk, np.float32)
+        rows[:n] = v
+        return rows.reshape(-1, self.chunk)
+
+    def encode_latent(self, state: StageState, v: np.ndarray) -> np.ndarray:
+        n = v.size
+        return _mlp(state, "enc", self._layers(), self._rows(v, n)).reshape(-1)
+
+    def fit_latent(self, state: StageState, v: np.ndarray) -> np.ndarray:
+        """The latent whose (linear) decoding is closest to v: least squares, sender side only."""
+        w = state["dec.0.weight"].astype(np.float64)
+        rows = self._rows(v, v.size).astype(np.float64) - state["dec.0.bias"]
+        z, *_ = np.linalg.lstsq(w, rows.T, rcond=None)
+        return z.T.reshape(-1).astype(np.float32)
+
+    def decode_latent(self, state: StageState, z: np.ndarray, n: int) -> np.ndarray:
+        rows = _mlp(state, "dec", self._layers(), z.reshape(self.num_chunks(n), self.latent))
+        return rows.reshape(-1)[:n].astype(np.float32, copy=False)
+
+    def _require(self, state: StageState, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+        missing = [k for k in shapes if k not in state]
+        if missing:
+            raise CodecError(f"ae: no {what} installed (missing {missing[0]}): the prepass must run first")
+
+    # -- Codec interface ------------------------------------------------------------------------------
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        aspec = require_array_spec(spec, "ae")
+        arr = aspec.check(x, "ae input")
+        n = aspec.count
+        self._require(state, self.encoder_shapes(n), "encoder")
+        self._require(state, self.decoder_shapes(n), "decoder")
+        e = arr.astype(np.float32, copy=True)
+        if self.error_feedback and MEMORY in state:
+            e += state[MEMORY]
+        if self.what == "update":
+            rms = float(np.sqrt(np.mean(np.square(e, dtype=np.float64)))) if n else 0.0
+            if rms == 0:
+                z = np.zeros(self.latent_count(n), np.float32)
+            elif self.refine and not self.hidden:
+                z = self.fit_latent(state, e / np.float32(rms))
+            else:
+                z = self.encode_latent(state, e / np.float32(rms))
+        else:
+            z = self.encode_latent(state, e)
+        lo, hi, q = _quantize(z, self.bits)
+        lo, hi = _round_bf16(lo), _round_bf16(hi)
+        levels = (1 << self.bits) - 1
+        if hi > lo:
+            q = np.clip(np.rint((z - lo) / (hi - lo) * levels), 0, levels).astype(np.int64)
+        else:
+            q = np.zeros(z.shape, np.int64)
+        d = self.decode_latent(state, _dequantize(q, lo, hi, self.bits), n)
+        if self.what == "update":
+            dd = float(np.dot(d.astype(np.float64), d))
+            alpha = _round_bf16(np.dot(e.astype(np.float64), d) / dd) if dd > 0 else 0.0
+        else:
+            alpha = 1.0
+        base = (np.float32(alpha) * d).astype(np.float32)
+        resid = e - base
+        k = self.max_k(n)
+        if k:
+            idx = np.sort(np.argpartition(np.abs(resid), n - k)[n - k :])
+            mag = _round_bf16(np.mean(np.abs(resid[idx])))
+            signs = (resid[idx] < 0).astype(np.uint8)
+        else:
+            idx, mag, signs = np.zeros(0, np.int64), 0.0, np.zeros(0, np.uint8)
+        b = rice_parameter(k, n)
+        side = SideWriter().raw(_bf16(alpha)).raw(_bf16(lo)).raw(_bf16(hi)).varint(k).u8(b).raw(_bf16(mag)).getvalue()
+        bits = np.concatenate([_pack(q, self.bits), rice_encode(idx, b), signs])
+        return side, np.packbits(bits).tobytes()
+
+    def _parse_side(self, side: bytes, n: int) -> tuple[float, float, float, int, int, float]:
+        r = SideReader(side, "ae header")
+        alpha, lo, hi = _from_bf16(r.raw(2)), _from_bf16(r.raw(2)), _from_bf16(r.raw(2))
+        k, b, mag = r.varint(), r.u8(), _from_bf16(r.raw(2))
+        r.finish()
+        if not all(math.isfinite(v) for v in (alpha, lo, hi, mag)):
+            raise CodecError("ae: non-finite value in the header")
+        if hi < lo:
+            raise CodecError("ae: latent range is inverted")
+        if k > self.max_k(n):
+            raise CodecError(f"ae: {k} corrections, the plan allows at most {self.max_k(n)}")
+        if b > 30:
+            raise CodecError(f"ae: Rice parameter {b} out of range")
+        return alpha, lo, hi, k, b, mag
+
+    def output_spec(self, spec: Spec, side: bytes) -> Spec:
+        n = require_array_spec(spec, "ae").count
+        _, _, _, k, b, _ = self._parse_side(side, n)
+        bits = self.latent_count(n) * self.bits + k * (b + 1) + (n >> b) + k
+        return BytesSpec((bits + 7) // 8)
+
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+        n = require_array_spec(spec, "ae").count
+        self._require(state, self.decoder_shapes(n), "decoder")
+        alpha, lo, hi, k, b, mag = self._parse_side(side, n)
+        bits = np.unpackbits(np.frombuffer(bytes(y), np.uint8))
+        nz = self.latent_count(n) * self.bits
+        if len(bits) < nz:
+            raise CodecError("ae: latent truncated")
+        q = _unpack(bits[:nz], self.bits)
+        idx, end = rice_decode(bits, nz, k, b, n)
+        if end + k > len(bits) or len(bits) - (end + k) >= 8:
+            raise CodecError("ae: body length does not match the header")
+        if k and np.any(np.diff(idx) <= 0):
+            raise CodecError("ae: correction positions are not increasing")
+        signs = bits[end : end + k]
+        d = self.decode_latent(state, _dequantize(q, lo, hi, self.bits), n)
+        out = (np.float32(alpha) * d).astype(np.float32)
+        if k:
+            out[idx] += np.where(signs == 1, -np.float32(mag), np.float32(mag)).astype(np.float32)
+        if not np.isfinite(out).all():
+            raise CodecError("ae: decoded update contains NaN or Inf")
+        return out
+
+    def update(self, state: StageState, event: StageUpdate) -> None:
+        if not self.error_feedback or event.x is None:
+            return  # the receiver keeps no memory; weights mode keeps none
+        assert isinstance(event.x, np.ndarray) and isinstance(event.x_hat, np.ndarray)
+        e = event.x.astype(np.float32, copy=True)
+        if MEMORY in state:
+            e += state[MEMORY]
+        state[MEMORY] = (e - event.x_hat).astype(np.float32)
+
+
+# -- decoders on the wire ----------------------------------------------------------------------------
+def find_stage(chain: Any) -> tuple[int, Autoencoder] | None:
+    """(index, stage) of the chain's autoencoder stage, or None."""
+    for i, stage in enumerate(chain.stages):
+        if isinstance(stage, Autoencoder):
+            return i, stage
+    return None
+
+
+def decoder_to_bytes(tensors: dict[str, np.ndarray], collaborator_id: str = "") -> bytes:
+    """safetensors bytes of a decoder; the metadata binds it to the collaborator that trained it."""
+    from safetensors.numpy import save
+
+    meta = {"collaborator_id": collaborator_id} if collaborator_id else None
+    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta)
+
+
+def read_safetensors_header(blob: bytes, max_header: int = 1 << 20) -> dict[str, Any]:
+    """The JSON header of a safetensors blob, parsed without touching the tensors."""
+    if len(blob) < 8:
+        raise CodecError("decoder is not safetensors: shorter than its 8-byte header length")
+    (length,) = struct.unpack("<Q", blob[:8])
+    if length > max_header or 8 + length > len(blob):
+        raise CodecError(f"decoder is not safetensors: header length {length} is implausible")
+    try:
+        header = json.loads(blob[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CodecError(f"decoder is not safetensors: header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CodecError("decoder is not safetensors: header is not an object")
+    return header
+
+
+def validate_decoder(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Check an uploaded decoder against the expected tensor shapes; returns (tensors, metadata).
+
+    Refuses (CodecError): more than max_bytes, anything that is not safetensors (a pickle, say),
+    extra or missing keys, a dtype other than F32, wrong shapes, NaN or Inf.
+    """
+    if len(blob) > max_bytes:
+        raise CodecError(f"decoder of {len(blob)} bytes exceeds the size cap of {max_bytes} bytes")
+    header = read_safetensors_header(blob)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CodecError("decoder metadata must map strings to strings")
+    extra, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
+    if extra or missing:
+        raise CodecError(f"decoder keys do not match the plan's architecture: extra {extra}, missing {missing}")
+    for name, shape in expected.items():
+        info = header[name]
+        if not isinstance(info, dict) or info.get("dtype") != "F32":
+            raise CodecError(f"decoder tensor {name!r} must be F32, got {info.get('dtype') if isinstance(info, dict) else info!r}")
+        if tuple(info.get("shape", ())) != tuple(shape):
+            raise CodecError(f"decoder tensor {name!r} has shape {tuple(info.get('shape', ()))}, the plan needs {tuple(shape)}")
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(bytes(blob))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CodecError(f"decoder is not valid safetensors: {exc}") from exc
+    for name, arr in tensors.items():
+        if arr.dtype != np.float32 or arr.shape != tuple(expected[name]):
+            raise CodecError(f"decoder tensor {name!r} does not match the plan")
+        if not np.isfinite(arr).all():
+            raise CodecError(f"decoder tensor {name!r} contains NaN or Inf")
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, {str(k): str(v) for k, v in meta.items()}
+
+
+# -- the plan's prepass settings configure the `ae` stage -------------------------------------------
+AE_PLAN_KEYS = ("variant", "what", "hidden", "latent", "bits", "correction", "chunk")
+
+
+def chain_with_prepass(config: Any, prepass: dict[str, Any]) -> Any:
+    """The uplink chain config with every `ae` stage's unset parameters taken from the plan's prepass."""
+    from .pipeline import parse_stage
+
+    if isinstance(config, str):
+        stages: Any = [parse_stage(p) for p in config.split("|") if p.strip()]
+    elif isinstance(config, dict) and "chain" in config:
+        stages = config["chain"]
+    elif isinstance(config, dict):
+        stages = [config]
+    else:
+        stages = config
+    if not isinstance(stages, list) or not any(isinstance(s, dict) and s.get("id") == "ae" for s in stages):
+        return config
+    out = []
+    for s in stages:
+        if isinstance(s, dict) and s.get("id") == "ae":
+            s = {**{k: prepass[k] for k in AE_PLAN_KEYS if k in prepass}, **s}
+        out.append(s)
+    return out
+
+
+def check_plan(plan: Any) -> str | None:
+    """A message naming the problem with the plan's prepass / `ae` settings, or None."""
+    p = plan.prepass
+    if p.what not in WHAT:
+        return f"prepass.what must be one of {WHAT}, got {p.what!r}"
+    if p.decoder not in ("per_collaborator", "shared"):
+        return f"prepass.decoder must be 'per_collaborator' or 'shared', got {p.decoder!r}"
+    if p.variant not in KINDS:
+        return f"prepass.variant must be one of {KINDS}, got {p.variant!r}"
+    if not isinstance(p.hidden, list):
+        return "prepass.hidden must be a list of integers"
+    if p.span < 0 or p.ae_epochs < 1 or p.ae_lr <= 0:
+        return "prepass.span must be >= 0, prepass.ae_epochs >= 1 and prepass.ae_lr > 0"
+    found = find_stage(plan.uplink_chain())
+    if p.enabled and found is None:
+        return "prepass.enabled needs an `ae` stage in uplink.chain"
+    if found is not None:
+        stage = found[1]
+        if not p.enabled:
+            return "the uplink chain's `ae` stage needs prepass.enabled: true (the prepass trains the autoencoder)"
+        want = "delta" if stage.what == "update" else "weights"
+        if plan.uplink.target != want:
+            return f"the `ae` stage encodes {stage.what!r}: uplink.target must be {want!r}"
+    return None

@@ -1,0 +1,220 @@
+"""The collaborator's side of the prepass (seed 001 section 3): snapshots, autoencoder training, decoder upload.
+
+1. Train the global model locally for `prepass.epochs` epochs without aggregation, recording the
+   weights every batch or epoch (`snapshot_every`).
+2. Build the AE's data set: the weights themselves (`what: weights`, the paper) or deltas between
+   snapshots `span` apart, each scaled to unit RMS (`what: update`, the hybrid; span 0 means one
+   round of local training, so the AE sees what a round's update looks like).
+3. Train the autoencoder with the MSE of eq. 3, keep encoder and decoder in the uplink CodecState,
+   and upload only the decoder (safetensors, bound to this collaborator's id in its metadata).
+
+Shared decoder mode (case a): the first collaborator to join trains the AE and uploads its decoder;
+the aggregator sends that decoder to everyone else, and each of them fits only an encoder to it on
+its own prepass data (the decoder frozen, the same loss), so no prepass data leaves a collaborator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs.autoencoder import Autoencoder, decoder_to_bytes, find_stage, validate_decoder
+from fedsqueeze.models import get_flat, set_flat
+from fedsqueeze.plan import Plan
+from fedsqueeze.training import train_local
+
+log = logging.getLogger("fedsqueeze.collaborator")
+
+ROLE_TRAIN = "train-autoencoder"
+ROLE_ENCODER = "train-encoder"
+SHARED_DECODER = "shared-decoder"
+
+
+def record_snapshots(model: Any, x: np.ndarray, y: np.ndarray, plan: Plan, seed: int) -> np.ndarray:
+    """Train for prepass.epochs without aggregation; rows are the flat weights, the start first."""
+    spec, t = plan.prepass, plan.training
+    batches = -(-len(y) // t.batch_size)
+    snaps = [get_flat(model)]
+
+    def on_step(epoch: int, batch: int) -> None:
+        if spec.snapshot_every == "batch" or batch == batches - 1:
+            snaps.append(get_flat(model))
+
+    train_local(model, x, y, epochs=spec.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                weight_decay=t.weight_decay, seed=seed, on_step=on_step)  # fmt: skip
+    return np.stack(snaps)
+
+
+def training_set(snaps: np.ndarray, plan: Plan, num_samples: int) -> np.ndarray:
+    """The AE's data set from the snapshots: weights (paper) or unit-RMS deltas (hybrid)."""
+    spec = plan.prepass
+    if spec.what == "weights":
+        return snaps.astype(np.float32)
+    span = spec.span
+    if span == 0:
+        per_epoch = 1 if spec.snapshot_every == "epoch" else -(-num_samples // plan.training.batch_size)
+        span = max(1, plan.training.local_epochs * per_epoch)
+    span = min(span, len(snaps) - 1)
+    deltas = snaps[span:] - snaps[:-span]
+    if spec.snapshot_every == "batch" and span > 1:
+        deltas = np.concatenate([deltas, snaps[1:] - snaps[:-1]])  # short deltas too: error feedback mixes scales
+    rms = np.sqrt(np.mean(np.square(deltas, dtype=np.float64), axis=1, keepdims=True))
+    keep = rms[:, 0] > 0
+    return (deltas[keep] / rms[keep]).astype(np.float32)
+
+
+def _rows(stage: Autoencoder, samples: np.ndarray) -> np.ndarray:
+    if stage.variant == "dense":
+        return samples
+    n = samples.shape[1]
+    padded = np.zeros((len(samples), stage.num_chunks(n) * stage.chunk), np.float32)
+    padded[:, :n] = samples
+    return padded.reshape(-1, stage.chunk)
+
+
+def _mlp(sizes: list[int]) -> Any:
+    from torch import nn
+
+    layers: list[Any] = []
+    for j, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if j < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _export(net: Any, prefix: str) -> dict[str, np.ndarray]:
+    from torch import nn
+
+    out: dict[str, np.ndarray] = {}
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    for j, lin in enumerate(linears):
+        out[f"{prefix}.{j}.weight"] = lin.weight.detach().numpy().astype(np.float32, copy=True)
+        out[f"{prefix}.{j}.bias"] = lin.bias.detach().numpy().astype(np.float32, copy=True)
+    return out
+
+
+def _load(net: Any, prefix: str, tensors: dict[str, np.ndarray]) -> None:
+    import torch
+    from torch import nn
+
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for j, lin in enumerate(linears):
+            lin.weight.copy_(torch.from_numpy(tensors[f"{prefix}.{j}.weight"]))
+            lin.bias.copy_(torch.from_numpy(tensors[f"{prefix}.{j}.bias"]))
+
+
+def train_autoencoder(
+    stage: Autoencoder,
+    samples: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    decoder: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
+    """Fit the AE to `samples` (rows) with eq. 3's MSE; with `decoder`, fit only an encoder to it.
+
+    Returns (encoder tensors, decoder tensors, loss per epoch).
+    """
+    import torch
+
+    n = samples.shape[1]
+    sizes = stage.sizes(n)
+    torch.manual_seed(seed)
+    enc, dec = _mlp(sizes), _mlp(list(reversed(sizes)))
+    if decoder is not None:
+        _load(dec, "dec", decoder)
+        for p in dec.parameters():
+            p.requires_grad_(False)
+    data = torch.from_numpy(np.ascontiguousarray(_rows(stage, samples)))
+    params = list(enc.parameters()) + ([] if decoder is not None else list(dec.parameters()))
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    batch = 64 if stage.variant == "dense" else 256
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        for start in range(0, len(data), batch):
+            xb = data[order[start : start + batch]]
+            opt.zero_grad()
+            loss = torch.mean((dec(enc(xb)) - xb) ** 2)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(xb)
+        losses.append(total / len(data))
+    return _export(enc, "enc"), _export(dec, "dec"), losses
+
+
+@dataclass
+class PrepassContext:
+    """What the collaborator loop hands to the prepass, and what the prepass leaves behind."""
+
+    client: Any
+    session: Any
+    model: Any
+    x: np.ndarray
+    y: np.ndarray
+    layout: Layout
+    up_chain: Pipeline
+    up_state: CodecState
+    down_chain: Pipeline
+    down_state: CodecState
+    samples: np.ndarray | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def handle_task(ctx: PrepassContext, task: Any) -> dict[str, Any]:
+    """Run one PREPASS task: the local prepass (and AE training, upload), or fit an encoder to the shared decoder."""
+    found = find_stage(ctx.up_chain)
+    if found is None:
+        raise CodecError("the aggregator sent a PREPASS task, but the uplink chain has no `ae` stage")
+    index, stage = found
+    plan: Plan = ctx.session.plan
+    spec = plan.prepass
+    state = ctx.up_state.stage(index)
+    n = ctx.layout.numel
+    rec = ctx.record
+    t0 = time.perf_counter()
+    if task.message == SHARED_DECODER:
+        if task.model is None or zlib.crc32(task.model.data) != task.model.fingerprint:
+            raise CodecError("shared decoder: missing or corrupt")
+        tensors, _ = validate_decoder(task.model.data, stage.decoder_shapes(n), stage.decoder_nbytes(n) + (1 << 16))
+        rec["down_wire"] = rec.get("down_wire", 0) + task.wire_bytes
+        rec["down_raw"] = rec.get("down_raw", 0) + len(task.model.data)
+        if ctx.samples is None:
+            raise CodecError("shared decoder arrived before this collaborator's prepass")
+        enc, dec, losses = train_autoencoder(stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed, decoder=tensors)
+        state.update(enc)
+        state.update(dec)
+        rec.update(role=ROLE_ENCODER, encoder_loss=losses[-1], encoder_seconds=time.perf_counter() - t0)
+        log.info("fitted an encoder to the shared decoder: loss %.4g", losses[-1])
+        return rec
+    if task.model is None:
+        raise CodecError("PREPASS task without a model")
+    chain, _ = task.model.resolve(ctx.down_chain, ctx.layout)
+    start = chain.decode(task.model.data, ctx.layout, ctx.down_state)
+    set_flat(ctx.model, start)
+    snaps = record_snapshots(ctx.model, ctx.x, ctx.y, plan, seed=plan.seed * 100_003 + 7919 + ctx.session.shard_index)
+    ctx.samples = training_set(snaps, plan, len(ctx.y))
+    set_flat(ctx.model, start)
+    rec.update(down_raw=ctx.layout.raw_bytes, down_wire=task.wire_bytes, snapshots=len(snaps), samples=len(ctx.samples))
+    if task.message == ROLE_ENCODER:
+        rec["role"] = ROLE_ENCODER
+        return rec  # the shared decoder comes with a later PREPASS task
+    enc, dec, losses = train_autoencoder(stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed)
+    state.update(enc)
+    state.update(dec)
+    blob = decoder_to_bytes(dec, ctx.session.collaborator_id)
+    sent = ctx.client.upload_decoder(stage.architecture(n), blob)
+    rec.update(role=ROLE_TRAIN, decoder=sent, ae_loss=losses[-1], ae_seconds=time.perf_counter() - t0)
+    log.info("prepass: %d snapshots, AE loss %.4g, decoder %d bytes uploaded", len(snaps), losses[-1], sent)
+    return rec

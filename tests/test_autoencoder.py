@@ -1,0 +1,210 @@
+"""The `ae` stage, decoder validation, the plan's prepass settings and the savings maths (no servers)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from fedsqueeze.aggregator import savings as sv
+from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs.autoencoder import (
+    Autoencoder,
+    decoder_to_bytes,
+    find_stage,
+    rice_decode,
+    rice_encode,
+    rice_parameter,
+    validate_decoder,
+)
+from fedsqueeze.plan import Plan, PlanError
+from fedsqueeze.wire import WirePayload, payload_wire_size
+
+N = 15_010  # the digits MLP
+LAYOUT = Layout.of({"w": np.zeros((200, 64)), "b": np.zeros(200), "w2": np.zeros((10, 200)), "b2": np.zeros(10)})
+
+
+def random_ae(stage: Autoencoder, n: int, seed: int = 0) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    enc = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in stage.encoder_shapes(n).items()}
+    dec = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in stage.decoder_shapes(n).items()}
+    return enc, dec
+
+
+def states(chain: Pipeline, n: int, seed: int = 0) -> tuple[CodecState, CodecState, int]:
+    index, stage = find_stage(chain)
+    enc, dec = random_ae(stage, n, seed)
+    tx, rx = CodecState(), CodecState()
+    tx.stage(index).update({**enc, **dec})
+    rx.stage(index).update(dec)
+    return tx, rx, index
+
+
+def test_layout_is_the_digits_mlp() -> None:
+    assert LAYOUT.numel == N
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        "ae",
+        "ae:variant=chunked,latent=2,chunk=512",
+        'ae:hidden=[16],latent=8,bits=4,correction=0.01',
+        "ae:what=weights,correction=0",
+        'ae:variant=chunked,hidden=[8],latent=2,chunk=256,refine=false',
+    ],
+)
+def test_round_trip_keeps_sender_and_receiver_in_sync(chain: str) -> None:
+    p = Pipeline.parse(chain)
+    tx, rx, index = states(p, N)
+    stage = find_stage(p)[1]
+    rng = np.random.default_rng(1)
+    sent = np.zeros(N, np.float64)
+    got = np.zeros(N, np.float64)
+    for _ in range(4):
+        x = (rng.standard_normal(N) * 0.01).astype(np.float32)
+        enc = p.encode(x, LAYOUT, tx)
+        out = p.decode(enc.data, LAYOUT, rx)
+        assert np.array_equal(out, enc.reconstruction)  # the receiver decodes exactly what the sender expects
+        sent += x
+        got += out
+    dec_keys = list(stage.decoder_shapes(N))
+    assert set(rx.stage(index)) == set(dec_keys)  # no memory on the receiver
+    for k in dec_keys:
+        assert np.array_equal(tx.stage(index)[k], rx.stage(index)[k])
+    if stage.what == "update":
+        # Error feedback: what has not arrived yet is exactly the sender's memory.
+        np.testing.assert_allclose(tx.stage(index)["memory"], sent - got, atol=1e-5)
+    else:
+        assert "memory" not in tx.stage(index)
+    # The state survives safetensors round trips.
+    assert CodecState.from_bytes(rx.to_bytes()).fingerprint() == rx.fingerprint()
+
+
+def test_default_message_fits_the_500x_budget() -> None:
+    p = Pipeline.parse("ae")
+    tx, _, _ = states(p, N)
+    fp = p.fingerprint(LAYOUT)
+    x = (np.random.default_rng(2).standard_normal(N) * 0.01).astype(np.float32)
+    for _ in range(3):
+        wire = payload_wire_size(WirePayload(data=p.encode(x, LAYOUT, tx).data, fingerprint=fp))
+        assert wire <= LAYOUT.raw_bytes / 500, wire
+
+
+def test_lstsq_latent_beats_a_bad_encoder_and_never_hurts() -> None:
+    p = Pipeline.parse("ae:correction=0")
+    tx, rx, index = states(p, N)
+    # x lies in the decoder's span: the least-squares latent recovers it almost exactly.
+    rng = np.random.default_rng(3)
+    w, b = tx.stage(index)["dec.0.weight"], tx.stage(index)["dec.0.bias"]
+    x = (w @ rng.standard_normal(32).astype(np.float32) + b).astype(np.float32)
+    enc = p.encode(x, LAYOUT, tx)
+    assert enc.stats.nmse < 0.05  # 8-bit latent
+    # Orthogonal noise: the scale alpha keeps the error at most ||x||.
+    tx2, _, _ = states(p, N, seed=5)
+    enc = p.encode(rng.standard_normal(N).astype(np.float32), LAYOUT, tx2)
+    assert enc.stats.nmse <= 1.0 + 1e-6
+
+
+def test_missing_decoder_and_bad_messages_are_codec_errors() -> None:
+    p = Pipeline.parse("ae")
+    with pytest.raises(CodecError, match="prepass"):
+        p.encode(np.zeros(N, np.float32), LAYOUT, CodecState())
+    tx, rx, _ = states(p, N)
+    data = p.encode(np.ones(N, np.float32) * 0.01, LAYOUT, tx).data
+    with pytest.raises(CodecError, match="prepass"):
+        p.decode(data, LAYOUT, CodecState())
+    for bad in (data[:-3], data + b"\x00" * 4, data[:5], b"\x01\x07" + bytes(12)):
+        with pytest.raises(CodecError):
+            p.decode(bad, LAYOUT, rx)
+
+
+def test_rice_positions_round_trip() -> None:
+    rng = np.random.default_rng(4)
+    for n, k in ((15010, 30), (100, 100), (1000, 1), (5, 0), (1 << 20, 2000)):
+        idx = np.sort(rng.choice(n, size=k, replace=False))
+        b = rice_parameter(k, n)
+        bits = rice_encode(idx, b)
+        out, end = rice_decode(np.concatenate([bits, np.ones(3, np.uint8)]), 0, k, b, n)
+        assert np.array_equal(out, idx) and end == len(bits)
+    with pytest.raises(CodecError):
+        rice_decode(rice_encode(np.array([3, 9]), 1), 0, 2, 1, 9)  # position 9 outside a model of 9
+
+
+def test_decoder_validation() -> None:
+    stage = Autoencoder(latent=4)
+    n = 300
+    shapes = stage.decoder_shapes(n)
+    _, dec = random_ae(stage, n)
+    cap = stage.decoder_nbytes(n) + 4096
+    tensors, meta = validate_decoder(decoder_to_bytes(dec, "c0001"), shapes, cap)
+    assert meta == {"collaborator_id": "c0001"} and set(tensors) == set(shapes)
+    nan = {k: v.copy() for k, v in dec.items()}
+    nan["dec.0.weight"][0, 0] = np.nan
+    cases = {
+        "pickle": pickle.dumps(dec),
+        "extra": decoder_to_bytes({**dec, "dec.9.weight": np.zeros(3, np.float32)}),
+        "missing": decoder_to_bytes({k: v for k, v in dec.items() if k != "dec.0.bias"}),
+        "shape": decoder_to_bytes({**dec, "dec.0.bias": np.zeros(n + 1, np.float32)}),
+        "nan": decoder_to_bytes(nan),
+        "garbage": b"\xff" * 64,
+    }
+    for name, blob in cases.items():
+        with pytest.raises(CodecError):
+            validate_decoder(blob, shapes, cap)
+        assert name
+    from safetensors.numpy import save
+
+    with pytest.raises(CodecError, match="F32"):
+        validate_decoder(save({k: v.astype(np.float64) for k, v in dec.items()}), shapes, 10 * cap)
+    with pytest.raises(CodecError, match="size cap"):
+        validate_decoder(decoder_to_bytes(dec), shapes, 100)
+
+
+def test_plan_fills_the_stage_from_prepass_and_checks_consistency() -> None:
+    plan = Plan.from_json({"uplink": {"chain": "ae:bits=4"}, "prepass": {"enabled": True, "latent": 16, "correction": 0.001}})
+    stage = find_stage(plan.uplink_chain())[1]
+    assert (stage.latent, stage.bits, stage.correction, stage.what) == (16, 4, 0.001, "update")
+    with pytest.raises(PlanError, match="prepass.enabled"):
+        Plan.from_json({"uplink": {"chain": "ae"}})
+    with pytest.raises(PlanError, match="uplink.target"):
+        Plan.from_json({"uplink": {"chain": "ae"}, "prepass": {"enabled": True, "what": "weights"}})
+    with pytest.raises(PlanError, match="needs an `ae` stage"):
+        Plan.from_json({"prepass": {"enabled": True}})
+    with pytest.raises(PlanError, match="decoder"):
+        Plan.from_json({"uplink": {"chain": "ae"}, "prepass": {"enabled": True, "decoder": "some"}})
+    # Literal paper mode.
+    Plan.from_json({"uplink": {"chain": "ae", "target": "weights"},
+                    "prepass": {"enabled": True, "what": "weights", "hidden": [256], "correction": 0}})  # fmt: skip
+
+
+def test_savings_ratio_matches_hand_computed_values() -> None:
+    s = sv.Sizes(original=60_000, compressed=100, decoder=1_000_000)
+    # eq. 4: 60000 * 20 * 4 / (100 * 20 * 4 + 1e6 * 1) = 4.8e6 / 1.008e6
+    assert sv.savings_ratio(s, 20, 4, "shared") == pytest.approx(4.8e6 / 1.008e6)
+    # case (b): cost 4e6 -> 4.8e6 / 4.008e6, independent of C
+    assert sv.savings_ratio(s, 20, 4, "per_collaborator") == pytest.approx(4.8e6 / 4.008e6)
+    assert sv.savings_ratio(s, 20, 40, "per_collaborator") == pytest.approx(sv.savings_ratio(s, 20, 4, "per_collaborator"))
+    # break-even (b): R* = D / (O - S) = 1e6 / 59900 = 16.69 -> 17 rounds
+    assert sv.break_even_rounds(s, 4, "per_collaborator") == 17
+    assert sv.savings_ratio(s, 17, 4, "per_collaborator") >= 1 > sv.savings_ratio(s, 16, 4, "per_collaborator")
+    # break-even (a): C* = D / (R (O - S)) = 1e6 / (5 * 59900) = 3.34 -> 4 collaborators for 5 rounds
+    assert sv.break_even_collaborators(s, 5, "shared") == 4
+    assert sv.break_even_rounds(s, 4, "shared") == 5  # 1e6 / (4 * 59900) = 4.17
+    # With the shared decoder's 3 downloads counted: cost 4e6 as in case (b).
+    assert sv.savings_ratio(s, 20, 4, "shared", with_downloads=True) == pytest.approx(4.8e6 / 4.008e6)
+    assert sv.break_even_rounds(sv.Sizes(100, 100, 5), 4, "shared") is None
+
+
+def test_savings_from_a_report() -> None:
+    report = {
+        "model": {"raw_bytes": 60_040},
+        "plan": {"collaborators": {"min": 4}, "prepass": {"decoder": "per_collaborator"}},
+        "prepass_bytes": {"decoder": 4 * 1000},
+        "prepass": {"decoders": {"a": 1, "b": 1, "c": 1, "d": 1}},
+        "rounds": [{"participants": 4, "bytes": {"up_wire": 440, "decoder": 0}}] * 3,
+    }
+    sizes, ctx = sv.sizes_from_report(report)
+    assert sizes == sv.Sizes(60_040, 110, 1000)
+    assert ctx["rounds"] == 3 and ctx["messages"] == 12
