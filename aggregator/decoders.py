@@ -24,7 +24,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from fedsqueeze.codecs import CodecError
-from fedsqueeze.codecs.autoencoder import KINDS, find_stage, validate_decoder
+from fedsqueeze.codecs.autoencoder import KINDS, Autoencoder, find_stage, validate_decoder
 from fedsqueeze.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -53,7 +53,8 @@ class Prepass:
         self.spec = fed.plan.prepass
         found = find_stage(fed.up_chain)
         self.enabled = bool(self.spec.enabled and found is not None)
-        self.index, self.stage = found if found is not None else (-1, None)
+        self.index: int = found[0] if found is not None else -1
+        self.stage: Autoencoder | None = found[1] if found is not None else None
         n = fed.layout.numel
         self.expected = self.stage.decoder_shapes(n) if self.stage else {}
         self.architecture = self.stage.architecture(n) if self.stage else {}

@@ -59,7 +59,7 @@ class CollaboratorReport:
 
     def write(self) -> None:
         if self.path is not None:
-            data = {"collaborator_id": self.collaborator_id, "rounds": self.rounds}
+            data: dict[str, Any] = {"collaborator_id": self.collaborator_id, "rounds": self.rounds}
             if self.prepass:
                 data["prepass"] = self.prepass
             write_json_atomic(self.path, data)

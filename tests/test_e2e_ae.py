@@ -1,0 +1,52 @@
+"""End to end: the autoencoder federation with real processes (prepass, decoder uploads, AE rounds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedsqueeze.plan import Plan
+from fedsqueeze.simulate import simulate, uncompressed
+
+from .conftest import ROOT, free_port, spawn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("decoder_mode", ["per_collaborator", "shared"])
+def test_ae_federation_matches_uncompressed_at_500x(tmp_path, procs, decoder_mode) -> None:
+    plan = json.loads((ROOT / "fedsqueeze" / "plans" / "ae.json").read_text())
+    plan["rounds"] = 25
+    plan["prepass"]["decoder"] = decoder_mode
+    plan["prepass"]["ae_epochs"] = 60
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    port = free_port()
+    report = tmp_path / "report.json"
+    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1",
+                 "--plan", str(tmp_path / "plan.json"), "--report", str(report)], log=tmp_path / "agg.log")  # fmt: skip
+    procs.append(agg)
+    for i in range(4):
+        procs.append(spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress",
+                            "--report", str(tmp_path / f"c{i}.json")], log=tmp_path / f"c{i}.log"))  # fmt: skip
+    assert agg.wait(timeout=300) == 0, (tmp_path / "agg.log").read_text()
+    for p in procs[1:]:
+        assert p.wait(timeout=60) == 0
+    data = json.loads(report.read_text())
+    s = data["summary"]
+    messages = sum(r["participants"] for r in data["rounds"])
+    assert messages == 4 * 25
+    per_message = s["up_wire"] / messages
+    assert data["model"]["raw_bytes"] / per_message >= 500, per_message
+    pre = data["prepass"]
+    decoder_each = pre["decoder_bytes_each"]
+    uploads = 1 if decoder_mode == "shared" else 4
+    assert sum(pre["decoders"].values()) == uploads and not pre["missing"]
+    assert data["prepass_bytes"]["decoder"] == s["decoder"] > uploads * decoder_each
+    # Collaborators' own counts agree with the aggregator's.
+    sent = [json.loads((tmp_path / f"c{i}.json").read_text()) for i in range(4)]
+    assert sum(r["up_wire"] for c in sent for r in c["rounds"]) == s["up_wire"]
+    assert sum(c["prepass"].get("decoder", 0) for c in sent) == s["decoder"]
+    assert sum(c["prepass"]["down_wire"] for c in sent) == data["prepass_bytes"]["down_wire"]
+    base = simulate(uncompressed(Plan.from_json(plan)))["final_accuracy"]
+    assert s["final_accuracy"] >= base - 0.01, (s["final_accuracy"], base)
