@@ -149,7 +149,7 @@ def train_autoencoder(
             loss = torch.mean((dec(enc(xb)) - xb) ** 2)
             loss.backward()
             opt.step()
-            total += float(loss) * len(xb)
+            total += loss.item() * len(xb)
         losses.append(total / len(data))
     return _export(enc, "enc"), _export(dec, "dec"), losses
 
