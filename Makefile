@@ -8,7 +8,7 @@ PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench clean
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench clean prometheus
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,11 @@ demo-ae: $(STAMP) ## The autoencoder federation: prepass, decoder uploads, 4 col
 
 test: $(STAMP) ## Run the test suite (what CI runs)
 	$(BIN)/python -m pytest -q
+
+prometheus: ## Install Debian's prometheus package (the real server the metrics test scrapes with)
+	@if command -v prometheus >/dev/null; then prometheus --version 2>&1 | head -1; else \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends prometheus; fi
 
 test-fast: $(STAMP) ## Run the tests that start no servers
 	$(BIN)/python -m pytest -q -m "not slow"

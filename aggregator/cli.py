@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fedsqueeze.console import ROUND_HEADER, die, round_row, summary_lines
+from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.plan import Plan, PlanError
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.tasks import DataError
@@ -34,7 +35,11 @@ def _serve(args: argparse.Namespace) -> int:
     def on_round(record: RoundRecord) -> None:
         print(round_row(record), flush=True)
 
-    server = AggregatorServer(plan, host=args.host, port=args.port, report_path=report, on_round=on_round).start()
+    metrics = Metrics("aggregator", per_collaborator=args.metrics_per_collaborator)
+    server = AggregatorServer(plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics).start()
+    if args.metrics_port is not None:
+        _, metrics_port = start_metrics_server(args.metrics_port, metrics, args.metrics_host)
+        print(f"metrics on port {metrics_port}", flush=True)
     server.install_signal_handlers()
     f = server.federation
     print(
@@ -105,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=int, help="override the plan's number of rounds")
     serve.add_argument("--min-collaborators", type=int, help="override collaborators.min")
     serve.add_argument("--keep-serving", action="store_true", help="keep serving after the last round until SIGTERM")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
+    serve.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default: all interfaces)")
+    serve.add_argument(
+        "--metrics-per-collaborator",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="label byte counters by collaborator; --no-metrics-per-collaborator bounds the series for large federations",
+    )
     serve.set_defaults(func=_serve)
     sav = sub.add_parser("savings", help="savings ratio and break-even of AE compression (seed 001, eq. 4-6, Figs. 10-11)")
     sav.add_argument("--report", help="take the sizes from this run report")

@@ -163,6 +163,7 @@ class Prepass:
             target = rnd.bytes if (rnd is not None and not self.running) else fed.report.prepass_bytes
             target["decoder"] += len(blob)
             collab.decoder_bytes += len(blob)
+            fed.metrics.record_decoder(fed.up_codec, collab.id, len(blob))
             if self.shared:
                 self.trainer = collab.id
                 self.shared_tensors = tensors

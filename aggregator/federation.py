@@ -29,6 +29,7 @@ from fedsqueeze.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from fedsqueeze.metrics import Metrics
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord, RunReport
@@ -99,6 +100,7 @@ class Federation:
         *,
         report_path: Any = None,
         on_round: Callable[[RoundRecord], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.plan = plan
         self.data = load_dataset(plan.task.dataset, plan.task.data_path, plan.seed)
@@ -114,6 +116,9 @@ class Federation:
         self.max_update_bytes = 2 * raw + (1 << 20)
         self.max_decoder_bytes = 256 << 20
         self.on_round = on_round
+        self.metrics = metrics if metrics is not None else Metrics("aggregator")
+        self.metrics.track_active(self._active_count)
+        self.up_codec, self.down_codec = str(self.up_chain), str(self.down_chain)
 
         self._cond = threading.Condition()
         self._collaborators: dict[str, Collaborator] = {}
@@ -142,6 +147,10 @@ class Federation:
 
     def active_ids(self) -> set[str]:
         return {c.id for c in self._collaborators.values() if c.active}
+
+    def _active_count(self) -> int:
+        with self._cond:
+            return len(self.active_ids())
 
     def join(self, name: str, num_samples: int) -> JoinResult:
         if len(name) > MAX_NAME_LEN:
@@ -201,6 +210,7 @@ class Federation:
                         rnd.sent[collab.id] = payload
                     rnd.bytes["down_raw"] += self.layout.raw_bytes
                     rnd.bytes["down_wire"] += payload_wire_size(payload)
+                    self.metrics.record_transfer("down", self.down_codec, collab.id, raw=self.layout.raw_bytes, wire=payload_wire_size(payload))
                     return Task("TRAIN", round=rnd.number, model=payload)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -212,6 +222,7 @@ class Federation:
         if not self.down_chain.stateful and self._down_cache is not None and self._down_cache[0] == round_number:
             return self._down_cache[1]
         encoded = self.down_chain.encode(self.global_model, self.layout, collab.down_state)
+        self.metrics.record_encode("down", self.down_codec, encoded.stats)
         payload = WirePayload(data=encoded.data, fingerprint=self.down_fingerprint)
         if not self.down_chain.stateful:
             self._down_cache = (round_number, payload)
@@ -240,7 +251,9 @@ class Federation:
             with collab.lock:
                 payload = payload_from_bytes(payload_blob)
                 chain, layout = payload.resolve(self.up_chain, self.layout)
+                t0 = time.perf_counter()
                 update = chain.decode(payload.data, layout, collab.up_state)
+                self.metrics.record_decode("up", self.up_codec, time.perf_counter() - t0)
         except CodecError as exc:
             with self._cond:
                 rnd.receiving.discard(collab.id)
@@ -254,6 +267,7 @@ class Federation:
             rnd.submitted.add(collab.id)
             rnd.bytes["up_raw"] += self.layout.raw_bytes
             rnd.bytes["up_wire"] += wire
+            self.metrics.record_transfer("up", self.up_codec, collab.id, raw=self.layout.raw_bytes, wire=wire)
             collab.num_samples = num_samples
             self._cond.notify_all()
         log.debug("update from %s for round %d: %d bytes", collab.id, round_number, wire)
@@ -295,6 +309,7 @@ class Federation:
             record = self._run_round(number, stop)
             self.report.rounds.append(record)
             self.report.write()
+            self.metrics.record_round(record, self.report.summary())
             if self.on_round is not None:
                 self.on_round(record)
         with self._cond:

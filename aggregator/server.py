@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fedsqueeze.metrics import Metrics
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
@@ -47,9 +48,10 @@ class AggregatorServer:
         on_round: Callable[[RoundRecord], None] | None = None,
         max_workers: int = 32,
         linger_s: float = 15.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.linger_s = linger_s
-        self.federation = Federation(plan, report_path=report_path, on_round=on_round)
+        self.federation = Federation(plan, report_path=report_path, on_round=on_round, metrics=metrics)
         # Messages: the downlink model in one response, uplink chunks of at most MAX_CHUNK.
         max_message = max(MAX_CHUNK + (1 << 16), 2 * self.federation.layout.raw_bytes + (1 << 20))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message))

@@ -23,22 +23,33 @@ log = logging.getLogger("fedsqueeze.aggregator")
 F = TypeVar("F", bound=Callable[..., Any])
 
 MAX_CHUNK = 4 << 20
+# RPCs that carry a message counted in fedsqueeze_messages_total by status: (direction, type).
+_MESSAGES = {"SubmitUpdate": ("up", "update"), "UploadDecoder": ("up", "decoder")}
 
 
 def _mapped(method: F) -> F:
     """Turn domain errors into gRPC statuses; anything unexpected becomes INTERNAL, logged."""
+    message = _MESSAGES.get(method.__name__)
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        status = grpc.StatusCode.INTERNAL
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
+            status = grpc.StatusCode.OK
+            return result
         except FederationError as exc:
+            status = exc.code
             context.abort(exc.code, exc.message)
         except CodecError as exc:
+            status = grpc.StatusCode.INVALID_ARGUMENT
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # noqa: BLE001 - the server must keep serving
             log.exception("internal error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            if message is not None and status != grpc.StatusCode.OK:  # accepted ones: Federation.record_transfer
+                self.fed.metrics.record_message(*message, status.name)
 
     return wrapper  # type: ignore[return-value]
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from fedsqueeze.codecs import CodecError
 from fedsqueeze.console import die
+from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.models import ModelError
 from fedsqueeze.plan import PlanError
 from fedsqueeze.tasks import DataError
@@ -22,6 +24,9 @@ from .transport import ConnectError, RemoteError
 def _join(args: argparse.Namespace) -> int:
     from .runner import run_collaborator
 
+    prom = Metrics("collaborator")
+    if args.metrics_port is not None:
+        start_metrics_server(args.metrics_port, prom, args.metrics_host)
     result = run_collaborator(
         args.server,
         data=args.data,
@@ -29,8 +34,11 @@ def _join(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         report_path=Path(args.report) if args.report else None,
         progress=not args.no_progress,
+        prom=prom,
     )
-    print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished")
+    print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished", flush=True)
+    if args.metrics_port is not None and args.metrics_linger > 0:
+        time.sleep(args.metrics_linger)  # let Prometheus scrape the final counts
     return 0
 
 
@@ -49,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--connect-timeout", type=float, default=60.0, help="give up after this many seconds without the aggregator")
     join.add_argument("--report", help="write what this collaborator sent and received (JSON)")
     join.add_argument("--no-progress", action="store_true", help="no progress bar")
+    join.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
+    join.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default: all interfaces)")
+    join.add_argument(
+        "--metrics-linger", type=float, default=0.0, help="with --metrics-port: keep serving metrics this many seconds after the federation ends"
+    )
     join.set_defaults(func=_join)
     return parser
 

@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.codecs import CodecState
+from fedsqueeze.metrics import Metrics
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
 from fedsqueeze.report import write_json_atomic
 from fedsqueeze.tasks import Dataset, load_dataset, parse_data_arg, partition
 from fedsqueeze.training import train_local
 from fedsqueeze.wire import WirePayload
 
-from .transport import FederationClient, Session
+from .transport import FederationClient, RemoteError, Session
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
@@ -73,6 +74,7 @@ def run_collaborator(
     connect_timeout: float = 60.0,
     report_path: Path | None = None,
     progress: bool = True,
+    prom: Metrics | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -87,6 +89,8 @@ def run_collaborator(
         up_chain, down_chain = plan.uplink_chain(), plan.downlink_chain()
         up_fp = up_chain.fingerprint(layout)
         up_state, down_state = CodecState(), CodecState()
+        prom = prom if prom is not None else Metrics("collaborator")
+        me, up_codec, down_codec = session.collaborator_id, str(up_chain), str(down_chain)
         report = CollaboratorReport(report_path, session.collaborator_id)
         log.info("joined as %s: %s", session.collaborator_id, local.description)
 
@@ -112,6 +116,9 @@ def run_collaborator(
             t0 = time.perf_counter()
             chain, _ = task.model.resolve(down_chain, layout)
             global_hat = chain.decode(task.model.data, layout, down_state)
+            prom.record_decode("down", down_codec, time.perf_counter() - t0)
+            prom.record_transfer("down", down_codec, me, raw=layout.raw_bytes, wire=task.wire_bytes)
+            t_train = time.perf_counter()
             set_flat(model, global_hat)
             metrics = train_local(
                 model,
@@ -124,11 +131,18 @@ def run_collaborator(
                 weight_decay=plan.training.weight_decay,
                 seed=plan.seed * 100_003 + task.round * 1009 + session.shard_index,
             )
+            prom.record_training(task.round, time.perf_counter() - t_train, metrics.get("loss"))
             local_vec = get_flat(model)
             x = local_vec - global_hat if plan.uplink.target == "delta" else local_vec
             encoded = up_chain.encode(x, layout, up_state)
+            prom.record_encode("up", up_codec, encoded.stats)
             payload = WirePayload(data=encoded.data, fingerprint=up_fp)
-            wire = client.submit_update(task.round, len(local.y), payload, metrics)
+            try:
+                wire = client.submit_update(task.round, len(local.y), payload, metrics)
+            except RemoteError as exc:
+                prom.record_message("up", "update", exc.code.name)
+                raise
+            prom.record_transfer("up", up_codec, me, raw=layout.raw_bytes, wire=wire)
             trained += 1
             record = {
                 "round": task.round,

@@ -2,6 +2,7 @@
 
     fedsqueeze demo [--collaborators 4] [--rounds 20] [--uplink CHAIN] [--downlink CHAIN]
     fedsqueeze codecs          # list the registered codecs
+    fedsqueeze health --server HOST:PORT   # exit 0 when the aggregator's gRPC health service says SERVING
 """
 
 from __future__ import annotations
@@ -145,6 +146,22 @@ def list_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_health(args: argparse.Namespace) -> int:
+    """Ask the gRPC health service; exit 0 when SERVING (for container and orchestrator health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsqueeze", description="fedsqueeze: compressed federated learning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_ae.set_defaults(func=run_demo_ae)
     codecs = sub.add_parser("codecs", help="list the registered codecs")
     codecs.set_defaults(func=list_codecs)
+    health = sub.add_parser("health", help="check an aggregator through the gRPC health service (exit 0: SERVING)")
+    health.add_argument("--server", default="localhost:50051", help="aggregator address HOST:PORT")
+    health.add_argument("--service", default="", help="service name ('' is the whole server; fedsqueeze.v1.Federation)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.set_defaults(func=check_health)
     return parser
 
 
