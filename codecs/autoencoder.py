@@ -165,7 +165,7 @@ def _quantize(z: np.ndarray, bits: int) -> tuple[float, float, np.ndarray]:
     if not hi > lo:
         return lo, lo, np.zeros(z.shape, np.int64)
     q = np.rint((z - lo) / (hi - lo) * levels)
-    return lo, hi, np.clip(q, 0.0, float(levels)).astype(np.int64)
+    return lo, hi, np.minimum(np.maximum(q, 0.0), float(levels)).astype(np.int64)
 
 
 def _dequantize(q: np.ndarray, lo: float, hi: float, bits: int) -> np.ndarray:
@@ -327,7 +327,7 @@ class Autoencoder(Codec):
         lo, hi = _round_bf16(lo), _round_bf16(hi)
         levels = (1 << self.bits) - 1
         if hi > lo:
-            q = np.clip(np.rint((z - lo) / (hi - lo) * levels), 0.0, float(levels)).astype(np.int64)
+            q = np.minimum(np.maximum(np.rint((z - lo) / (hi - lo) * levels), 0.0), float(levels)).astype(np.int64)
         else:
             q = np.zeros(z.shape, np.int64)
         d = self.decode_latent(state, _dequantize(q, lo, hi, self.bits), n)
@@ -342,7 +342,7 @@ class Autoencoder(Codec):
         if k:
             idx = np.sort(np.argpartition(np.abs(resid), n - k)[n - k :])
             mag = _round_bf16(np.mean(np.abs(resid[idx])))
-            signs = np.less(resid[idx], 0.0).astype(np.uint8)
+            signs = (np.asarray(resid[idx]) < 0).astype(np.uint8)
         else:
             idx, mag, signs = np.zeros(0, np.int64), 0.0, np.zeros(0, np.uint8)
         b = rice_parameter(k, n)

@@ -1,0 +1,246 @@
+"""Sparsifiers: `topk`, `randk`, `prune` (magnitude pruning, seed 003) and `stc`.
+
+Each keeps k of the n entries. The positions travel in the side header, Golomb-Rice coded near
+log2 C(n, k) bits (`positions.py`); `randk` sends only a seed instead. The kept values go on to
+the next stage as a float32 array of length k (a quantizer or entropy coder may follow); `stc`
+sends signs only, with one shared magnitude. Decoding yields the dense vector, zeros elsewhere.
+
+`scope="layer"` selects per tensor (needs the dense model, so the stage must come before other
+sparsifiers); `scope="global"` selects over the whole vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .base import (
+    ArraySpec,
+    Codec,
+    Data,
+    SideReader,
+    SideWriter,
+    Spec,
+    StageState,
+    register_codec,
+    require_array_spec,
+)
+from .errors import CodecError
+from .positions import decode_positions, encode_positions
+
+
+def _count(n: int, fraction: float, count: int | None) -> int:
+    k = count if count is not None else int(math.ceil(fraction * n))
+    return max(0, min(n, k))
+
+
+def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k >= x.size:
+        return np.arange(x.size, dtype=np.int64)
+    idx = np.argpartition(np.abs(x), x.size - k)[x.size - k :]
+    return np.sort(idx).astype(np.int64)
+
+
+def _select(x: np.ndarray, spec: ArraySpec, keep: float, count: int | None, scope: str, who: str) -> np.ndarray:
+    """Indices of the entries to keep: by magnitude, globally or per layer."""
+    if scope == "global":
+        return _top_indices(x, _count(x.size, keep, count))
+    s = require_array_spec(spec, who, dense_model=True)
+    assert s.layout is not None
+    parts = [sl.start + _top_indices(x[sl], _count(t.numel, keep, None)) for t, sl in s.layout.slices()]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _check_params(who: str, fraction: float, count: int | None, scope: str) -> None:
+    if not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+        raise CodecError(f"{who}: fraction must be in [0, 1], got {fraction!r}")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise CodecError(f"{who}: count must be a non-negative integer, got {count!r}")
+    if scope not in ("global", "layer"):
+        raise CodecError(f"{who}: scope must be 'global' or 'layer', got {scope!r}")
+    if count is not None and scope == "layer":
+        raise CodecError(f"{who}: count applies to scope 'global' only")
+
+
+class _PositionSparsifier(Codec):
+    """Shared machinery: side = varint k | coded positions; y = the k kept values (float32)."""
+
+    def _keep(self) -> tuple[float, int | None, str]:
+        raise NotImplementedError
+
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        s = require_array_spec(spec, self.codec_id)
+        arr = s.check(x, f"{self.codec_id} input")
+        keep, count, scope = self._keep()
+        idx = _select(arr, s, keep, count, scope, self.codec_id)
+        side = SideWriter().varint(idx.size).raw(encode_positions(idx, arr.size)).getvalue()
+        return side, arr[idx].astype(np.float32)
+
+    def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
+        s = require_array_spec(spec, self.codec_id)
+        r = SideReader(side, self.codec_id)
+        k = r.varint()
+        if k > s.count:
+            raise CodecError(f"{self.codec_id}: {k} kept entries out of {s.count}")
+        return decode_positions(r.rest(), s.count, k)
+
+    def output_spec(self, spec: Spec, side: bytes) -> Spec:
+        return ArraySpec(np.float32, int(self._positions(spec, side).size))
+
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+        s = require_array_spec(spec, self.codec_id)
+        idx = self._positions(spec, side)
+        out = np.zeros(s.count, dtype=s.dtype)
+        out[idx] = np.asarray(y, dtype=np.float32)
+        return out
+
+
+@register_codec
+@dataclass
+class TopK(_PositionSparsifier):
+    """Keep the k entries of largest magnitude (`fraction` of n, or `count`)."""
+
+    fraction: float = 0.01
+    count: int | None = None
+    scope: str = "global"
+
+    codec_id: ClassVar[str] = "topk"
+    positional: ClassVar[tuple[str, ...]] = ("fraction",)
+
+    def __post_init__(self) -> None:
+        _check_params("topk", self.fraction, self.count, self.scope)
+
+    def _keep(self) -> tuple[float, int | None, str]:
+        return self.fraction, self.count, self.scope
+
+
+@register_codec
+@dataclass
+class Prune(_PositionSparsifier):
+    """Magnitude pruning (seed 003): zero the `rate` fraction of smallest-magnitude entries."""
+
+    rate: float = 0.9
+    scope: str = "layer"
+
+    codec_id: ClassVar[str] = "prune"
+    positional: ClassVar[tuple[str, ...]] = ("rate",)
+
+    def __post_init__(self) -> None:
+        _check_params("prune", self.rate, None, self.scope)
+
+    def _keep(self) -> tuple[float, int | None, str]:
+        return 1.0 - self.rate, None, self.scope
+
+
+@register_codec
+@dataclass
+class RandK(Codec):
+    """Keep k random entries; only a 4-byte seed travels, not the positions.
+
+    With `unbiased`, kept values are scaled by n/k so the decoded vector is an unbiased estimate.
+    """
+
+    fraction: float = 0.01
+    count: int | None = None
+    unbiased: bool = False
+    seed: int = 0
+
+    codec_id: ClassVar[str] = "randk"
+    positional: ClassVar[tuple[str, ...]] = ("fraction",)
+    stateful: ClassVar[bool] = True  # a per-message counter so every message draws new positions
+
+    def __post_init__(self) -> None:
+        _check_params("randk", self.fraction, self.count, "global")
+
+    @staticmethod
+    def _draw(n: int, k: int, message_seed: int) -> np.ndarray:
+        rng = np.random.default_rng(message_seed)
+        return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        s = require_array_spec(spec, "randk")
+        arr = s.check(x, "randk input")
+        counter = int(state.get("counter", np.zeros(1, np.int64))[0])
+        message_seed = (self.seed * 1_000_003 + counter) & 0xFFFFFFFF
+        k = _count(arr.size, self.fraction, self.count)
+        idx = self._draw(arr.size, k, message_seed)
+        values = arr[idx].astype(np.float32)
+        if self.unbiased and k:
+            values *= np.float32(arr.size / k)
+        return SideWriter().u32(message_seed).varint(k).getvalue(), values
+
+    def _read(self, spec: Spec, side: bytes) -> tuple[int, int]:
+        s = require_array_spec(spec, "randk")
+        r = SideReader(side, "randk")
+        message_seed, k = r.u32(), r.varint()
+        r.finish()
+        if k > s.count:
+            raise CodecError(f"randk: {k} kept entries out of {s.count}")
+        return message_seed, k
+
+    def output_spec(self, spec: Spec, side: bytes) -> Spec:
+        return ArraySpec(np.float32, self._read(spec, side)[1])
+
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+        s = require_array_spec(spec, "randk")
+        message_seed, k = self._read(spec, side)
+        out = np.zeros(s.count, dtype=s.dtype)
+        out[self._draw(s.count, k, message_seed)] = np.asarray(y, dtype=np.float32)
+        return out
+
+    def update(self, state: StageState, event: object) -> None:
+        counter = int(state.get("counter", np.zeros(1, np.int64))[0])
+        state["counter"] = np.array([counter + 1], dtype=np.int64)
+
+
+@register_codec
+@dataclass
+class STC(Codec):
+    """Sparse Ternary Compression (Sattler et al. 2019): top-k, then +-mu with mu the mean |kept|.
+
+    side: varint k | f32 mu | coded positions; y: k sign symbols in {0: negative, 1: positive}.
+    """
+
+    fraction: float = 0.01
+    count: int | None = None
+
+    codec_id: ClassVar[str] = "stc"
+    positional: ClassVar[tuple[str, ...]] = ("fraction",)
+
+    def __post_init__(self) -> None:
+        _check_params("stc", self.fraction, self.count, "global")
+
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        s = require_array_spec(spec, "stc")
+        arr = s.check(x, "stc input")
+        idx = _top_indices(arr, _count(arr.size, self.fraction, self.count))
+        kept = arr[idx]
+        mu = float(np.mean(np.abs(kept))) if kept.size else 0.0
+        side = SideWriter().varint(idx.size).f32(mu).raw(encode_positions(idx, arr.size)).getvalue()
+        return side, (kept > 0).astype(np.int8)
+
+    def _read(self, spec: Spec, side: bytes) -> tuple[float, np.ndarray]:
+        s = require_array_spec(spec, "stc")
+        r = SideReader(side, "stc")
+        k = r.varint()
+        mu = r.f32()
+        if k > s.count:
+            raise CodecError(f"stc: {k} kept entries out of {s.count}")
+        if not math.isfinite(mu) or mu < 0:
+            raise CodecError("stc: magnitude is not a finite non-negative number")
+        return mu, decode_positions(r.rest(), s.count, k)
+
+    def output_spec(self, spec: Spec, side: bytes) -> Spec:
+        return ArraySpec(np.int8, int(self._read(spec, side)[1].size), symbols=(0, 1))
+
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+        s = require_array_spec(spec, "stc")
+        mu, idx = self._read(spec, side)
+        out = np.zeros(s.count, dtype=s.dtype)
+        out[idx] = np.where(np.asarray(y) > 0, np.float32(mu), np.float32(-mu))
+        return out
