@@ -1,10 +1,12 @@
 """`qsgd`: QSGD (Alistarh et al. 2017), `levels` s, scaled by the norm, stochastic and unbiased.
 
-Each entry becomes sign(x) * l / s * ||x|| with l in {0..s} drawn so that E[x_hat] = x. With the
-dense model the norm is per layer (`per_layer`), otherwise of the whole input. The seed travels
-in the header.
+Each entry becomes sign(x) * l / s * ||x|| with l in {0..s} drawn so that E[x_hat] = x. The norm
+is taken per bucket of `bucket` consecutive entries, as in the paper: the variance grows with the
+bucket's dimension, so a norm over millions of entries would round almost everything to zero.
+`bucket=0` uses one norm per layer (`per_layer`, dense model) or for the whole input. The seed
+travels in the header.
 
-side: u32 seed | f32 norm per group
+side: u32 seed | f32 norm per bucket
 y:    symbols sign * l in [-s, s]
 """
 
@@ -35,6 +37,7 @@ from .quantize import group_bounds, segment_ids
 @dataclass
 class QSGD(Codec):
     levels: int = 4
+    bucket: int = 512
     per_layer: bool = False
 
     codec_id: ClassVar[str] = "qsgd"
@@ -43,8 +46,12 @@ class QSGD(Codec):
     def __post_init__(self) -> None:
         if not isinstance(self.levels, int) or isinstance(self.levels, bool) or not 1 <= self.levels <= 32767:
             raise CodecError(f"qsgd: levels must be an integer in [1, 32767], got {self.levels!r}")
+        if not isinstance(self.bucket, int) or isinstance(self.bucket, bool) or self.bucket < 0:
+            raise CodecError(f"qsgd: bucket must be a non-negative integer, got {self.bucket!r}")
 
     def _bounds(self, spec: ArraySpec) -> np.ndarray:
+        if self.bucket:
+            return np.append(np.arange(0, spec.count, self.bucket, dtype=np.int64), spec.count)
         return group_bounds(spec, "layer" if self.per_layer else "tensor", "qsgd")
 
     @property

@@ -96,7 +96,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"collaborators {failed} failed: see {out}/collaborator-<i>.log", file=sys.stderr)
         if code != 0:
             print(f"the aggregator exited with {code}: see {out / 'aggregator.log'}", file=sys.stderr)
-        if getattr(args, "ae", False) and code == 0 and report_path.exists():
+        if code == 0 and report_path.exists() and not args.no_baseline and not _is_uncompressed(plan):
             _add_baseline(plan, report_path)
         print(f"report: {report_path}")
         return 0 if code == 0 and not failed else 1
@@ -104,6 +104,10 @@ def run_demo(args: argparse.Namespace) -> int:
         for proc in [agg, *collaborators]:
             if proc.poll() is None:
                 proc.terminate()
+
+
+def _is_uncompressed(plan: Plan) -> bool:
+    return str(plan.uplink_chain()) == "identity" and str(plan.downlink_chain()) == "identity" and not plan.prepass.enabled
 
 
 def _add_baseline(plan: Plan, report_path: Path) -> None:
@@ -126,10 +130,11 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
 
     write_json_atomic(report_path, report)
     acc = s["final_accuracy"]
-    print(f"AE accuracy      : {acc:.2%}   uncompressed baseline (same seed): {base['final_accuracy']:.2%}   "
+    print(f"accuracy         : {acc:.2%}   uncompressed FedAvg baseline (same seed): {base['final_accuracy']:.2%}   "
           f"difference {100 * (acc - base['final_accuracy']):+.2f} pp")  # fmt: skip
+    decoders = f"; decoders uploaded: {human_bytes(s['decoder'])}" if s["decoder"] else ""
     print(f"uplink / message : {s['up_wire_per_message']:.1f} wire bytes of {report['model']['raw_bytes']:,} "
-          f"({s['up_ratio_per_message']:.0f}x); decoders uploaded: {human_bytes(s['decoder'])}")  # fmt: skip
+          f"({s['up_ratio_per_message']:.0f}x){decoders}")  # fmt: skip
 
 
 def run_demo_ae(args: argparse.Namespace) -> int:
@@ -176,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     demo.add_argument("--ae", action="store_true", help="the autoencoder federation: prepass, decoder uploads, AE rounds, baseline")
     demo.add_argument("--paper", action="store_true", help="with --ae: the paper's literal method (weights through a FC AE)")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the in-process uncompressed run with the same seed")
     demo.set_defaults(func=run_demo)
     demo_ae = sub.add_parser("demo-ae", help="the autoencoder demo: same as `demo --ae`", parents=[], add_help=True)
     for a in demo._actions[1:]:

@@ -26,6 +26,10 @@ from typing import Any, TypeVar
 from fedsqueeze.codecs import CodecError, Pipeline
 
 
+DEFAULT_UPLINK = "ef | topk:0.01 | quantize:4 | entropy"
+DEFAULT_DOWNLINK = "residual | topk:0.05 | quantize:8 | entropy"
+
+
 class PlanError(ValueError):
     """The plan is malformed; the message names the field."""
 
@@ -55,22 +59,25 @@ class CollaboratorsSpec:
 
 @dataclass
 class TrainingSpec:
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
+    lr: float = 0.05
+    momentum: float = 0.9
     weight_decay: float = 0.0
 
 
 @dataclass
 class UplinkSpec:
-    chain: Any = "identity"  # chain string or list of codec configs
+    # chain string or list of codec configs; the default: top-1 % with error feedback, 4-bit, range coded
+    chain: Any = DEFAULT_UPLINK
     target: str = "delta"  # what is encoded: "delta" (local - global) or "weights" (the local model)
 
 
 @dataclass
 class DownlinkSpec:
-    chain: Any = "identity"  # encodes the global model; a `residual` stage sends only what changed
+    # encodes the global model; the default sends the sparsified, quantized change against the model
+    # the collaborator already has (ResFed), which also corrects last round's downlink error
+    chain: Any = DEFAULT_DOWNLINK
 
 
 @dataclass

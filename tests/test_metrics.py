@@ -79,7 +79,9 @@ def test_endpoint_serves_the_registry_on_a_free_port() -> None:
 
 @pytest.fixture
 def server():
-    plan = Plan.from_json({"rounds": 2, "collaborators": {"min": 1}, "round_timeout_s": 30})
+    plan = Plan.from_json(
+        {"rounds": 2, "collaborators": {"min": 1}, "round_timeout_s": 30, "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}
+    )
     srv = AggregatorServer(plan, host="127.0.0.1", port=0, metrics=Metrics("aggregator")).start()
     yield srv
     srv.stop(grace=0.1)

@@ -19,7 +19,9 @@ from fedsqueeze.wire import WirePayload, payload_to_proto
 
 @pytest.fixture
 def server():
-    plan = Plan.from_json({"rounds": 2, "collaborators": {"min": 1}, "round_timeout_s": 30})
+    plan = Plan.from_json(
+        {"rounds": 2, "collaborators": {"min": 1}, "round_timeout_s": 30, "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}
+    )
     srv = AggregatorServer(plan, host="127.0.0.1", port=0).start()
     yield srv
     srv.stop(grace=0.1)
