@@ -46,13 +46,13 @@ SINGLE = [
     "powersgd:2",
 ]
 RECOMMENDED = [
-    "topk:0.01 | qsgd:4 | entropy",
     "topk:0.01 | quantize:4 | entropy",
+    "topk:0.01 | qsgd:4 | entropy",
     "stc:0.01 | entropy",
     "topk:0.001 | qsgd:2 | entropy",
     "powersgd:1 | fp16 | zstd:1",
 ]
-DEFAULT_LOSSY = "topk:0.01 | qsgd:4 | entropy"
+DEFAULT_LOSSY = "topk:0.01 | quantize:4 | entropy"  # the default uplink chain without its `ef` stage
 
 
 @dataclass

@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 
 from fedsqueeze.codecs import CodecError, Pipeline
 
-
 DEFAULT_UPLINK = "ef | topk:0.01 | quantize:4 | entropy"
 DEFAULT_DOWNLINK = "residual | topk:0.05 | quantize:8 | entropy"
 
