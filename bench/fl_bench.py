@@ -1,0 +1,474 @@
+"""Communication to target accuracy: rounds and wire bytes per codec chain, against plain FedAvg and Flower.
+
+    python -m bench.fl_bench [--quick] [--seeds 0,1,2] [--rounds 100] [--jobs 2] [--out docs/benchmarks.md]
+
+Protocol (issue 7): MNIST-1D (and digits), `mlp` with hidden [384, 128] (66,314 parameters on
+MNIST-1D, 75,530 on digits), 100 collaborators, Dirichlet alpha = 0.5 (and 0.1), 10 collaborators
+per round, 1 local epoch (batch 32, SGD lr 0.05, momentum 0.9), seeds 0, 1, 2.
+
+Every run drives the production `Federation` in-process (`bench.inprocess`): the same codec
+chains, CodecStates, training function and streaming FedAvg as `aggregator serve` with
+`collaborator join` processes, and byte counts that are the serialized `Payload` sizes (checked
+against a real gRPC run by `bench.grpc_check`).
+
+Target: the accuracy plain FedAvg (identity chains) reaches by the last round (the mean over seeds of
+its mean accuracy over the last 5 rounds, which smooths round-to-round noise), minus 1 pp. A run's
+rounds to target is the first round whose accuracy is >= target; its bytes to target are everything
+that travelled up to and including that round: prepass model downloads and decoder uploads included.
+
+Chains are data (`CHAINS`): a chain whose codec is not registered in this checkout is reported and
+skipped. Results per run are cached as JSON under runs/bench/fl/ (`--reuse` reads them back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import replace_section
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWER_PY = ROOT / "bench" / "flower" / ".venv" / "bin" / "python"
+CACHE = ROOT / "runs" / "bench" / "fl"
+MODEL = {"name": "mlp", "args": {"hidden": [384, 128]}}
+TRAINING = {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+
+DEFAULT_DOWN = "residual | topk:0.05 | quantize:8 | entropy"
+R1, R2 = "residual | topk:0.01 | quantize:4 | entropy", "residual | topk:0.02 | quantize:4 | entropy"
+AE_BASE = {"enabled": True, "epochs": 3, "snapshot_every": "batch", "what": "update", "variant": "chunked", "chunk": 1024,
+           "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 10, "ae_lr": 0.001}  # fmt: skip
+
+
+@dataclass
+class Chain:
+    name: str
+    up: str
+    down: str = "identity"
+    prepass: dict[str, Any] | None = None
+    group: str = "main"  # main: the issue's list | search: candidates for the best chain
+    settings: tuple[str, ...] = ("mnist1d-a0.5",)  # where it runs; "*": everywhere
+    max_seeds: int = 0  # run only the first N seeds (0: all); the AE rows, whose prepass is slow on 2 cores
+
+
+# The issue's list, then the search for the best chain. Uplink-only rows keep the downlink uncompressed.
+CHAINS: list[Chain] = [
+    Chain("FedAvg (identity)", "identity", "identity", settings=("*",)),
+    Chain("fp16", "fp16", "fp16"),
+    Chain("top-k 1% + EF", "ef | topk:0.01"),
+    Chain("STC 1% + EF", "ef | stc:0.01 | entropy"),
+    Chain("QSGD 4 levels", "qsgd:4 | entropy"),
+    Chain("sign + EF", "ef | sign"),
+    Chain("PowerSGD rank 2 + EF", "ef | powersgd:2"),
+    Chain("ResFed (default chains)", "ef | topk:0.01 | quantize:4 | entropy", DEFAULT_DOWN, settings=("*",)),
+    # The AE trains an autoencoder per collaborator in the prepass (100 of them): chunked only, 1 seed, short AE training.
+    Chain("AE chunked, per-collaborator decoder", "ae", "identity", {**AE_BASE, "decoder": "per_collaborator"}, max_seeds=1),
+    Chain("AE chunked, shared decoder", "ae", "identity", {**AE_BASE, "decoder": "shared"}, max_seeds=1),
+    # search: sparser uplinks with EF, residual + sparse + quantized downlinks
+    Chain("S1 up top-k 0.1% q4 / down res top-k 1% q4", "ef | topk:0.001 | quantize:4 | entropy", R1, group="search", settings=("*",)),
+    Chain("S2 up top-k 0.2% q4 / down res top-k 2% q4", "ef | topk:0.002 | quantize:4 | entropy", R2, group="search", settings=("*",)),
+    Chain("S3 up top-k 0.5% q4 / down res top-k 2% q4", "ef | topk:0.005 | quantize:4 | entropy", R2, group="search"),
+    Chain("S4 up STC 0.2% / down res top-k 2% q4", "ef | stc:0.002 | entropy", R2, group="search"),
+    Chain("S5 up top-k 0.1% q2 / down res top-k 1% q4", "ef | topk:0.001 | quantize:2 | entropy", R1, group="search"),
+    Chain("S7 up top-k 0.2% q4 / down res top-k 5% q4", "ef | topk:0.002 | quantize:4 | entropy",
+          "residual | topk:0.05 | quantize:4 | entropy", group="search", settings=("*",)),
+    Chain("S8 up top-k 0.1% q4 / down identity", "ef | topk:0.001 | quantize:4 | entropy", "identity", group="search"),
+    Chain("S6 up top-k 0.2% q4 / down res(linear) top-k 2% q4", "ef | topk:0.002 | quantize:4 | entropy",
+          "residual:linear | topk:0.02 | quantize:4 | entropy", group="search"),
+]
+
+
+@dataclass
+class Setting:
+    key: str
+    dataset: str
+    alpha: float
+
+
+SETTINGS = [Setting("mnist1d-a0.5", "mnist1d", 0.5), Setting("mnist1d-a0.1", "mnist1d", 0.1), Setting("digits-a0.5", "digits", 0.5)]
+
+
+@dataclass
+class Config:
+    rounds: int = 100
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    collaborators: int = 100
+    per_round: int = 10
+    smooth: int = 5
+
+
+def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[str, Any]:
+    plan: dict[str, Any] = {
+        "task": {"dataset": setting.dataset, "partition": "dirichlet", "alpha": setting.alpha},
+        "model": MODEL,
+        "rounds": cfg.rounds,
+        "seed": seed,
+        "collaborators": {"min": cfg.collaborators, "fraction": cfg.per_round / cfg.collaborators, "min_per_round": cfg.per_round},
+        "training": TRAINING,
+        "uplink": {"chain": chain.up, "target": "delta"},
+        "downlink": {"chain": chain.down},
+    }
+    if chain.prepass is not None:
+        plan["prepass"] = chain.prepass
+    return plan
+
+
+def check_chain(chain: Chain) -> str | None:
+    """None when every codec of the chain exists here; otherwise why it is skipped."""
+    from fedsqueeze.plan import Plan, PlanError
+
+    try:
+        Plan.from_json(plan_json(SETTINGS[0], chain, 0, Config(rounds=1)))
+    except (PlanError, Exception) as exc:  # noqa: BLE001 - any failure to build the chain means skip
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def cache_path(setting: Setting, chain: Chain, seed: int, cfg: Config) -> Path:
+    plan = json.dumps(plan_json(setting, chain, seed, cfg), sort_keys=True)
+    import hashlib
+
+    digest = hashlib.sha256(plan.encode()).hexdigest()[:16]
+    return CACHE / f"{setting.key}-s{seed}-{digest}.json"
+
+
+def run_one(args: tuple[Setting, Chain, int, Config]) -> dict[str, Any]:
+    """One federation in-process; returns per-round accuracy and bytes (also written to the cache)."""
+    from fedsqueeze.plan import Plan
+
+    from .inprocess import run_plan
+
+    setting, chain, seed, cfg = args
+    plan = Plan.from_json(plan_json(setting, chain, seed, cfg))
+    res = run_plan(plan)
+    out = {
+        "setting": setting.key,
+        "chain": chain.name,
+        "seed": seed,
+        "seconds": res.seconds,
+        "encode_seconds": res.encode_seconds,
+        "train_seconds": res.train_seconds,
+        "prepass_bytes": res.prepass_bytes,
+        "parameters": res.report["model"]["parameters"],
+        "raw_bytes": res.report["model"]["raw_bytes"],
+        "rounds": [{"round": r["round"], "accuracy": r["accuracy"], **r["bytes"]} for r in res.rounds],
+    }
+    path = cache_path(setting, chain, seed, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
+# -- Flower ----------------------------------------------------------------------------------------------
+def selection(seed: int, rounds: int, n: int, per_round: int) -> np.ndarray:
+    """The shards Federation._select picks each round (ids sort in join order = shard order)."""
+    k = min(n, max(per_round, math.ceil((per_round / n) * n)))
+    return np.stack([np.sort(np.random.default_rng([seed, r]).choice(n, size=k, replace=False)) for r in range(1, rounds + 1)])
+
+
+def run_flower(setting: Setting, seed: int, cfg: Config) -> dict[str, Any] | None:
+    import torch
+
+    from fedsqueeze.models import build_model
+    from fedsqueeze.tasks import load_dataset, partition
+
+    if not FLOWER_PY.exists():
+        return None
+    data = load_dataset(setting.dataset, None, seed)
+    shards = partition(data.y_train, cfg.collaborators, "dirichlet", setting.alpha, seed)
+    model = build_model(MODEL["name"], data.input_shape, data.num_classes, MODEL["args"], seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        task, model_file, out = Path(tmp, "task.npz"), Path(tmp, "model.pt"), Path(tmp, "out.json")
+        np.savez(task, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
+                 shard_indices=np.concatenate(shards), shard_offsets=np.cumsum([0] + [len(s) for s in shards]),
+                 selection=selection(seed, cfg.rounds, cfg.collaborators, cfg.per_round),
+                 meta=json.dumps({**TRAINING, "seed": seed}))  # fmt: skip
+        torch.save(model, model_file)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        proc = subprocess.run([str(FLOWER_PY), str(ROOT / "bench/flower/flower_fedavg.py"), str(task), str(model_file), str(out)],
+                              capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            raise RuntimeError(f"flower run failed for {setting.key} seed {seed}")
+        result: dict[str, Any] = json.loads(out.read_text())
+    result.update(setting=setting.key, seed=seed)
+    return result
+
+
+# -- analysis --------------------------------------------------------------------------------------------
+def smoothed_final(rounds: list[dict[str, Any]], k: int) -> float:
+    return float(np.mean([r["accuracy"] for r in rounds[-k:]]))
+
+
+def to_target(run: dict[str, Any], target: float) -> dict[str, Any] | None:
+    """Rounds and cumulative bytes up to the first round at or above the target."""
+    pre = run.get("prepass_bytes") or {}
+    up = pre.get("up_wire", 0)
+    down = pre.get("down_wire", 0)
+    dec = pre.get("decoder", 0)
+    for r in run["rounds"]:
+        up += r.get("up_wire", r.get("up_bytes", 0))
+        down += r.get("down_wire", r.get("down_bytes", 0))
+        dec += r.get("decoder", 0)
+        if r["accuracy"] >= target:
+            return {"rounds": r["round"], "up": up + dec, "down": down, "decoder": dec}
+    return None
+
+
+def cumulative(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pre = run.get("prepass_bytes") or {}
+    up = np.cumsum([r.get("up_wire", r.get("up_bytes", 0)) + r.get("decoder", 0) for r in run["rounds"]]) + pre.get("up_wire", 0) + pre.get("decoder", 0)
+    down = np.cumsum([r.get("down_wire", r.get("down_bytes", 0)) for r in run["rounds"]]) + pre.get("down_wire", 0)
+    acc = np.array([r["accuracy"] for r in run["rounds"]])
+    return up, down, acc
+
+
+def fmt_bytes(b: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def fmt_ratio(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}x"
+    return f"{x:.3g}x"
+
+
+def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[dict[str, Any]], cfg: Config,
+              skipped: dict[str, str]) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+    base = runs.get(CHAINS[0].name, [])
+    ref = statistics.mean(smoothed_final(r["rounds"], cfg.smooth) for r in base)
+    target = ref - 0.01
+    flower_tt = [to_target(f, target) for f in flower]
+    flower_ok = [t for t in flower_tt if t is not None]
+    fl_up = statistics.mean(t["up"] for t in flower_ok) if flower_ok else float("nan")
+    fl_down = statistics.mean(t["down"] for t in flower_ok) if flower_ok else float("nan")
+    lines = [
+        f"**{setting.key}**: {setting.dataset}, Dirichlet alpha = {setting.alpha}. FedAvg's accuracy by round {cfg.rounds} "
+        f"(mean of the last {cfg.smooth} rounds, mean of {len(base)} seeds): {100 * ref:.2f} %; **target {100 * target:.2f} %**.",
+        "",
+        "| chain | uplink | downlink | seeds at target | rounds to target | uplink bytes to target | downlink bytes to target | "
+        "up ÷ Flower | down ÷ Flower | Flower ÷ ours (up / down) | final accuracy | sim s/run |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    summary: dict[str, Any] = {"target": target, "reference": ref, "rows": []}
+    if flower:
+        f_final = [f["rounds"][-1]["accuracy"] for f in flower]
+        rt = [t["rounds"] for t in flower_ok]
+        lines.append(
+            f"| **Flower FedAvg** (flwr {flower[0].get('flwr')}, `ndarrays_to_parameters`) | .npy per tensor | .npy per tensor | "
+            f"{len(flower_ok)}/{len(flower)} | {statistics.mean(rt):.1f} | {fmt_bytes(fl_up)} | {fmt_bytes(fl_down)} | 1 | 1 | 1 / 1 | "
+            f"{100 * statistics.mean(f_final):.2f} % | {statistics.mean(f['seconds'] for f in flower):.0f} |"
+            if rt else f"| Flower FedAvg | | | 0/{len(flower)} | - | - | - | | | | |"
+        )
+    for chain in CHAINS:
+        if chain.name in skipped and setting.key == SETTINGS[0].key:
+            lines.append(f"| {chain.name} | `{chain.up}` | `{chain.down}` | skipped: {skipped[chain.name][:80]} | | | | | | | | |")
+            continue
+        rs = runs.get(chain.name)
+        if not rs:
+            continue
+        tts = [to_target(r, target) for r in rs]
+        ok = [t for t in tts if t is not None]
+        final = [r["rounds"][-1]["accuracy"] for r in rs]
+        row: dict[str, Any] = {"chain": chain.name, "up_chain": chain.up, "down_chain": chain.down, "group": chain.group,
+                               "reached": len(ok), "seeds": len(rs), "final": statistics.mean(final)}  # fmt: skip
+        if ok:
+            up = statistics.mean(t["up"] for t in ok)
+            down = statistics.mean(t["down"] for t in ok)
+            rounds = statistics.mean(t["rounds"] for t in ok)
+            row.update(rounds=rounds, up=up, down=down, decoder=statistics.mean(t["decoder"] for t in ok))
+            if flower_ok:
+                row.update(up_vs_flower=up / fl_up, down_vs_flower=down / fl_down)
+            rest = (
+                f"{rounds:.1f} | {fmt_bytes(up)} | {fmt_bytes(down)} | "
+                + (f"{up / fl_up:.2e} | {down / fl_down:.2e} | {fmt_ratio(fl_up / up)} / {fmt_ratio(fl_down / down)}" if flower_ok else "- | - | -")
+            )
+        else:
+            rest = "not reached | - | - | - | - | -"
+        summary["rows"].append(row)
+        name = f"**{chain.name}**" if chain.group == "main" else chain.name
+        lines.append(
+            f"| {name} | `{chain.up}` | `{chain.down}` | {len(ok)}/{len(rs)} | {rest} | "
+            f"{100 * statistics.mean(final):.2f} ± {100 * (statistics.pstdev(final)):.1f} % | {statistics.mean(r['seconds'] for r in rs):.0f} |"
+        )
+    return lines, summary
+
+
+def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[dict[str, Any]], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+    series = [(c.name, runs[c.name]) for c in CHAINS if runs.get(c.name)]
+    if flower:
+        series.insert(0, ("Flower FedAvg", flower))
+    for name, rs in series:
+        ups, downs, accs = zip(*(cumulative(r) for r in rs), strict=True)
+        n = min(len(a) for a in accs)
+        up = np.mean([u[:n] for u in ups], axis=0)
+        down = np.mean([d[:n] for d in downs], axis=0)
+        acc = np.mean([a[:n] for a in accs], axis=0)
+        style = {"linestyle": "--", "color": "black"} if name.startswith("Flower") else {}
+        axes[0].plot(up, acc, label=name, linewidth=1.2, **style)
+        axes[1].plot(down, acc, label=name, linewidth=1.2, **style)
+    for ax, what in zip(axes, ("uplink (decoder uploads included)", "downlink"), strict=True):
+        ax.set_xscale("log")
+        ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(f"cumulative {what} wire bytes, all collaborators")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean over seeds)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Accuracy vs cumulative bytes: {setting.key} (dotted: target)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="development: 15 rounds, 1 seed, 20 collaborators (5 per round), main setting only")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--seeds")
+    parser.add_argument("--collaborators", type=int)
+    parser.add_argument("--per-round", type=int)
+    parser.add_argument("--settings", help="comma-separated setting keys (default: all)")
+    parser.add_argument("--chains", help="comma-separated substrings of chain names to run (FedAvg always runs)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--reuse", action="store_true", help="read cached runs from runs/bench/fl/ when present")
+    parser.add_argument("--no-flower", action="store_true")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--plots", default="docs")
+    args = parser.parse_args(argv)
+    cfg = Config()
+    settings = SETTINGS
+    if args.quick:
+        cfg = Config(rounds=15, seeds=[0], collaborators=20, per_round=5)
+        settings = SETTINGS[:1]
+    if args.rounds:
+        cfg.rounds = args.rounds
+    if args.seeds:
+        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.collaborators:
+        cfg.collaborators = args.collaborators
+    if args.per_round:
+        cfg.per_round = args.per_round
+    if args.settings:
+        settings = [s for s in SETTINGS if s.key in args.settings.split(",")]
+    wanted = [w.strip() for w in args.chains.split(",")] if args.chains else None
+    skipped = {c.name: why for c in CHAINS if (why := check_chain(c)) is not None}
+    for name, why in skipped.items():
+        print(f"skip {name}: {why}")
+    jobs: list[tuple[Setting, Chain, int, Config]] = []
+    for s in settings:
+        for c in CHAINS:
+            if c.name in skipped or not ("*" in c.settings or s.key in c.settings):
+                continue
+            if wanted and c is not CHAINS[0] and not any(w in c.name for w in wanted):
+                continue
+            seeds = cfg.seeds[: c.max_seeds] if c.max_seeds else cfg.seeds
+            jobs.extend((s, c, seed, cfg) for seed in seeds)
+    results: list[dict[str, Any]] = []
+    todo = []
+    for j in jobs:
+        p = cache_path(j[0], j[1], j[2], cfg)
+        if args.reuse and p.exists():
+            results.append(json.loads(p.read_text()))
+        else:
+            todo.append(j)
+    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} cached), {args.jobs} processes")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for out in pool.map(run_one, todo):
+            r = out["rounds"][-1]
+            print(f"  {out['setting']:<13} {out['chain']:<42} seed {out['seed']}  final {100 * r['accuracy']:.1f} %  {out['seconds']:.0f} s", flush=True)
+            results.append(out)
+    flower: dict[str, list[dict[str, Any]]] = {}
+    if not args.no_flower:
+        if not FLOWER_PY.exists():
+            print("Flower venv missing (make flower-venv): the Flower columns are left out")
+        else:
+            for s in settings:
+                for seed in cfg.seeds:
+                    f = run_flower(s, seed, cfg)
+                    if f is not None:
+                        flower.setdefault(s.key, []).append(f)
+                        print(f"  flower {s.key} seed {seed}: final {100 * f['rounds'][-1]['accuracy']:.1f} %  {f['seconds']:.0f} s", flush=True)
+    wall = time.perf_counter() - t0
+    body = [
+        f"Command: `{' '.join(['python -m bench.fl_bench', *(argv if argv is not None else sys.argv[1:])])}` "
+        f"({wall / 60:.1f} min wall on this 2-core machine, {args.jobs} processes).",
+        "",
+        f"Protocol: model `mlp` hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), {cfg.collaborators} collaborators, "
+        f"{cfg.per_round} per round, 1 local epoch (batch 32, SGD lr 0.05, momentum 0.9), {cfg.rounds} rounds, seeds {cfg.seeds}. "
+        "Each run drives the production `Federation` in-process (`bench/inprocess.py`): same chains, CodecStates, training "
+        "function and streaming FedAvg as over gRPC, and bytes that are the serialized `Payload` sizes (see the gRPC check). "
+        "Rounds and bytes to target are means over the seeds that reached it; bytes are totals over all collaborators, "
+        "the AE's prepass model downloads and decoder uploads included (uplink column). "
+        "Flower: flwr 1.41 in its own venv (`make flower-venv`), the same data, shards, per-round selection, initial model, "
+        "training function and seeds, `FedAvg.aggregate_fit`; its bytes are the `Parameters` tensors that "
+        "`ndarrays_to_parameters` produces (one .npy per tensor), downlink once per selected client. "
+        "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse.",
+        "",
+    ]
+    summaries = {}
+    for s in settings:
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for r in results:
+            if r["setting"] == s.key:
+                runs.setdefault(r["chain"], []).append(r)
+        if CHAINS[0].name not in runs:
+            continue
+        lines, summary = summarise(s, runs, flower.get(s.key, []), cfg, skipped)
+        summaries[s.key] = summary
+        png = Path(args.plots) / f"bench-fl-{s.key}.png"
+        plot(s, runs, flower.get(s.key, []), summary["target"], png)
+        body += [*lines, "", f"![accuracy vs cumulative bytes, {s.key}]({png.name})", ""]
+        print("\n".join(lines))
+    best_lines = best_verdict(summaries)
+    body = body[:3] + best_lines + [""] + body[3:]
+    print("\n".join(best_lines))
+    replace_section(Path(args.out), "fl-bench", "Communication to target accuracy (vs FedAvg and Flower)", body)
+    Path(CACHE / "summary.json").write_text(json.dumps(summaries, indent=1, default=float))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def best_verdict(summaries: dict[str, Any]) -> list[str]:
+    out = []
+    for key, s in summaries.items():
+        rows = [r for r in s["rows"] if r.get("up_vs_flower") and r["reached"] == r["seeds"] and r["chain"] != CHAINS[0].name]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r["up"] + r["down"])
+        up_x, down_x = 1 / best["up_vs_flower"], 1 / best["down_vs_flower"]
+        goal = "meets" if up_x >= 1000 and down_x >= 100 else "misses"
+        out.append(
+            f"- **Best chain on {key}** (smallest total bytes to target, all seeds at target): {best['chain']}: uplink `{best['up_chain']}`, "
+            f"downlink `{best['down_chain']}`: **{fmt_ratio(up_x)} fewer uplink bytes** and **{fmt_ratio(down_x)} fewer downlink bytes** "
+            f"to target than Flower's FedAvg ({best['rounds']:.1f} rounds; final accuracy {100 * best['final']:.2f} %). "
+            f"Goal (>= 1000x up, >= 100x down): {goal}."
+        )
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
