@@ -1,0 +1,199 @@
+"""Time to accuracy on slow links: aggregator and collaborators in separate network namespaces.
+
+    sudo python -m bench.slowlink [--up-mbit 1] [--down-mbit 10] [--collaborators 4] [--rounds 20] [--out docs/benchmarks.md]
+
+Needs root (`ip netns`, `tc`). Topology, all on this machine and private to it: one namespace for the
+aggregator, one per collaborator; collaborator i is joined to the aggregator by its own veth pair,
+10.200.i.2 <-> 10.200.i.1 (/30). `tc qdisc ... tbf` shapes each collaborator's egress to the uplink
+rate and the aggregator's egress on each pair to the downlink rate. The aggregator (`aggregator serve`)
+and collaborators (`collaborator join`) are the real processes, run with `ip netns exec`. The
+namespaces (and with them the veths) are deleted at the end, also on error or Ctrl-C.
+
+Target: the same plan with identity chains, simulated in-process first (`bench.inprocess`): the mean
+accuracy of its last 3 rounds minus 1 pp. Time to target: the sum of the aggregator's round durations
+(`seconds` in the run report: downlink transfer, decoding, training, encoding, uplink transfer, decoding,
+aggregation, evaluation) up to the first round at or above the target, plus the prepass when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import replace_section
+
+CHAINS = [
+    ("FedAvg (identity)", "identity", "identity"),
+    ("fp16", "fp16", "fp16"),
+    ("sign + EF / fp16", "ef | sign", "fp16"),
+    ("default chains (ResFed)", "ef | topk:0.01 | quantize:4 | entropy", "residual | topk:0.05 | quantize:8 | entropy"),
+    ("top-k 0.2% q4 / res top-k 5% q4", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.05 | quantize:4 | entropy"),
+]
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True)
+
+
+class Topology:
+    def __init__(self, n: int, up_mbit: float, down_mbit: float) -> None:
+        self.tag = f"{os.getpid() % 100000}"
+        self.agg = f"fsqb{self.tag}-agg"
+        self.collabs = [f"fsqb{self.tag}-c{i}" for i in range(n)]
+        self.n, self.up, self.down = n, up_mbit, down_mbit
+
+    def __enter__(self) -> Topology:
+        try:
+            sh("ip", "netns", "add", self.agg)
+            sh("ip", "netns", "exec", self.agg, "ip", "link", "set", "lo", "up")
+            for i, ns in enumerate(self.collabs):
+                a, c = f"vb{self.tag}a{i}", f"vb{self.tag}c{i}"
+                sh("ip", "netns", "add", ns)
+                sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+                sh("ip", "link", "add", a, "type", "veth", "peer", "name", c)
+                sh("ip", "link", "set", a, "netns", self.agg)
+                sh("ip", "link", "set", c, "netns", ns)
+                sh("ip", "netns", "exec", self.agg, "ip", "addr", "add", f"10.200.{i}.1/30", "dev", a)
+                sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.200.{i}.2/30", "dev", c)
+                sh("ip", "netns", "exec", self.agg, "ip", "link", "set", a, "up")
+                sh("ip", "netns", "exec", ns, "ip", "link", "set", c, "up")
+                # Token bucket: the rate, a burst of ~10 ms at that rate (min 16 kbit), 200 ms of queue.
+                for where, dev, rate in ((ns, c, self.up), (self.agg, a, self.down)):
+                    burst = max(16, int(rate * 1000 * 0.01))
+                    sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate}mbit",
+                       "burst", f"{burst}kbit", "latency", "200ms")  # fmt: skip
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def server(self, i: int) -> str:
+        return f"10.200.{i}.1"
+
+    def cleanup(self) -> None:
+        for ns in [self.agg, *self.collabs]:
+            sh("ip", "netns", "del", ns, check=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def make_plan(up: str, down: str, n: int, rounds: int, seed: int) -> dict[str, Any]:
+    return {
+        "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5},
+        "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
+        "rounds": rounds,
+        "seed": seed,
+        "collaborators": {"min": n, "fraction": 1.0, "join_timeout_s": 300},
+        "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+        "uplink": {"chain": up},
+        "downlink": {"chain": down},
+        "round_timeout_s": 600,
+    }
+
+
+def run_federation(topo: Topology, plan: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    plan_path, report = tmp / "plan.json", tmp / "report.json"
+    plan_path.write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    py = sys.executable
+    agg = subprocess.Popen(["ip", "netns", "exec", topo.agg, py, "-m", "fedsqueeze.aggregator", "serve", "--host", "0.0.0.0", "--port", "50051",
+                            "--plan", str(plan_path), "--report", str(report)], stdout=open(tmp / "agg.log", "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    collabs = [
+        subprocess.Popen(["ip", "netns", "exec", ns, py, "-m", "fedsqueeze.collaborator", "join", "--server", f"{topo.server(i)}:50051",
+                          "--no-progress", "--connect-timeout", "120"], stdout=open(tmp / f"c{i}.log", "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        for i, ns in enumerate(topo.collabs)
+    ]
+    try:
+        rc = agg.wait(timeout=1800)
+        for c in collabs:
+            c.wait(timeout=60)
+    finally:
+        for p in [agg, *collabs]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if rc != 0:
+        raise RuntimeError(f"aggregator exited {rc}: {(tmp / 'agg.log').read_text()[-2000:]}")
+    return dict(json.loads(report.read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--up-mbit", type=float, default=1.0)
+    parser.add_argument("--down-mbit", type=float, default=10.0)
+    parser.add_argument("--collaborators", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chains", type=int, default=len(CHAINS), help="the first N chains")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.slowlink needs root (ip netns, tc)", file=sys.stderr)
+        return 2
+    from fedsqueeze.plan import Plan
+
+    from .inprocess import run_plan
+
+    ref = run_plan(Plan.from_json(make_plan("identity", "identity", args.collaborators, args.rounds, args.seed)))
+    accs = [r["accuracy"] for r in ref.rounds]
+    target = sum(accs[-3:]) / 3 - 0.01
+    print(f"target {100 * target:.2f} % (in-process FedAvg, last 3 of {args.rounds} rounds, minus 1 pp)")
+    rows = []
+    with Topology(args.collaborators, args.up_mbit, args.down_mbit) as topo:
+        for name, up, down in CHAINS[: args.chains]:
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                rep = run_federation(topo, make_plan(up, down, args.collaborators, args.rounds, args.seed), Path(d))
+                wall = time.perf_counter() - t0
+            pre = rep.get("prepass", {})
+            elapsed, hit = 0.0, None
+            for r in rep["rounds"]:
+                elapsed += r["seconds"]
+                if r["accuracy"] >= target:
+                    hit = (r["round"], elapsed)
+                    break
+            n = len(rep["rounds"])
+            per_round = sum(r["seconds"] for r in rep["rounds"]) / n
+            up_msg = sum(r["bytes"]["up_wire"] for r in rep["rounds"]) / max(1, sum(r["participants"] for r in rep["rounds"]))
+            down_msg = sum(r["bytes"]["down_wire"] for r in rep["rounds"]) / max(1, sum(r["participants"] for r in rep["rounds"]))
+            row = {"name": name, "up": up, "down": down, "hit": hit, "per_round": per_round, "final": rep["rounds"][-1]["accuracy"],
+                   "up_msg": up_msg, "down_msg": down_msg, "wall": wall, "prepass": bool(pre)}  # fmt: skip
+            rows.append(row)
+            print(f"{name}: {'round %d, %.1f s' % hit if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s")
+    cleanup_ok = not any(ns.startswith(f"fsqb{topo.tag}-") for ns in sh("ip", "netns", "list").stdout.split())
+    base = rows[0]["hit"][1] if rows and rows[0]["hit"] else None
+    lines = [
+        f"Command: `sudo .venv/bin/python -m bench.slowlink{' ' + ' '.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`. "
+        f"Aggregator and {args.collaborators} collaborators, each in its own network namespace, one veth pair per collaborator "
+        f"(10.200.i.2 <-> 10.200.i.1), `tc tbf`: **{args.up_mbit:g} Mbit/s uplink** per collaborator, {args.down_mbit:g} Mbit/s downlink. "
+        f"Real `aggregator serve` / `collaborator join` processes. Plan: MNIST-1D, Dirichlet 0.5 over {args.collaborators} shards, the "
+        f"66k-parameter MLP, all {args.collaborators} collaborators every round, 1 local epoch, {args.rounds} rounds, seed {args.seed}. "
+        f"Target {100 * target:.2f} % (in-process FedAvg, mean of the last 3 rounds, minus 1 pp). Time to target: the aggregator's "
+        "round durations summed up to the first round at target (transfers, codec time, training, aggregation, evaluation; "
+        "process start-up and joining excluded). Namespaces removed afterwards: " + ("yes." if cleanup_ok else "NO."),
+        "",
+        "| chain | uplink | downlink | uplink bytes / message | downlink bytes / message | s / round | rounds to target | time to target | speed-up vs FedAvg | final accuracy |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        hit = r["hit"]
+        speed = f"{base / hit[1]:.1f}x" if (hit and base) else "-"
+        lines.append(
+            f"| {r['name']} | `{r['up']}` | `{r['down']}` | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
+            f"{hit[0] if hit else 'not reached'} | {f'{hit[1]:.1f} s' if hit else '-'} | {speed} | {100 * r['final']:.2f} % |"
+        )
+    replace_section(Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
