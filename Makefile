@@ -8,7 +8,7 @@ PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench clean prometheus
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-grpc-check bench-slowlink bench-scale flower-venv clean prometheus
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,8 +53,42 @@ check-proto: $(STAMP) ## Fail if the committed generated code differs from a fre
 	diff -ru $$tmp/fedsqueeze/v1 $(PROTO_DIR)/fedsqueeze/v1 -x '*.proto' -x '__init__.py' -x '__pycache__' && echo "generated code is up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-bench: $(STAMP) ## Run the benchmarks and write docs/benchmarks.md
+FLOWER_VENV := bench/flower/.venv
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+
+$(FLOWER_STAMP): bench/flower/requirements.txt
+	# Flower's own plain venv: flwr needs protobuf<7, fedsqueeze uses protobuf 7 (no --system-site-packages).
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install --quiet -r bench/flower/requirements.txt
+	touch $(FLOWER_STAMP)
+
+flower-venv: $(FLOWER_STAMP) ## Build bench/flower/.venv (flwr 1.41, torch 2.13 CPU) for the Flower peer
+
+bench: $(STAMP) $(FLOWER_STAMP) ## Run all benchmarks (~25 min on 2 cores; slowlink needs root) and write docs/benchmarks.md + PNGs
 	$(BIN)/python -m bench.codecs_bench --out docs/benchmarks.md
+	$(BIN)/python -m bench.grpc_check --out docs/benchmarks.md
+	$(BIN)/python -m bench.fl_bench --jobs 2 --out docs/benchmarks.md
+	$(BIN)/python -m bench.slowlink --out docs/benchmarks.md
+	$(BIN)/python -m bench.scale --out docs/benchmarks.md
+
+bench-quick: $(STAMP) ## Minutes-long smoke run of every benchmark, written to runs/bench-quick.md (docs/ untouched)
+	$(BIN)/python -m bench.codecs_bench --quick --out runs/bench-quick.md
+	$(BIN)/python -m bench.grpc_check --rounds 2 --cases 1 --out runs/bench-quick.md
+	$(BIN)/python -m bench.fl_bench --quick --chains "fp16,ResFed,S2" --out runs/bench-quick.md --plots runs
+	$(BIN)/python -m bench.slowlink --collaborators 2 --rounds 3 --chains 2 --out runs/bench-quick.md
+	$(BIN)/python -m bench.scale --sizes 10,100 --models 66k --uplinks identity --rounds 2 --out runs/bench-quick.md
+
+bench-fl: $(STAMP) $(FLOWER_STAMP) ## Communication to target accuracy vs FedAvg and Flower (plots in docs/)
+	$(BIN)/python -m bench.fl_bench --jobs 2 --out docs/benchmarks.md
+
+bench-grpc-check: $(STAMP) ## In-process byte counts == real gRPC byte counts
+	$(BIN)/python -m bench.grpc_check --out docs/benchmarks.md
+
+bench-slowlink: $(STAMP) ## Time to accuracy over 1 Mbit/s links (root: ip netns + tc tbf)
+	$(BIN)/python -m bench.slowlink --out docs/benchmarks.md
+
+bench-scale: $(STAMP) ## 10 / 100 / 1,000 collaborators per round over gRPC: ingest, memory, round time
+	$(BIN)/python -m bench.scale --out docs/benchmarks.md
 
 clean: ## Remove build outputs and run artefacts (keeps .venv)
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache runs

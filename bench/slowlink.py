@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"name": name, "up": up, "down": down, "hit": hit, "per_round": per_round, "final": rep["rounds"][-1]["accuracy"],
                    "up_msg": up_msg, "down_msg": down_msg, "wall": wall, "prepass": bool(pre)}  # fmt: skip
             rows.append(row)
-            print(f"{name}: {'round %d, %.1f s' % hit if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s")
+            print(f"{name}: {f'round {hit[0]}, {hit[1]:.1f} s' if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s")
     cleanup_ok = not any(ns.startswith(f"fsqb{topo.tag}-") for ns in sh("ip", "netns", "list").stdout.split())
     base = rows[0]["hit"][1] if rows and rows[0]["hit"] else None
     lines = [
