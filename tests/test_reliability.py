@@ -27,7 +27,8 @@ from fedsqueeze.wire import WirePayload, payload_to_proto
 
 
 def make_plan(**over) -> Plan:
-    base = {"rounds": 3, "collaborators": {"min": 2, "join_timeout_s": 30}, "round_timeout_s": 30, "training": {"local_epochs": 1}}
+    base = {"rounds": 3, "collaborators": {"min": 2, "join_timeout_s": 30}, "round_timeout_s": 30,
+            "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0}}  # fmt: skip
     base.update(over)
     return Plan.from_json(base)
 
@@ -221,7 +222,8 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_pa
 
 
 def test_byzantine_update_scaled_100x_with_median() -> None:
-    common = {"rounds": 6, "collaborators": {"min": 5}, "training": {"local_epochs": 1, "lr": 0.1}}
+    common = {"rounds": 6, "collaborators": {"min": 5}, "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0},
+              "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}  # fmt: skip
     honest = Federation(make_plan(**common))
     run_federation(honest, 5)
     attacked = Federation(make_plan(**common))
