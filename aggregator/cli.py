@@ -15,6 +15,9 @@ from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.plan import Plan, PlanError
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.tasks import DataError
+from fedsqueeze.tls import ServerTLS, TLSConfigError
+
+from .checkpoint import CheckpointError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -36,7 +39,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(round_row(record), flush=True)
 
     metrics = Metrics("aggregator", per_collaborator=args.metrics_per_collaborator)
-    server = AggregatorServer(plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics).start()
+    tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    server = AggregatorServer(
+        plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics, state_dir=state_dir, tls=tls
+    ).start()
     if args.metrics_port is not None:
         _, metrics_port = start_metrics_server(args.metrics_port, metrics, args.metrics_host)
         print(f"metrics on port {metrics_port}", flush=True)
@@ -48,6 +55,10 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"uplink: {f.up_chain}   downlink: {f.down_chain}", flush=True)
+    if f.resumed_from is not None:
+        print(f"resumed from {state_dir} after round {f.resumed_from}", flush=True)
+    if tls is not None:
+        print("transport: " + ("mutual TLS (client certificate CN = collaborator id)" if tls.mutual else "TLS"), flush=True)
     print(ROUND_HEADER, flush=True)
     try:
         server.wait(keep_serving=plan.keep_serving)
@@ -110,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rounds", type=int, help="override the plan's number of rounds")
     serve.add_argument("--min-collaborators", type=int, help="override collaborators.min")
     serve.add_argument("--keep-serving", action="store_true", help="keep serving after the last round until SIGTERM")
+    serve.add_argument("--state-dir", help="checkpoint here after every round; restarting on the same directory resumes the run")
+    serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    serve.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    serve.add_argument("--tls-ca", help="mutual TLS: require client certificates signed by this CA; their CN is the collaborator id")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
     serve.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default: all interfaces)")
     serve.add_argument(
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (PlanError, DataError, OSError) as exc:
+    except (PlanError, DataError, CheckpointError, TLSConfigError, OSError) as exc:
         die(str(exc))
     except KeyboardInterrupt:
         return 130

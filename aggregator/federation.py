@@ -4,6 +4,15 @@ Threads: gRPC handler threads call `join`, `get_task`, `submit_update`, `upload_
 `leave`; one round thread runs `run`. Shared state is guarded by one condition variable;
 decoding, the expensive part, runs outside it, serialised per collaborator because each
 collaborator's uplink CodecState must see its messages in order.
+
+Reliability: every round has a deadline (`round_timeout_s`) and a quorum (`quorum` accepted
+updates); a round that misses quorum is re-opened up to `round_retries` times, keeping the updates
+it has, then fails explicitly (the round record's `status`). A selected collaborator that misses
+the deadline is marked lost and not selected again until it calls in. Updates are identified by
+(collaborator, round): a repeat of an accepted update gets ALREADY_EXISTS, an update for a closed
+or future round FAILED_PRECONDITION. A refused update leaves the collaborator's uplink CodecState
+untouched (stateful chains decode into a copy, committed on acceptance). With a state directory,
+the federation checkpoints after every round (aggregator/checkpoint.py) and resumes from it.
 """
 
 from __future__ import annotations
@@ -11,11 +20,13 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import re
 import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +39,7 @@ from fedsqueeze.errors import (
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
 )
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
@@ -37,12 +49,14 @@ from fedsqueeze.tasks import load_dataset
 from fedsqueeze.training import evaluate
 from fedsqueeze.wire import WirePayload, payload_from_bytes, payload_wire_size
 
+from . import checkpoint
 from .decoders import Prepass
-from .strategy import FedAvg, Strategy
+from .strategy import Strategy, build_strategy
 
 log = logging.getLogger("fedsqueeze.aggregator")
 
 MAX_NAME_LEN = 128
+IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 
 
 @dataclass
@@ -57,6 +71,13 @@ class Collaborator:
     down_state: CodecState = field(default_factory=CodecState)  # sender side of the downlink
     lock: threading.Lock = field(default_factory=threading.Lock)
     decoder_bytes: int = 0
+    lost: bool = False  # missed a deadline (or not back since a restart): not selected until it calls in
+    last_round: int = 0  # the last round whose update from it was accepted
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "token": self.token, "name": self.name, "shard_index": self.shard_index,
+                "num_samples": self.num_samples, "active": self.active, "last_round": self.last_round,
+                "decoder_bytes": self.decoder_bytes}  # fmt: skip
 
 
 @dataclass
@@ -66,6 +87,7 @@ class RoundState:
     deadline: float
     strategy: Strategy
     started: float = field(default_factory=time.monotonic)
+    attempt: int = 0  # 0: first try; n: n-th retry after a missed quorum
     submitted: set[str] = field(default_factory=set)
     receiving: set[str] = field(default_factory=set)
     sent: dict[str, WirePayload] = field(default_factory=dict)
@@ -101,8 +123,10 @@ class Federation:
         report_path: Any = None,
         on_round: Callable[[RoundRecord], None] | None = None,
         metrics: Metrics | None = None,
+        state_dir: str | Path | None = None,
     ) -> None:
         self.plan = plan
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         self.data = load_dataset(plan.task.dataset, plan.task.data_path, plan.seed)
         self.model = build_model(plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed)
         self.layout: Layout = model_layout(self.model)
@@ -126,6 +150,9 @@ class Federation:
         self._round: RoundState | None = None
         self._phase = "waiting"  # waiting | prepass | training | done
         self._down_cache: tuple[int, WirePayload] | None = None
+        self._completed = 0  # rounds finished (ok or failed); the next round is _completed + 1
+        self._resumed_members = 0  # active members restored from a checkpoint
+        self._prepass_done = False
         self.prepass = Prepass(self)
         if self.prepass.enabled:
             self.max_decoder_bytes = self.prepass.max_bytes
@@ -139,6 +166,9 @@ class Federation:
                 "downlink_chain": str(self.down_chain),
             },
         )
+        self.resumed_from: int | None = None
+        if self.state_dir is not None:
+            self._restore()
 
     # -- membership -------------------------------------------------------------------------------
     @property
@@ -146,24 +176,42 @@ class Federation:
         return self._phase
 
     def active_ids(self) -> set[str]:
-        return {c.id for c in self._collaborators.values() if c.active}
+        """Joined, not left, and not lost."""
+        return {c.id for c in self._collaborators.values() if c.active and not c.lost}
 
     def _active_count(self) -> int:
         with self._cond:
             return len(self.active_ids())
 
-    def join(self, name: str, num_samples: int) -> JoinResult:
+    def join(self, name: str, num_samples: int, *, identity: str | None = None) -> JoinResult:
+        """Register a collaborator. `identity` (the client certificate's common name under mTLS) is
+        then its id; joining again under a known identity re-issues its token and resets its codec
+        states (the collaborator restarted), keeping its shard."""
         if len(name) > MAX_NAME_LEN:
             raise InvalidArgument(f"name is longer than {MAX_NAME_LEN} characters")
         if num_samples < 0:
             raise InvalidArgument("num_samples must be >= 0")
+        if identity is not None and not IDENTITY_RE.fullmatch(identity):
+            raise PermissionDenied("the client certificate's common name is not a valid collaborator id")
         with self._cond:
             if self._phase == "done":
                 raise FailedPrecondition("the federation has finished")
+            known = self._collaborators.get(identity) if identity is not None else None
+            if known is not None:
+                with known.lock:
+                    known.token = secrets.token_urlsafe(24)
+                    known.up_state, known.down_state = self._fresh_up_state(known), CodecState()
+                known.active, known.lost = True, False
+                known.num_samples = num_samples or known.num_samples
+                if self._round is not None:
+                    self._round.sent.pop(known.id, None)
+                self._cond.notify_all()
+                log.info("re-joined: %s", known.id)
+                return JoinResult(known.id, known.token, self.plan.canonical(), self.plan.sha256, known.shard_index, self.plan.num_shards)
             index = self._joined
             self._joined += 1
             collab = Collaborator(
-                id=f"c{index:04d}-{secrets.token_hex(3)}",
+                id=identity if identity is not None else f"c{index:04d}-{secrets.token_hex(3)}",
                 token=secrets.token_urlsafe(24),
                 name=name or f"collaborator-{index}",
                 shard_index=index % self.plan.num_shards,
@@ -174,7 +222,15 @@ class Federation:
         log.info("joined: %s (%s), shard %d", collab.id, collab.name, collab.shard_index)
         return JoinResult(collab.id, collab.token, self.plan.canonical(), self.plan.sha256, collab.shard_index, self.plan.num_shards)
 
+    def _fresh_up_state(self, collab: Collaborator) -> CodecState:
+        """A new uplink receiver state, keeping an installed autoencoder decoder (it is not re-sent)."""
+        state = CodecState()
+        if self.prepass.index >= 0 and collab.up_state:
+            state.stage(self.prepass.index).update(collab.up_state.stage(self.prepass.index))
+        return state
+
     def authenticate(self, collaborator_id: str, token: str) -> Collaborator:
+        """The caller's Collaborator, if the token is its own; a lost collaborator that calls in is back."""
         collab = self._collaborators.get(collaborator_id)
         if collab is None or not token:
             raise Unauthenticated("unknown collaborator or missing token: Join first")
@@ -182,6 +238,12 @@ class Federation:
             raise Unauthenticated("invalid token for this collaborator")
         if not collab.active:
             raise FailedPrecondition("this collaborator has left the federation")
+        if collab.lost:
+            with self._cond:
+                if collab.lost:
+                    collab.lost = False
+                    log.info("back: %s", collab.id)
+                    self._cond.notify_all()
         return collab
 
     def leave(self, collaborator_id: str, token: str) -> None:
@@ -251,20 +313,31 @@ class Federation:
             with collab.lock:
                 payload = payload_from_bytes(payload_blob)
                 chain, layout = payload.resolve(self.up_chain, self.layout)
+                # A stateful chain decodes into a copy: a refused update must not advance the state.
+                state = CodecState.from_bytes(collab.up_state.to_bytes()) if chain.stateful else collab.up_state
                 t0 = time.perf_counter()
-                update = chain.decode(payload.data, layout, collab.up_state)
+                update = chain.decode(payload.data, layout, state)
                 self.metrics.record_decode("up", self.up_codec, time.perf_counter() - t0)
         except CodecError as exc:
             with self._cond:
                 rnd.receiving.discard(collab.id)
+                self._cond.notify_all()
             raise InvalidArgument(f"update rejected: {exc}") from exc
+        except BaseException:
+            with self._cond:
+                rnd.receiving.discard(collab.id)
+                self._cond.notify_all()
+            raise
         wire = len(payload_blob)
         with self._cond:
             rnd.receiving.discard(collab.id)
             if self._round is not rnd:
+                self._cond.notify_all()
                 raise FailedPrecondition(f"round {round_number} closed while the update was being decoded")
             rnd.strategy.accumulate(update, float(num_samples))
+            collab.up_state = state
             rnd.submitted.add(collab.id)
+            collab.last_round = round_number
             rnd.bytes["up_raw"] += self.layout.raw_bytes
             rnd.bytes["up_wire"] += wire
             self.metrics.record_transfer("up", self.up_codec, collab.id, raw=self.layout.raw_bytes, wire=wire)
@@ -274,16 +347,28 @@ class Federation:
         return wire
 
     def _check_open(self, collab: Collaborator, round_number: int) -> RoundState:
+        """The open round this update belongs to, or the status that says why not."""
+        if round_number == collab.last_round and round_number > 0:
+            raise AlreadyExists(f"the update from {collab.id} for round {round_number} was already accepted")
         rnd = self._round
+        if collab.id in self._receiving_any():
+            raise Unavailable(f"an update from {collab.id} is being decoded; retry shortly")
         if self._phase != "training" or rnd is None:
+            if 0 < round_number <= self._completed:
+                raise FailedPrecondition(f"stale update: round {round_number} is closed (phase: {self._phase})")
             raise FailedPrecondition(f"no round is open (phase: {self._phase})")
+        if round_number < rnd.number:
+            raise FailedPrecondition(f"stale update: round {round_number} is closed, round {rnd.number} is open")
         if round_number != rnd.number:
             raise FailedPrecondition(f"update for round {round_number}, but round {rnd.number} is open")
         if collab.id not in rnd.participants:
             raise PermissionDenied(f"{collab.id} was not selected for round {rnd.number}")
-        if collab.id in rnd.submitted or collab.id in rnd.receiving:
+        if collab.id in rnd.submitted:
             raise AlreadyExists(f"duplicate update from {collab.id} for round {rnd.number}")
         return rnd
+
+    def _receiving_any(self) -> set[str]:
+        return self._round.receiving if self._round is not None else set()
 
     def upload_decoder(self, collaborator_id: str, token: str, architecture: dict[str, Any], blob: bytes) -> int:
         """Envelope checks for the one-time decoder upload; aggregator/decoders.py validates and installs it."""
@@ -299,15 +384,23 @@ class Federation:
     def run(self, stop: threading.Event) -> None:
         plan = self.plan
         self._wait_for_collaborators(stop)
-        self.prepass.run(stop)
-        loss, acc = self._evaluate()
-        self.report.extra["initial_accuracy"] = acc
-        self.report.write()
-        for number in range(1, plan.rounds + 1):
+        if self.resumed_from is None or not self._prepass_done:
+            self.prepass.run(stop)
+            self._prepass_done = True
+        if self.resumed_from is None:
+            loss, acc = self._evaluate()
+            self.report.extra["initial_accuracy"] = acc
+            self.checkpoint()
+            self.report.write()
+        for number in range(self._completed + 1, plan.rounds + 1):
             if stop.is_set():
                 break
             record = self._run_round(number, stop)
+            if stop.is_set():
+                break  # interrupted, not finished: not recorded; a restart on the state dir re-runs it
             self.report.rounds.append(record)
+            self._completed = number
+            self.checkpoint()  # before the next round opens: a restart resumes at number + 1
             self.report.write()
             self.metrics.record_round(record, self.report.summary())
             if self.on_round is not None:
@@ -320,6 +413,9 @@ class Federation:
 
     def _wait_for_collaborators(self, stop: threading.Event) -> None:
         need = self.plan.collaborators.min
+        if self.resumed_from is not None:
+            # After a restart: wait for the members that were active to call in again.
+            need = max(1, min(need, self._resumed_members))
         deadline = time.monotonic() + self.plan.collaborators.join_timeout_s
         with self._cond:
             while len(self.active_ids()) < need:
@@ -336,29 +432,49 @@ class Federation:
         rng = np.random.default_rng([self.plan.seed, number])
         return {active[i] for i in rng.choice(len(active), size=k, replace=False)} if k else set()
 
+    def _new_strategy(self) -> Strategy:
+        a = self.plan.aggregation
+        return build_strategy(self.plan.uplink.target, a.clip_norm, a.robust, a.trim_fraction)
+
     def _run_round(self, number: int, stop: threading.Event) -> RoundRecord:
+        quorum, retries = self.plan.quorum, self.plan.round_retries
         with self._cond:
             participants = self._select(number)
-            strategy = FedAvg(target=self.plan.uplink.target)
+            strategy = self._new_strategy()
             strategy.begin(self.global_model)
             rnd = RoundState(number, participants, time.monotonic() + self.plan.round_timeout_s, strategy)
             self._round = rnd
             self._phase = "training"
             self._cond.notify_all()
-            while not stop.is_set() and not rnd.complete(self.active_ids()) and time.monotonic() < rnd.deadline:
-                self._cond.wait(0.25)
+            while True:
+                self._wait_round(rnd, stop)
+                if strategy.count >= quorum or rnd.attempt >= retries or stop.is_set():
+                    break
+                # Quorum missed: re-open the round (same number, same global model, the updates it
+                # has kept) for another deadline, open to every active collaborator.
+                rnd.attempt += 1
+                rnd.participants |= self.active_ids()
+                rnd.deadline = time.monotonic() + self.plan.round_timeout_s
+                log.warning("round %d: %d of %d updates by the deadline; retry %d of %d", number, strategy.count, quorum, rnd.attempt, retries)
+                self._cond.notify_all()
             # Wait briefly for updates already being decoded.
             grace = time.monotonic() + 5.0
             while rnd.receiving and time.monotonic() < grace:
                 self._cond.wait(0.05)
             self._round = None
-            dropped = len(participants - rnd.submitted)
+            missing = rnd.participants - rnd.submitted
+            for cid in missing:  # selected, alive or not, and silent until the deadline
+                c = self._collaborators.get(cid)
+                if c is not None and c.active and not stop.is_set():
+                    c.lost = True
+            dropped = len(missing)
             count = strategy.count
-        status = "ok"
-        if count == 0:
-            status = "failed: no update arrived before the deadline"
-        else:
+        if count >= quorum:
+            status = "ok" if rnd.attempt == 0 else "retried"
             self.global_model = strategy.finish()
+        else:
+            status = f"failed: quorum not met ({count} of {quorum} updates) after {rnd.attempt} retries; the global model is unchanged"
+            log.warning("round %d %s", number, status)
         loss, acc = self._evaluate()
         return RoundRecord(
             round=number,
@@ -369,7 +485,88 @@ class Federation:
             seconds=time.monotonic() - rnd.started,
             bytes=dict(rnd.bytes),
             status=status,
+            attempts=rnd.attempt + 1,
         )
+
+    def _wait_round(self, rnd: RoundState, stop: threading.Event) -> None:
+        """Until quorum is met and every selected active collaborator has submitted, or the deadline
+        (under _cond). When the selected ones can no longer make quorum, every active one may join in."""
+        quorum = self.plan.quorum
+        while not stop.is_set() and time.monotonic() < rnd.deadline:
+            active = self.active_ids()
+            pending = (rnd.participants & active) - rnd.submitted
+            if rnd.strategy.count >= quorum and not pending:
+                return
+            if rnd.strategy.count + len(pending) < quorum and active - rnd.participants:
+                rnd.participants |= active
+                self._cond.notify_all()
+            self._cond.wait(0.25)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint(self) -> Path | None:
+        """Write the state directory's checkpoint (atomic); between rounds, from the round thread."""
+        if self.state_dir is None:
+            return None
+        with self._cond:
+            members = list(self._collaborators.values())
+            meta = {
+                "members": [c.to_json() for c in members],
+                "joined": self._joined,
+                "prepass": {
+                    "done": self._prepass_done,
+                    "started": sorted(self.prepass.started),
+                    "installed": dict(self.prepass.installed),
+                    "trainer": self.prepass.trainer,
+                    "shared_sent": sorted(self.prepass.shared_sent),
+                    "prepass_bytes": dict(self.report.prepass_bytes),
+                },
+                "report": {"rounds": [r.to_json() for r in self.report.rounds], "extra": self.report.extra},
+            }
+            model = self.global_model.copy()
+            states: dict[str, tuple[bytes, bytes]] = {}
+            for c in members:
+                with c.lock:
+                    states[c.id] = (c.up_state.to_bytes(), c.down_state.to_bytes())
+        ckpt = checkpoint.Checkpoint(round=self._completed, plan_sha256=self.plan.sha256, global_model=model, states=states, meta=meta)
+        path = checkpoint.save(self.state_dir, ckpt, self.layout)
+        log.info("checkpoint after round %d: %s", self._completed, path)
+        return path
+
+    def _restore(self) -> None:
+        assert self.state_dir is not None
+        ckpt = checkpoint.load(self.state_dir, self.plan.sha256, self.layout)
+        if ckpt is None:
+            return
+        meta = ckpt.meta
+        try:
+            self.global_model = ckpt.global_model.astype(np.float32)
+            for m in meta["members"]:
+                up, down = ckpt.states[m["id"]]
+                collab = Collaborator(
+                    id=m["id"], token=m["token"], name=m["name"], shard_index=int(m["shard_index"]),
+                    num_samples=int(m["num_samples"]), active=bool(m["active"]), last_round=int(m["last_round"]),
+                    decoder_bytes=int(m.get("decoder_bytes", 0)), lost=True,  # until it calls in again
+                    up_state=CodecState.from_bytes(up), down_state=CodecState.from_bytes(down),
+                )  # fmt: skip
+                self._collaborators[collab.id] = collab
+            self._resumed_members = sum(1 for c in self._collaborators.values() if c.active)
+            self._joined = int(meta["joined"])
+            pre = meta.get("prepass", {})
+            self._prepass_done = bool(pre.get("done", False))
+            self.prepass.started = set(pre.get("started", []))
+            self.prepass.installed = {str(k): int(v) for k, v in pre.get("installed", {}).items()}
+            self.prepass.trainer = pre.get("trainer")
+            self.prepass.shared_sent = set(pre.get("shared_sent", []))
+            self.report.prepass_bytes.update(pre.get("prepass_bytes", {}))
+            rep = meta.get("report", {})
+            self.report.rounds = [RoundRecord(**r) for r in rep.get("rounds", [])]
+            self.report.extra.update(rep.get("extra", {}))
+        except (KeyError, TypeError, ValueError, CodecError) as exc:
+            raise checkpoint.CheckpointError(f"{self.state_dir}: malformed checkpoint: {exc}") from exc
+        self._completed = ckpt.round
+        self.resumed_from = ckpt.round
+        self.report.extra["resumed_after_round"] = self.report.extra.get("resumed_after_round", []) + [ckpt.round]
+        log.info("resumed from %s after round %d (%d members)", self.state_dir, ckpt.round, len(self._collaborators))
 
     def _evaluate(self) -> tuple[float, float]:
         set_flat(self.model, self.global_model)

@@ -1,4 +1,9 @@
-"""`aggregator serve`: the gRPC server around a Federation, with health checks and SIGTERM."""
+"""`aggregator serve`: the gRPC server around a Federation, with health checks and SIGTERM.
+
+With a state directory the Federation restores its checkpoint while it is constructed; the health
+service says NOT_SERVING until then and SERVING once `start` runs. With `tls` the port serves TLS
+(mutual TLS when the config has a CA).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord
-from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
+from fedsqueeze.tls import ServerTLS
 
 from .federation import Federation
-from .servicer import MAX_CHUNK, FederationServicer
+from .servicer import MAX_CHUNK, FederationServicer, add_to_server
 
 log = logging.getLogger("fedsqueeze.aggregator")
 SERVICE_NAME = "fedsqueeze.v1.Federation"
@@ -49,16 +54,23 @@ class AggregatorServer:
         max_workers: int = 32,
         linger_s: float = 15.0,
         metrics: Metrics | None = None,
+        state_dir: Path | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.linger_s = linger_s
-        self.federation = Federation(plan, report_path=report_path, on_round=on_round, metrics=metrics)
+        self.health = health.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Restores the checkpoint from state_dir, if there is one (CheckpointError for another plan's).
+        self.federation = Federation(plan, report_path=report_path, on_round=on_round, metrics=metrics, state_dir=state_dir)
         # Messages: the downlink model in one response, uplink chunks of at most MAX_CHUNK.
         max_message = max(MAX_CHUNK + (1 << 16), 2 * self.federation.layout.raw_bytes + (1 << 20))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message))
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(self.federation), self.server)
-        self.health = health.HealthServicer()
+        add_to_server(FederationServicer(self.federation, mutual_tls=tls is not None and tls.mutual), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.tls = tls
+        address = f"{host}:{port}"
+        self.port = self.server.add_secure_port(address, tls.credentials()) if tls else self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.stop_event = threading.Event()

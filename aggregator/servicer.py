@@ -1,4 +1,10 @@
-"""Thin gRPC servicer: unpack protobuf, call the Federation, map domain errors to status codes."""
+"""Thin gRPC servicer: unpack protobuf, call the Federation, map domain errors to status codes.
+
+Requests that are not valid protobuf get INVALID_ARGUMENT (not gRPC's default INTERNAL): the
+handlers are registered with deserializers that turn a parse error into a `Malformed` marker.
+Under mutual TLS the client certificate's common name is the collaborator's identity: Join
+registers under it and every other RPC must carry credentials for that id (PERMISSION_DENIED).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from fedsqueeze.codecs import CodecError
-from fedsqueeze.errors import FederationError, InvalidArgument
+from fedsqueeze.errors import FederationError, InvalidArgument, PermissionDenied, Unauthenticated
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
 from fedsqueeze.wire import payload_to_proto
@@ -27,6 +33,43 @@ MAX_CHUNK = 4 << 20
 _MESSAGES = {"SubmitUpdate": ("up", "update"), "UploadDecoder": ("up", "decoder")}
 
 
+class Malformed:
+    """Stands for a request message that did not parse."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return Malformed(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+def _well_formed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"the request is not a valid protobuf message ({request.error})")
+    return request
+
+
+def add_to_server(servicer: FederationServicer, server: grpc.Server) -> None:
+    """Like the generated add_FederationServicer_to_server, with deserializers that never raise."""
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_unary_rpc_method_handler
+    handlers = {
+        "Join": unary(servicer.Join, _safe(pb.JoinRequest.FromString), pb.JoinResponse.SerializeToString),
+        "GetTask": unary(servicer.GetTask, _safe(pb.GetTaskRequest.FromString), pb.GetTaskResponse.SerializeToString),
+        "SubmitUpdate": stream(servicer.SubmitUpdate, _safe(pb.SubmitUpdateRequest.FromString), pb.SubmitUpdateResponse.SerializeToString),
+        "UploadDecoder": stream(servicer.UploadDecoder, _safe(pb.UploadDecoderRequest.FromString), pb.UploadDecoderResponse.SerializeToString),
+        "Leave": unary(servicer.Leave, _safe(pb.LeaveRequest.FromString), pb.LeaveResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsqueeze.v1.Federation", handlers),))
+    server.add_registered_method_handlers("fedsqueeze.v1.Federation", handlers)
+
+
 def _mapped(method: F) -> F:
     """Turn domain errors into gRPC statuses; anything unexpected becomes INTERNAL, logged."""
     message = _MESSAGES.get(method.__name__)
@@ -35,6 +78,8 @@ def _mapped(method: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         status = grpc.StatusCode.INTERNAL
         try:
+            if not isinstance(request, Iterator):
+                _well_formed(request)
             result = method(self, request, context)
             status = grpc.StatusCode.OK
             return result
@@ -57,7 +102,7 @@ def _mapped(method: F) -> F:
 def _assemble(requests: Iterator[Any], header_field: str, size_field: str, limit: int) -> tuple[Any, bytes]:
     """Read a header-then-chunks client stream into (header, bytes), enforcing sizes as it goes."""
     try:
-        first = next(requests)
+        first = _well_formed(next(requests))
     except StopIteration:
         raise InvalidArgument("empty stream: the first message must be a header") from None
     if first.WhichOneof("part") != "header":
@@ -68,7 +113,7 @@ def _assemble(requests: Iterator[Any], header_field: str, size_field: str, limit
         raise InvalidArgument(f"declared size {declared} bytes is outside [0, {limit}]")
     buf = bytearray()
     for req in requests:
-        if req.WhichOneof("part") != "chunk":
+        if _well_formed(req).WhichOneof("part") != "chunk":
             raise InvalidArgument("only chunks may follow the header")
         if len(req.chunk) > MAX_CHUNK:
             raise InvalidArgument(f"chunk of {len(req.chunk)} bytes exceeds {MAX_CHUNK}")
@@ -81,12 +126,29 @@ def _assemble(requests: Iterator[Any], header_field: str, size_field: str, limit
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, federation: Federation) -> None:
+    def __init__(self, federation: Federation, *, mutual_tls: bool = False) -> None:
         self.fed = federation
+        self.mutual_tls = mutual_tls
+
+    def _identity(self, context: grpc.ServicerContext) -> str | None:
+        """Under mTLS, the verified client certificate's common name; None without mTLS."""
+        if not self.mutual_tls:
+            return None
+        names = context.auth_context().get("x509_common_name") or []
+        if not names:
+            raise Unauthenticated("a client certificate with a common name is required")
+        return bytes(names[0]).decode("utf-8", "replace")
+
+    def _as(self, context: grpc.ServicerContext, cred: pb.Credentials) -> tuple[str, str]:
+        """(id, token) of the caller, refusing to act for an id other than the certificate's."""
+        identity = self._identity(context)
+        if identity is not None and cred.collaborator_id != identity:
+            raise PermissionDenied(f"the client certificate {identity!r} cannot act as {cred.collaborator_id!r}")
+        return cred.collaborator_id, cred.token
 
     @_mapped
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        r = self.fed.join(request.name, request.num_samples)
+        r = self.fed.join(request.name, request.num_samples, identity=self._identity(context))
         return pb.JoinResponse(
             collaborator_id=r.collaborator_id,
             token=r.token,
@@ -97,8 +159,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @_mapped
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
-        cred = request.credentials
-        task = self.fed.get_task(cred.collaborator_id, cred.token, request.wait_ms / 1000.0)
+        task = self.fed.get_task(*self._as(context, request.credentials), request.wait_ms / 1000.0)
         resp = pb.GetTaskResponse(kind=pb.GetTaskResponse.Kind.Value(task.kind), round=task.round, message=task.message)
         if task.model is not None:
             resp.model.CopyFrom(payload_to_proto(task.model))
@@ -107,20 +168,18 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_mapped
     def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
         header, blob = _assemble(request_iterator, "header", "payload_size", self.fed.max_update_bytes)
-        cred = header.credentials
         metrics = dict(header.metrics)
-        wire = self.fed.submit_update(cred.collaborator_id, cred.token, header.round, header.num_samples, blob, metrics)
+        wire = self.fed.submit_update(*self._as(context, header.credentials), header.round, header.num_samples, blob, metrics)
         return pb.SubmitUpdateResponse(accepted=True, message="accepted", bytes_received=wire)
 
     @_mapped
     def UploadDecoder(self, request_iterator: Iterator[pb.UploadDecoderRequest], context: grpc.ServicerContext) -> pb.UploadDecoderResponse:
         header, blob = _assemble(request_iterator, "header", "size", self.fed.max_decoder_bytes)
-        cred = header.credentials
         architecture = MessageToDict(header.architecture, preserving_proto_field_name=True)
-        n = self.fed.upload_decoder(cred.collaborator_id, cred.token, architecture, blob)
+        n = self.fed.upload_decoder(*self._as(context, header.credentials), architecture, blob)
         return pb.UploadDecoderResponse(accepted=True, message="decoder accepted", bytes_received=n)
 
     @_mapped
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        self.fed.leave(request.credentials.collaborator_id, request.credentials.token)
+        self.fed.leave(*self._as(context, request.credentials))
         return pb.LeaveResponse()

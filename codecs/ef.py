@@ -30,7 +30,7 @@ class ErrorFeedback(Codec):
     stateful: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.decay, int | float) or not 0.0 <= self.decay <= 1.0:
+        if isinstance(self.decay, bool) or not isinstance(self.decay, int | float) or not 0.0 <= self.decay <= 1.0:
             raise CodecError(f"ef: decay must be in [0, 1], got {self.decay!r}")
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:

@@ -32,9 +32,22 @@ from .errors import CodecError
 from .positions import decode_positions, encode_positions
 
 
-def _count(n: int, fraction: float, count: int | None) -> int:
-    k = count if count is not None else int(math.ceil(fraction * n))
-    return max(0, min(n, k))
+def kept_count(n: int, fraction: float, count: int | None = None) -> int:
+    """k = ceil(fraction * n) (or `count`), clipped to [0, n]; any positive fraction keeps one.
+
+    Float noise does not add an entry: 0.07 * 100 is 7.000000000000001 in binary floating
+    point, and topk:0.07 keeps 7 of 100, not 8.
+    """
+    if count is not None:
+        return max(0, min(n, int(count)))
+    exact = fraction * n
+    k = math.floor(exact)
+    if exact - k > 1e-9 * exact:
+        k += 1
+    return max(0, min(n, int(k)))
+
+
+_count = kept_count
 
 
 def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
@@ -57,7 +70,7 @@ def _select(x: np.ndarray, spec: ArraySpec, keep: float, count: int | None, scop
 
 
 def _check_params(who: str, fraction: float, count: int | None, scope: str) -> None:
-    if not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 <= fraction <= 1.0:
         raise CodecError(f"{who}: fraction must be in [0, 1], got {fraction!r}")
     if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
         raise CodecError(f"{who}: count must be a non-negative integer, got {count!r}")

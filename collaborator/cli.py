@@ -17,6 +17,7 @@ from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.models import ModelError
 from fedsqueeze.plan import PlanError
 from fedsqueeze.tasks import DataError
+from fedsqueeze.tls import ClientTLS, TLSConfigError
 
 from .transport import ConnectError, RemoteError
 
@@ -35,6 +36,8 @@ def _join(args: argparse.Namespace) -> int:
         report_path=Path(args.report) if args.report else None,
         progress=not args.no_progress,
         prom=prom,
+        tls=ClientTLS.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
+        reconnect_timeout=args.reconnect_timeout,
     )
     print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished", flush=True)
     if args.metrics_port is not None and args.metrics_linger > 0:
@@ -55,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument("--name", help="a display name (default: the hostname)")
     join.add_argument("--connect-timeout", type=float, default=60.0, help="give up after this many seconds without the aggregator")
+    join.add_argument(
+        "--reconnect-timeout", type=float, default=300.0, help="after joining: keep retrying an unreachable aggregator this many seconds"
+    )
+    join.add_argument("--tls-ca", help="connect with TLS, verifying the aggregator against this CA (PEM)")
+    join.add_argument("--tls-cert", help="mutual TLS: client certificate (PEM); its common name is this collaborator's id")
+    join.add_argument("--tls-key", help="mutual TLS: private key of --tls-cert (PEM)")
+    join.add_argument("--tls-server-name", help="the name to check the aggregator's certificate against (default: the host of --server)")
     join.add_argument("--report", help="write what this collaborator sent and received (JSON)")
     join.add_argument("--no-progress", action="store_true", help="no progress bar")
     join.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         die(str(exc), 1)
     except RemoteError as exc:
         die(f"the aggregator refused: {exc}", 1)
-    except (DataError, PlanError, ModelError, CodecError, OSError) as exc:
+    except (DataError, PlanError, ModelError, CodecError, TLSConfigError, OSError) as exc:
         die(str(exc))
     except KeyboardInterrupt:
         return 130

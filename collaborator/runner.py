@@ -1,4 +1,12 @@
-"""The collaborator loop: join, load the local shard, then train and submit until DONE."""
+"""The collaborator loop: join, load the local shard, then train and submit until DONE.
+
+Resuming: the codec states are snapshotted before each round's model is decoded. A TRAIN task for
+a round already handled (the aggregator restarted from the checkpoint before it) restores that
+snapshot, so both sides' states match again, and the round is trained again (deterministically:
+same seed). An update refused because its round closed (FAILED_PRECONDITION) rolls the uplink state
+back. UNAUTHENTICATED (an aggregator that no longer knows this collaborator) re-joins, provided
+the plan is the same, with fresh codec states.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from fedsqueeze.codecs import CodecState
@@ -16,6 +25,7 @@ from fedsqueeze.metrics import Metrics
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
 from fedsqueeze.report import write_json_atomic
 from fedsqueeze.tasks import Dataset, load_dataset, parse_data_arg, partition
+from fedsqueeze.tls import ClientTLS
 from fedsqueeze.training import train_local
 from fedsqueeze.wire import WirePayload
 
@@ -75,11 +85,13 @@ def run_collaborator(
     report_path: Path | None = None,
     progress: bool = True,
     prom: Metrics | None = None,
+    tls: ClientTLS | None = None,
+    reconnect_timeout: float = 300.0,
 ) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)  # several collaborators share a machine in the demo and tests
-    client = FederationClient(server, connect_timeout=connect_timeout)
+    client = FederationClient(server, connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout, tls=tls)
     try:
         session = client.join(name or socket.gethostname())
         plan = session.plan
@@ -99,8 +111,22 @@ def run_collaborator(
         bar = tqdm(total=plan.rounds, desc=session.collaborator_id, unit="round", disable=not progress, leave=False)
         trained = 0
         prepass_ctx = None
+        snapshot: tuple[int, bytes, bytes] | None = None  # (round, up state, down state) before that round
         while True:
-            task = client.get_task(wait_s=10.0)
+            try:
+                task = client.get_task(wait_s=10.0)
+            except RemoteError as exc:
+                if exc.code != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                log.warning("the aggregator does not know %s any more (%s): joining again", me, exc.details)
+                old_shard = session.shard_index
+                session = client.rejoin()
+                me = report.collaborator_id = session.collaborator_id
+                if session.shard_index != old_shard:
+                    local = load_local_data(session, data)
+                up_state, down_state = CodecState(), CodecState()
+                snapshot, prepass_ctx = None, None
+                continue
             if task.kind == "DONE":
                 break
             if task.kind == "PREPASS":
@@ -113,6 +139,13 @@ def run_collaborator(
                 continue
             if task.kind != "TRAIN" or task.model is None:
                 continue
+            if snapshot is not None and snapshot[0] == task.round:
+                # This round again: the aggregator restarted from an earlier checkpoint.
+                log.warning("round %d again (the aggregator resumed from its checkpoint): restoring the codec states", task.round)
+                up_state, down_state = CodecState.from_bytes(snapshot[1]), CodecState.from_bytes(snapshot[2])
+                report.rounds = [r for r in report.rounds if r["round"] != task.round]
+            else:
+                snapshot = (task.round, up_state.to_bytes(), down_state.to_bytes())
             t0 = time.perf_counter()
             chain, _ = task.model.resolve(down_chain, layout)
             global_hat = chain.decode(task.model.data, layout, down_state)
@@ -141,7 +174,13 @@ def run_collaborator(
                 wire = client.submit_update(task.round, len(local.y), payload, metrics)
             except RemoteError as exc:
                 prom.record_message("up", "update", exc.code.name)
-                raise
+                if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    raise
+                # Too late (the round closed) or no longer ours: drop it, undo its uplink state.
+                log.warning("round %d: update not accepted (%s); going on", task.round, exc)
+                assert snapshot is not None
+                up_state = CodecState.from_bytes(snapshot[1])
+                continue
             prom.record_transfer("up", up_codec, me, raw=layout.raw_bytes, wire=wire)
             trained += 1
             record = {

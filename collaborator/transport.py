@@ -1,4 +1,10 @@
-"""The collaborator's gRPC client: retries, chunked uploads, protobuf kept at this edge."""
+"""The collaborator's gRPC client: retries, chunked uploads, protobuf kept at this edge.
+
+Every call retries UNAVAILABLE and DEADLINE_EXCEEDED with capped exponential backoff and full
+jitter: before Join for `connect_timeout` seconds, afterwards (the aggregator restarting, say) for
+`reconnect_timeout`. An update is identified by (collaborator, round), so a resent upload is safe:
+ALREADY_EXISTS means an earlier attempt was accepted, and counts as success.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fedsqueeze.plan import Plan
+from fedsqueeze.tls import ClientTLS
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
 from fedsqueeze.wire import WirePayload, payload_from_proto, payload_to_proto
@@ -21,6 +28,16 @@ log = logging.getLogger("fedsqueeze.collaborator")
 
 CHUNK_SIZE = 1 << 20
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_CAP_S = 5.0
+
+
+def backoff_delays(initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_S) -> Iterator[float]:
+    """Capped exponential backoff with jitter: uniform in [d/2, d], d = initial * 2^n capped at `cap`."""
+    d = initial
+    while True:
+        yield d * random.uniform(0.5, 1.0)
+        d = min(d * 2, cap)
 
 T = TypeVar("T")
 
@@ -57,22 +74,39 @@ class TaskMessage:
 
 
 class FederationClient:
-    def __init__(self, address: str, *, connect_timeout: float = 60.0, max_message: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout: float = 60.0,
+        reconnect_timeout: float = 300.0,
+        max_message: int = 256 << 20,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
-        options = [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        self.reconnect_timeout = reconnect_timeout
+        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
+        if tls is not None:
+            self.channel = grpc.secure_channel(address, tls.credentials(), options=options + tls.options())
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.session: Session | None = None
+        self.name = ""
+        self.num_samples = 0
 
     def close(self) -> None:
         self.channel.close()
 
     def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run `fn`, retrying UNAVAILABLE with capped exponential backoff and jitter."""
-        budget = self.connect_timeout if timeout is None else timeout
+        if timeout is not None:
+            budget = timeout
+        else:
+            budget = self.connect_timeout if self.session is None else max(self.connect_timeout, self.reconnect_timeout)
         deadline = time.monotonic() + budget
-        delay = 0.2
+        delays = backoff_delays()
         while True:
             try:
                 return fn()
@@ -80,19 +114,20 @@ class FederationClient:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in RETRYABLE:
                     raise RemoteError(code, exc.details() or "") from None  # type: ignore[attr-defined]
+                delay = next(delays)
                 if time.monotonic() + delay > deadline:
                     raise ConnectError(
                         f"could not reach the aggregator at {self.address} for {budget:.0f} s ({what}: {code.name})"
                     ) from None
                 log.info("%s: %s, retrying in %.1f s", what, code.name, delay)
-                time.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                time.sleep(delay)
 
     def _credentials(self) -> pb.Credentials:
         assert self.session is not None, "join first"
         return pb.Credentials(collaborator_id=self.session.collaborator_id, token=self.session.token)
 
     def join(self, name: str, num_samples: int = 0) -> Session:
+        """Join; joining again (see `rejoin`) must find the same plan."""
         resp = self._call(
             "join",
             lambda: self.stub.Join(pb.JoinRequest(name=name, num_samples=num_samples), timeout=30, wait_for_ready=False),
@@ -100,8 +135,21 @@ class FederationClient:
         plan = Plan.from_json(json.loads(resp.plan.json))
         if plan.sha256 != resp.plan.sha256:
             raise RemoteError(grpc.StatusCode.DATA_LOSS, "plan digest mismatch")
+        if self.session is not None and plan.sha256 != self.session.plan.sha256:
+            raise RemoteError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the aggregator now runs another plan ({plan.sha256[:12]}…, joined {self.session.plan.sha256[:12]}…): not resuming",
+            )
+        self.name, self.num_samples = name, num_samples
         self.session = Session(resp.collaborator_id, resp.token, plan, resp.shard_index, resp.num_shards)
         return self.session
+
+    def rejoin(self) -> Session:
+        """Join again after UNAUTHENTICATED (an aggregator restarted without our membership)."""
+        old = self.session
+        session = self.join(self.name, self.num_samples)
+        log.warning("re-joined as %s (was %s)", session.collaborator_id, old.collaborator_id if old else None)
+        return session
 
     def get_task(self, wait_s: float = 10.0) -> TaskMessage:
         req = pb.GetTaskRequest(credentials=self._credentials(), wait_ms=int(wait_s * 1000))
@@ -127,7 +175,12 @@ class FederationClient:
             for start in range(0, len(blob), CHUNK_SIZE):
                 yield pb.SubmitUpdateRequest(chunk=blob[start : start + CHUNK_SIZE])
 
-        self._call("submit update", lambda: self.stub.SubmitUpdate(requests(), timeout=300))
+        try:
+            self._call("submit update", lambda: self.stub.SubmitUpdate(requests(), timeout=300))
+        except RemoteError as exc:
+            if exc.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            log.info("round %d: the update was already accepted (a resend)", round_number)
         return len(blob)
 
     def upload_decoder(self, architecture: dict[str, Any], blob: bytes) -> int:

@@ -148,7 +148,7 @@ class Metrics:
     def record_round(self, record: Any, totals: Mapping[str, Any] | None = None) -> None:
         """The aggregator's per-round gauges from a RoundRecord; `totals` is the run report's summary."""
         b = record.bytes
-        self.rounds.labels("ok" if record.status == "ok" else "failed").inc()
+        self.rounds.labels("ok" if record.ok else "failed").inc()
         self.round.set(record.round)
         self.round_duration.set(record.seconds)
         self.round_participants.set(record.participants)

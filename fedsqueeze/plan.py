@@ -101,6 +101,15 @@ class PrepassSpec:
 
 
 @dataclass
+class AggregationSpec:
+    """How the updates of a round are combined (aggregator/strategy.py)."""
+
+    clip_norm: float | None = None  # clip each update's L2 norm (of the delta from the global model) to this
+    robust: str | None = None  # null: FedAvg (streaming) | "median" | "trimmed_mean" (keep every update of a round)
+    trim_fraction: float = 0.1  # trimmed_mean: fraction cut at each end per coordinate
+
+
+@dataclass
 class Plan:
     task: TaskSpec = field(default_factory=TaskSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -111,7 +120,10 @@ class Plan:
     uplink: UplinkSpec = field(default_factory=UplinkSpec)
     downlink: DownlinkSpec = field(default_factory=DownlinkSpec)
     prepass: PrepassSpec = field(default_factory=PrepassSpec)
-    round_timeout_s: float = 300.0
+    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    round_timeout_s: float = 300.0  # the round's deadline: updates after it are refused, missing ones dropped
+    quorum: int = 1  # accepted updates a round needs; fewer by the deadline: retry or fail
+    round_retries: int = 0  # a round that misses quorum is re-opened this many times (keeping its updates)
     keep_serving: bool = False
 
     # -- (de)serialisation ---------------------------------------------------------------------
@@ -183,6 +195,12 @@ class Plan:
         _check(self.prepass.snapshot_every in ("epoch", "batch"), "prepass.snapshot_every must be 'epoch' or 'batch'")
         _check(self.prepass.epochs >= 1, "prepass.epochs must be >= 1")
         _check(self.round_timeout_s > 0, "round_timeout_s must be > 0")
+        _check(self.quorum >= 1, "quorum must be >= 1")
+        _check(0 <= self.round_retries <= 1000, "round_retries must be in [0, 1000]")
+        a = self.aggregation
+        _check(a.clip_norm is None or a.clip_norm > 0, "aggregation.clip_norm must be > 0 or null")
+        _check(a.robust in (None, "median", "trimmed_mean"), f"aggregation.robust must be null, 'median' or 'trimmed_mean', got {a.robust!r}")
+        _check(0 <= a.trim_fraction < 0.5, "aggregation.trim_fraction must be in [0, 0.5)")
         for name in ("uplink", "downlink"):
             try:
                 getattr(self, f"{name}_chain")()
@@ -236,6 +254,10 @@ def _coerce(value: Any, hint: str, where: str) -> Any:
     elif hint == "str":
         if not isinstance(value, str):
             raise PlanError(f"{where} must be a string, got {value!r}")
+    elif hint == "float | None":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise PlanError(f"{where} must be a number or null, got {value!r}")
+        value = None if value is None else float(value)
     elif hint == "str | None":
         if value is not None and not isinstance(value, str):
             raise PlanError(f"{where} must be a string or null, got {value!r}")
@@ -253,4 +275,5 @@ _NESTED: dict[str, type] = {
     "UplinkSpec": UplinkSpec,
     "DownlinkSpec": DownlinkSpec,
     "PrepassSpec": PrepassSpec,
+    "AggregationSpec": AggregationSpec,
 }

@@ -33,7 +33,12 @@ class RoundRecord:
     dropped: int = 0
     seconds: float = 0.0
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
-    status: str = "ok"
+    status: str = "ok"  # ok | retried (quorum met after a retry) | failed: ... (quorum missed, model unchanged)
+    attempts: int = 1  # 1 + retries of this round
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "retried")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +49,7 @@ class RoundRecord:
             "dropped": self.dropped,
             "seconds": round(self.seconds, 4),
             "status": self.status,
+            "attempts": self.attempts,
             "bytes": dict(self.bytes),
         }
 
@@ -66,7 +72,7 @@ class RunReport:
         for r in self.rounds:
             for k in BYTE_KEYS:
                 totals[k] += r.bytes[k]
-        ok = [r for r in self.rounds if r.status == "ok"]
+        ok = [r for r in self.rounds if r.ok]
         return {
             "rounds": len(ok),
             "final_accuracy": ok[-1].accuracy if ok else None,

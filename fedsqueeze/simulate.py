@@ -45,8 +45,11 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
     global_model = get_flat(model)
     up = plan.uplink_chain()
     fp = up.fingerprint(layout)
+    down = plan.downlink_chain()
     tx = [CodecState() for _ in shards]
     rx = [CodecState() for _ in shards]
+    down_tx = [CodecState() for _ in shards]  # the aggregator's downlink sender state, per collaborator
+    down_rx = [CodecState() for _ in shards]
     out: dict[str, Any] = {"rounds": [], "prepass": []}
     found = find_stage(up)
     if plan.prepass.enabled and found is not None:
@@ -74,11 +77,13 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
         strategy.begin(global_model)
         wires, nmses = [], []
         for i, idx in enumerate(shards):
-            set_flat(model, global_model)
+            # What collaborator i receives: the global model through the downlink chain.
+            global_hat = down.decode(down.encode(global_model, layout, down_tx[i]).data, layout, down_rx[i])
+            set_flat(model, global_hat)
             train_local(model, data.x_train[idx], data.y_train[idx], epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
                         momentum=t.momentum, weight_decay=t.weight_decay, seed=plan.seed * 100_003 + rnd * 1009 + i)  # fmt: skip
             local = get_flat(model)
-            x = local - global_model if plan.uplink.target == "delta" else local
+            x = local - global_hat if plan.uplink.target == "delta" else local
             enc = up.encode(x, layout, tx[i])
             wires.append(payload_wire_size(WirePayload(data=enc.data, fingerprint=fp)))
             nmses.append(enc.stats.nmse)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fedsqueeze.codecs import ArraySpec, CodecError, CodecState, Layout, Pipeline, registered_codecs
 from fedsqueeze.codecs.entropy import Entropy
 from fedsqueeze.codecs.positions import decode_positions, encode_positions
+from fedsqueeze.codecs.sparse import kept_count
 
 LAYOUT = Layout.of({"conv": np.zeros((6, 3, 3, 3)), "fc": np.zeros((10, 24)), "bias": np.zeros(10)})
 N = LAYOUT.numel
@@ -136,7 +137,7 @@ def test_topk_keeps_exactly_k_largest(n: int, fraction: float, seed: int) -> Non
     layout = Layout.of({"v": x})
     p = Pipeline.parse(f"topk:{fraction}")
     out = p.decode(p.encode(x, layout).data, layout)
-    k = min(n, math.ceil(fraction * n))
+    k = kept_count(n, fraction)
     kept = np.flatnonzero(out)
     assert kept.size == k
     assert np.array_equal(out[kept], x[kept])

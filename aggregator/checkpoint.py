@@ -1,0 +1,115 @@
+"""Atomic aggregator checkpoints: one safetensors file per state directory.
+
+`DIR/checkpoint.safetensors`, rewritten after every round (temp file in DIR, fsync, rename,
+fsync of DIR), so a crash leaves either the previous checkpoint or the new one, never a torn file:
+
+- tensors `model/<name>`: the global model, one tensor per layer of the model layout (float32);
+- tensors `state/<collaborator id>/up` and `.../down`: uint8, each the safetensors bytes of that
+  collaborator's CodecState (`CodecState.to_bytes()`): the uplink receiver side (residual
+  predictors, installed autoencoder decoders) and the downlink sender side (error feedback);
+- metadata `fedsqueeze`: JSON with the format version, the round number, the plan's sha256, the
+  membership (ids, tokens, names, shard index, ...), the prepass bookkeeping and the run report's
+  rounds so far.
+
+It holds the session tokens: the file is created with mode 0600. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from fedsqueeze.codecs import Layout
+
+FILENAME = "checkpoint.safetensors"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """The state directory holds a checkpoint that cannot be resumed (other plan, corrupt)."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    plan_sha256: str
+    global_model: np.ndarray
+    states: dict[str, tuple[bytes, bytes]]  # collaborator id -> (up, down) CodecState bytes
+    meta: dict[str, Any] = field(default_factory=dict)  # members, joined, prepass, report
+
+
+def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for t in layout:
+        n = int(np.prod(t.shape)) if t.shape else 1
+        tensors[f"model/{t.name}"] = np.ascontiguousarray(ckpt.global_model[offset : offset + n].reshape(t.shape))
+        offset += n
+    for cid, (up, down) in ckpt.states.items():
+        tensors[f"state/{cid}/up"] = np.frombuffer(up, dtype=np.uint8)
+        tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
+    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, **ckpt.meta}
+    blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
+    path = directory / FILENAME
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None:
+    """The checkpoint in `directory`, or None if there is none. Refuses another plan's checkpoint."""
+    path = directory / FILENAME
+    if not path.exists():
+        return None
+    blob = path.read_bytes()
+    try:
+        tensors = st_load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fedsqueeze"])
+    except Exception as exc:  # safetensors / JSON errors
+        raise CheckpointError(f"{path} is not a readable fedsqueeze checkpoint: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')!r}, this build reads {FORMAT}")
+    if meta.get("plan_sha256") != plan_sha256:
+        raise CheckpointError(
+            f"{path} belongs to plan {str(meta.get('plan_sha256'))[:12]}…, not to this plan {plan_sha256[:12]}…: "
+            "refusing to resume another federation (use another --state-dir, or the same plan)"
+        )
+    parts = []
+    for t in layout:
+        arr = tensors.get(f"model/{t.name}")
+        if arr is None or tuple(arr.shape) != tuple(t.shape) or arr.dtype != np.float32:
+            raise CheckpointError(f"{path}: tensor model/{t.name} is missing or has the wrong shape/dtype")
+        parts.append(arr.reshape(-1))
+    model = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    states: dict[str, tuple[bytes, bytes]] = {}
+    for m in meta.get("members", []):
+        cid = m["id"]
+        up, down = tensors.get(f"state/{cid}/up"), tensors.get(f"state/{cid}/down")
+        if up is None or down is None:
+            raise CheckpointError(f"{path}: codec states of {cid} are missing")
+        states[cid] = (up.tobytes(), down.tobytes())
+    return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states, meta=meta)

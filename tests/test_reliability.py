@@ -1,0 +1,236 @@
+"""Reliability in-process: quorum and retries, idempotent updates, checkpoints, robust aggregation.
+
+The federations here run `Federation.run` in a thread and drive the collaborators from the test
+thread by calling the Federation's methods directly (what the servicer calls), which is fast and
+deterministic; tests/test_faults.py does the same with real processes and kill -9.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsqueeze.aggregator.checkpoint import FILENAME, CheckpointError
+from fedsqueeze.aggregator.federation import Federation
+from fedsqueeze.aggregator.strategy import CoordinateMedian, FedAvg, TrimmedMean, build_strategy
+from fedsqueeze.codecs import CodecState
+from fedsqueeze.errors import AlreadyExists, FailedPrecondition, Unauthenticated
+from fedsqueeze.models import build_model, get_flat, set_flat
+from fedsqueeze.plan import Plan, PlanError
+from fedsqueeze.tasks import load_dataset, partition
+from fedsqueeze.training import train_local
+from fedsqueeze.wire import WirePayload, payload_to_proto
+
+
+def make_plan(**over) -> Plan:
+    base = {"rounds": 3, "collaborators": {"min": 2, "join_timeout_s": 30}, "round_timeout_s": 30,
+            "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0}}  # fmt: skip
+    base.update(over)
+    return Plan.from_json(base)
+
+
+class Sim:
+    """Collaborators of one in-process federation, trained like collaborator/runner.py does."""
+
+    def __init__(self, fed: Federation, n: int, scale: dict[int, float] | None = None) -> None:
+        self.fed, self.plan = fed, fed.plan
+        self.data = load_dataset(self.plan.task.dataset, None, self.plan.seed)
+        self.shards = partition(self.data.y_train, self.plan.num_shards, "iid", 0.5, self.plan.seed)
+        self.model = build_model(self.plan.model.name, self.data.input_shape, self.data.num_classes, {}, self.plan.seed)
+        self.members = [fed.join(f"sim{i}", 0) for i in range(n)]
+        self.up = [CodecState() for _ in range(n)]
+        self.down = [CodecState() for _ in range(n)]
+        self.scale = scale or {}
+        self.snap: list[tuple[int, bytes, bytes] | None] = [None] * n  # like collaborator/runner.py
+
+    def blob(self, i: int, task) -> tuple[bytes, int]:
+        m = self.members[i]
+        idx = self.shards[m.shard_index]
+        up, down = self.plan.uplink_chain(), self.plan.downlink_chain()
+        g = down.decode(task.model.data, self.fed.layout, self.down[i])
+        set_flat(self.model, g)
+        t = self.plan.training
+        train_local(self.model, self.data.x_train[idx], self.data.y_train[idx], epochs=t.local_epochs, batch_size=t.batch_size,
+                    lr=t.lr, seed=self.plan.seed * 100_003 + task.round * 1009 + m.shard_index)  # fmt: skip
+        x = (get_flat(self.model) - g) * self.scale.get(i, 1.0)
+        enc = up.encode(x, self.fed.layout, self.up[i])
+        return payload_to_proto(WirePayload(enc.data, up.fingerprint(self.fed.layout))).SerializeToString(), len(idx)
+
+    def step(self, i: int, wait_s: float = 0.05) -> str:
+        m = self.members[i]
+        task = self.fed.get_task(m.collaborator_id, m.token, wait_s)
+        if task.kind == "TRAIN":
+            snap = self.snap[i]
+            if snap is not None and snap[0] == task.round:  # the aggregator resumed from before this round
+                self.up[i], self.down[i] = CodecState.from_bytes(snap[1]), CodecState.from_bytes(snap[2])
+            else:
+                self.snap[i] = (task.round, self.up[i].to_bytes(), self.down[i].to_bytes())
+            blob, n = self.blob(i, task)
+            self.fed.submit_update(m.collaborator_id, m.token, task.round, n, blob)
+        return task.kind
+
+
+def run_federation(fed: Federation, n: int, *, scale=None, alive=None, timeout: float = 120.0) -> Sim:
+    stop = threading.Event()
+    t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
+    sim = Sim(fed, n, scale)
+    t.start()
+    alive = set(range(n)) if alive is None else alive
+    end = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < end:
+        kinds = [sim.step(i) for i in sorted(alive)]
+        if all(k == "DONE" for k in kinds):
+            break
+    stop.set()
+    t.join(10)
+    assert not t.is_alive()
+    return sim
+
+
+def test_plan_reliability_fields() -> None:
+    plan = make_plan(quorum=2, round_retries=1, aggregation={"clip_norm": 5, "robust": "median"})
+    assert plan.aggregation.clip_norm == 5.0 and plan.quorum == 2
+    assert Plan.from_json(plan.to_json()).sha256 == plan.sha256
+    for bad, msg in [({"quorum": 0}, "quorum"), ({"aggregation": {"robust": "mean"}}, "aggregation.robust"),
+                     ({"aggregation": {"clip_norm": -1}}, "clip_norm"), ({"aggregation": {"trim_fraction": 0.5}}, "trim_fraction")]:  # fmt: skip
+        with pytest.raises(PlanError, match=msg):
+            make_plan(**bad)
+
+
+def test_robust_strategies_and_clipping() -> None:
+    g = np.zeros(4, np.float32)
+    ups = [np.array([1, 1, 1, 1], np.float32), np.array([2, 2, 2, 2], np.float32), np.array([300, -300, 3, 3], np.float32)]
+    med = CoordinateMedian()
+    med.begin(g)
+    for u in ups:
+        med.accumulate(u, 10.0)
+    assert med.count == 3 and np.allclose(med.finish(), [2, 1, 2, 2])
+    tm = TrimmedMean(trim_fraction=0.34)
+    tm.begin(g)
+    for u in ups:
+        tm.accumulate(u, 1.0)
+    assert np.allclose(tm.finish(), [2, 1, 2, 2])
+    avg = FedAvg(clip_norm=2.0)
+    avg.begin(g)
+    avg.accumulate(np.array([30, 40, 0, 0], np.float32), 1.0)  # norm 50 -> clipped to 2
+    assert avg.clipped == 1 and np.allclose(avg.finish(), [1.2, 1.6, 0, 0])
+    w = build_strategy("weights", clip_norm=1.0, robust="median")  # weights: the delta from the global model is clipped
+    w.begin(np.ones(2, np.float32))
+    w.accumulate(np.array([11, 1], np.float32), 1.0)
+    assert np.allclose(w.finish(), [2, 1])
+
+
+def test_duplicates_stale_rounds_and_other_ids_are_refused() -> None:
+    fed = Federation(make_plan(rounds=2, collaborators={"min": 2}))
+    stop = threading.Event()
+    t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
+    sim = Sim(fed, 2)
+    t.start()
+    a, b = sim.members
+    task = fed.get_task(a.collaborator_id, a.token, 10)
+    assert task.kind == "TRAIN" and task.round == 1
+    blob, n = sim.blob(0, task)
+    with pytest.raises(Unauthenticated):  # b's id with a's token: cannot submit for another id
+        fed.submit_update(b.collaborator_id, a.token, 1, n, blob)
+    with pytest.raises(Unauthenticated):
+        fed.submit_update(a.collaborator_id, "", 1, n, blob)
+    with pytest.raises(FailedPrecondition, match="round 2"):
+        fed.submit_update(a.collaborator_id, a.token, 2, n, blob)
+    assert fed.submit_update(a.collaborator_id, a.token, 1, n, blob) == len(blob)
+    with pytest.raises(AlreadyExists):  # a resend of an accepted update
+        fed.submit_update(a.collaborator_id, a.token, 1, n, blob)
+    assert sim.step(1, 10) == "TRAIN"  # b completes round 1
+    task = fed.get_task(a.collaborator_id, a.token, 10)
+    assert task.round == 2
+    with pytest.raises(AlreadyExists):  # still recognised after its round closed
+        fed.submit_update(a.collaborator_id, a.token, 1, n, blob)
+    fed.leave(b.collaborator_id, b.token)
+    with pytest.raises(FailedPrecondition, match="left"):
+        fed.get_task(b.collaborator_id, b.token, 0)
+    stop.set()
+    t.join(10)
+
+
+def test_quorum_retry_then_failure_are_reported() -> None:
+    # Two of three collaborators never answer: quorum 2 is missed, retried once, then the round fails.
+    fed = Federation(make_plan(rounds=2, collaborators={"min": 3}, quorum=2, round_retries=1, round_timeout_s=0.6))
+    sim = run_federation(fed, 3, alive={0}, timeout=30)
+    rounds = fed.report.rounds
+    assert [r.status.split(":")[0] for r in rounds] == ["failed", "failed"]
+    assert rounds[0].attempts == 2 and rounds[0].participants == 1 and "quorum not met (1 of 2" in rounds[0].status
+    assert fed.report.summary()["final_accuracy"] is None
+    # The silent ones were marked lost after round 1: round 2 selects only the live one (then tops up, in vain).
+    assert not sim.fed._collaborators[sim.members[1].collaborator_id].active or sim.fed._collaborators[sim.members[1].collaborator_id].lost
+
+
+def test_quorum_met_after_a_retry() -> None:
+    # Collaborator 1 only comes back during the retry window: status "retried".
+    fed = Federation(make_plan(rounds=1, collaborators={"min": 2}, quorum=2, round_retries=2, round_timeout_s=0.5))
+    stop = threading.Event()
+    t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
+    sim = Sim(fed, 2)
+    t.start()
+    assert sim.step(0, 10) == "TRAIN"
+    time.sleep(0.7)  # round 1 misses its first deadline
+    while sim.step(1, 1) != "TRAIN":
+        pass
+    t.join(20)
+    (r,) = fed.report.rounds
+    assert r.status == "retried" and r.attempts >= 2 and r.participants == 2
+
+
+def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_path: Path) -> None:
+    # Stateful chains on both links: the resumed run only matches if the codec states survive.
+    plan = make_plan(rounds=4, uplink={"chain": "ef | topk:0.1"}, downlink={"chain": "residual | fp16"})
+    ref = Federation(plan)
+    run_federation(ref, 2)
+    first = Federation(plan, state_dir=tmp_path)
+    stop = threading.Event()
+    th = threading.Thread(target=first.run, args=(stop,), daemon=True)
+    sim = Sim(first, 2)
+    th.start()
+    while len(first.report.rounds) < 2:
+        sim.step(0)
+        sim.step(1)
+    stop.set()  # "crash": the round open now is not recorded; a restart re-runs it
+    th.join(10)
+    ckpt = tmp_path / FILENAME
+    assert ckpt.exists() and ckpt.stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob("*.tmp"))
+    resumed = Federation(plan, state_dir=tmp_path)
+    assert resumed.resumed_from == 2 and [r.round for r in resumed.report.rounds] == [1, 2]
+    assert "initial_accuracy" in resumed.report.extra
+    # Same ids and tokens: the collaborators just carry on (sim.step restores its pre-round states).
+    sim.fed = resumed
+    stop = threading.Event()
+    th = threading.Thread(target=resumed.run, args=(stop,), daemon=True)
+    th.start()
+    end = time.monotonic() + 60
+    while th.is_alive() and time.monotonic() < end:
+        sim.step(0)
+        sim.step(1)
+    th.join(10)
+    assert [r.round for r in resumed.report.rounds] == [1, 2, 3, 4]
+    assert all(r.status == "ok" for r in resumed.report.rounds)
+    assert resumed.report.summary()["final_accuracy"] == pytest.approx(ref.report.summary()["final_accuracy"], abs=0.005)
+    with pytest.raises(CheckpointError, match="belongs to plan"):
+        Federation(make_plan(rounds=5), state_dir=tmp_path)
+
+
+def test_byzantine_update_scaled_100x_with_median() -> None:
+    common = {"rounds": 6, "collaborators": {"min": 5}, "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0},
+              "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}  # fmt: skip
+    honest = Federation(make_plan(**common))
+    run_federation(honest, 5)
+    attacked = Federation(make_plan(**common))
+    run_federation(attacked, 5, scale={2: 100.0})
+    robust = Federation(make_plan(**common, aggregation={"robust": "median"}))
+    run_federation(robust, 5, scale={2: 100.0})
+    acc = {name: f.report.summary()["final_accuracy"] for name, f in [("honest", honest), ("attacked", attacked), ("robust", robust)]}
+    print("byzantine x100:", acc)
+    assert acc["attacked"] < acc["honest"] - 0.2  # FedAvg is wrecked
+    assert acc["robust"] >= acc["honest"] - 0.02
