@@ -4,7 +4,7 @@
 
 The aggregator is the production `AggregatorServer` (thread-pool gRPC server, `Federation`,
 streaming FedAvg) in its own process (`python -m bench.scale serve`), which reports its peak RSS
-(`ru_maxrss`) and its RSS once it is listening. The collaborators are asyncio clients (`grpc.aio`)
+(VmHWM) and its RSS once it is listening. The collaborators are asyncio clients (`grpc.aio`)
 in a second process, one coroutine each: Join, then GetTask (long poll) and SubmitUpdate with a
 recorded update, until DONE. The recorded update is one real local-training delta of the model,
 encoded once with the uplink chain (a fresh CodecState); every client sends those bytes, so the
@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,9 +52,11 @@ def make_plan(n: int, model: dict[str, Any], up: str, rounds: int) -> dict[str, 
     }
 
 
-def rss_kb() -> int:
+def status_kb(field: str) -> int:
+    """VmRSS / VmHWM of this process. (Not ru_maxrss: Linux keeps it across exec, so a child started by a big
+    parent would report the parent's peak.)"""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -73,11 +74,11 @@ def serve(plan_path: str, port: int, report: str, stats: str, workers: int) -> i
     server = AggregatorServer(plan, host="127.0.0.1", port=port, report_path=Path(report), max_workers=workers, linger_s=5.0,
                               metrics=Metrics("aggregator", per_collaborator=False))  # fmt: skip
     server.start()
-    base = rss_kb()
+    base = status_kb("VmRSS")
     Path(stats + ".ready").write_text(str(server.port))
     server.wait()
     server.stop(1.0)
-    Path(stats).write_text(json.dumps({"rss_start_kb": base, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    Path(stats).write_text(json.dumps({"rss_start_kb": base, "peak_rss_kb": status_kb("VmHWM")}))
     return 0
 
 
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python -m bench.scale {' '.join(argv)}`. One aggregator process (`AggregatorServer`, {args.workers} gRPC worker "
         f"threads, streaming FedAvg) and one client process of `grpc.aio` coroutines (one per collaborator, over 8 HTTP/2 connections) "
         f"sending a recorded real update, all collaborators selected every round, {args.rounds} rounds, loopback, this 2-core machine "
-        f"(shared with the client process). Downlink `{DOWN}` (tiny, stateless). Peak RSS: the aggregator's `ru_maxrss`; "
+        f"(shared with the client process). Downlink `{DOWN}` (tiny, stateless). Peak RSS: the aggregator's VmHWM; "
         "\"at start\": its RSS once listening (Python, torch, the data set, the model). Round time p50/p99 over the rounds "
         f"(with {args.rounds} rounds, p99 is the slowest round).",
         "",
