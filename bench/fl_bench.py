@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         body += [*lines, "", f"![accuracy vs cumulative bytes, {s.key}]({png.name})", ""]
         print("\n".join(lines))
     best_lines = best_verdict(summaries)
-    body = body[:3] + best_lines + [""] + body[3:]
+    body = body[:4] + ["Headline:", "", *best_lines, ""] + body[4:]
     print("\n".join(best_lines))
     replace_section(Path(args.out), "fl-bench", "Communication to target accuracy (vs FedAvg and Flower)", body)
     Path(CACHE / "summary.json").write_text(json.dumps(summaries, indent=1, default=float))
@@ -476,7 +476,7 @@ def best_verdict(summaries: dict[str, Any]) -> list[str]:
         if partial:
             p = max(partial, key=lambda r: 1 / r["up_vs_flower"])
             out.append(
-                f"  Most uplink savings in the seeds that reached the target ({p['reached']}/{p['seeds']}): {p['chain']}: "
+                f"  {key}: most uplink savings in the seeds that reached the target ({p['reached']}/{p['seeds']}): {p['chain']}: "
                 f"{fmt_ratio(1 / p['up_vs_flower'])} up, {fmt_ratio(1 / p['down_vs_flower'])} down ({p['rounds']:.1f} rounds)."
             )
     return out
