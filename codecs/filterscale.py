@@ -1,12 +1,19 @@
 """`filterscale`: filter-wise scaled sparse ternary updates (seed 002, first abstract).
 
-Per layer, the top `fraction` of entries by magnitude is kept and sent as a sign; every output
-filter (first dimension of a weight tensor; a bias counts as one filter) gets its own scale, the
-least-squares optimum for ternary values: the mean |kept| within that filter. Compared with STC's
-single global magnitude, filters whose updates are large keep their size and small ones are not
+Chain syntax: `filterscale:0.01` (keep 1 % per layer), usually `ef | filterscale:0.01 | entropy`.
+
+Per layer, the top `fraction` of entries by magnitude is kept (k = ceil(fraction * numel), the
+same rule as `topk`) and sent as a sign; every output filter (first dimension of a weight
+tensor; a bias or other 1-D tensor counts as one filter) gets its own scale, the least-squares
+optimum for ternary values: the mean |kept| within that filter. Compared with STC's single
+global magnitude, filters whose updates are large keep their size and small ones are not
 inflated, which compensates highly sparse updates at the cost of one fp16 per filter.
 
-side: varint k | coded positions | fp16 scale per filter;  y: k sign symbols {0: -, 1: +}
+Scales are float16 (clipped to 65504; a filter whose mean |kept| is below ~6e-8 decodes as
+zero). Needs the dense model: place it first, or after `ef` / `residual`.
+
+side: varint k | varint len | positions (Golomb-Rice, `positions.py`) | fp16 scale per filter
+y:    k int8 sign symbols {0: -, 1: +}; decoding yields the dense float32 vector
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from .base import (
 from .errors import CodecError
 from .positions import decode_positions, encode_positions
 from .quantize import group_bounds
-from .sparse import _check_params, _select
+from .sparse import kept_count
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -44,12 +51,27 @@ class FilterScale(Codec):
     positional: ClassVar[tuple[str, ...]] = ("fraction",)
 
     def __post_init__(self) -> None:
-        _check_params("filterscale", self.fraction, None, "layer")
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0:
+            raise CodecError(f"filterscale: fraction must be in [0, 1], got {f!r}")
+
+    def _select(self, arr: np.ndarray, spec: ArraySpec) -> np.ndarray:
+        """Sorted indices of the top `fraction` entries by magnitude within each layer."""
+        assert spec.layout is not None
+        parts = [np.zeros(0, dtype=np.int64)]
+        for t, sl in spec.layout.slices():
+            k = kept_count(t.numel, self.fraction)
+            if k == 0:
+                continue
+            mag = np.abs(arr[sl])
+            top = np.arange(t.numel) if k >= t.numel else np.argpartition(mag, t.numel - k)[t.numel - k :]
+            parts.append(sl.start + np.sort(top).astype(np.int64))
+        return np.concatenate(parts)
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         s = require_array_spec(spec, "filterscale", dense_model=True)
         arr = s.check(x, "filterscale input")
-        idx = _select(arr, s, self.fraction, None, "layer", "filterscale")
+        idx = self._select(arr, s)
         bounds = group_bounds(s, "channel", "filterscale")
         filters = len(bounds) - 1
         owner = np.searchsorted(bounds, idx, side="right") - 1

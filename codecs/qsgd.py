@@ -1,18 +1,24 @@
 """`qsgd`: QSGD (Alistarh et al. 2017), `levels` s, scaled by the norm, stochastic and unbiased.
 
-Each entry becomes sign(x) * l / s * ||x|| with l in {0..s} drawn so that E[x_hat] = x. The norm
-is taken per bucket of `bucket` consecutive entries, as in the paper: the variance grows with the
-bucket's dimension, so a norm over millions of entries would round almost everything to zero.
-`bucket=0` uses one norm per layer (`per_layer`, dense model) or for the whole input. The seed
-travels in the header.
+Chain syntax: `qsgd:4`, `qsgd:8,bucket=0,per_layer=true`, `qsgd:4,seed=1`.
+
+Each entry becomes sign(x) * l / s * ||x|| with l in {0..s} drawn so that E[x_hat] = x: with
+r = s |x| / ||x||, l = floor(r) + 1 with probability r - floor(r). So |x - x_hat| < ||x|| / s
+per entry. The norm is taken per bucket of `bucket` consecutive entries, as in the paper: the
+variance grows with the bucket's dimension, so a norm over millions of entries would round
+almost everything to zero. `bucket=0` uses one norm per layer (`per_layer=true`, dense model
+only; without a layout the input is one bucket) or one for the whole input.
+
+The rounding seed is fresh OS randomness per message, or with `seed` set a hash of (seed, input)
+(reproducible; see `quantize`). Only the sender uses it; the header carries it for auditing.
+Norms are float32; an input whose norm exceeds float32 is refused with CodecError.
 
 side: u32 seed | f32 norm per bucket
-y:    symbols sign * l in [-s, s]
+y:    symbols sign * l in [-s, s] (int8 for s <= 127, else int16)
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,7 +36,7 @@ from .base import (
     require_array_spec,
 )
 from .errors import CodecError
-from .quantize import group_bounds, segment_ids
+from .quantize import check_seed, group_bounds, message_seed, segment_ids
 
 
 @register_codec
@@ -39,6 +45,7 @@ class QSGD(Codec):
     levels: int = 4
     bucket: int = 512
     per_layer: bool = False
+    seed: int | None = None
 
     codec_id: ClassVar[str] = "qsgd"
     positional: ClassVar[tuple[str, ...]] = ("levels",)
@@ -48,6 +55,9 @@ class QSGD(Codec):
             raise CodecError(f"qsgd: levels must be an integer in [1, 32767], got {self.levels!r}")
         if not isinstance(self.bucket, int) or isinstance(self.bucket, bool) or self.bucket < 0:
             raise CodecError(f"qsgd: bucket must be a non-negative integer, got {self.bucket!r}")
+        if not isinstance(self.per_layer, bool):
+            raise CodecError(f"qsgd: per_layer must be true or false, got {self.per_layer!r}")
+        check_seed("qsgd", self.seed)
 
     def _bounds(self, spec: ArraySpec) -> np.ndarray:
         if self.bucket:
@@ -62,14 +72,21 @@ class QSGD(Codec):
         s = require_array_spec(spec, "qsgd")
         arr = s.check(x, "qsgd input").astype(np.float32, copy=False)
         bounds = self._bounds(s)
-        sq = np.add.reduceat(arr.astype(np.float64) ** 2, bounds[:-1]) if arr.size else np.zeros(len(bounds) - 1)
-        norms = np.sqrt(sq).astype(np.float32)
+        starts = bounds[:-1]
+        if arr.size:
+            sq = np.add.reduceat(arr.astype(np.float64) ** 2, starts)
+        else:
+            sq = np.zeros(len(starts))
+        norms64 = np.sqrt(sq)
+        if not (norms64 <= np.finfo(np.float32).max).all():
+            raise CodecError("qsgd: a bucket's norm exceeds float32; scale the input down")
+        norms = norms64.astype(np.float32)
         seg = segment_ids(bounds)
-        safe = np.where(norms > 0, norms, np.float32(1))
-        r = np.abs(arr) / safe[seg] * np.float32(self.levels)
-        seed = int.from_bytes(os.urandom(4), "little")
+        safe = np.where(norms > 0, norms, np.float32(1)).astype(np.float64)
+        r = np.abs(arr) / safe[seg] * self.levels
+        seed = message_seed(self.seed, arr)
         low = np.floor(r)
-        level = low + (np.random.default_rng(seed).random(arr.size, dtype=np.float32) < (r - low))
+        level = low + (np.random.default_rng(seed).random(arr.size) < (r - low))
         symbols = (np.sign(arr) * np.minimum(level, self.levels)).astype(self._dtype)
         return SideWriter().u32(seed).array(norms).getvalue(), symbols
 
@@ -77,7 +94,7 @@ class QSGD(Codec):
         s = require_array_spec(spec, "qsgd")
         bounds = self._bounds(s)
         r = SideReader(side, "qsgd")
-        r.u32()
+        r.u32()  # the sender's seed: informational
         norms = r.array(np.float32, len(bounds) - 1)
         r.finish()
         if not np.isfinite(norms).all() or (norms < 0).any():
@@ -90,5 +107,5 @@ class QSGD(Codec):
 
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
         s, bounds, norms = self._read(spec, side)
-        scale = norms / np.float32(self.levels)
+        scale = norms / np.float32(self.levels)  # float32 arithmetic: |x_hat| <= norm, no overflow
         return (np.asarray(y).astype(np.float32) * scale[segment_ids(bounds)]).astype(s.dtype)

@@ -1,5 +1,8 @@
 """`residual`: ResFed predictive coding (seed 004): send x minus a prediction both sides share.
 
+Chain syntax: `residual` (= `residual:last`) or `residual:linear`, in front of lossy stages:
+`residual | topk:0.05 | quantize:8 | entropy`.
+
 Sender and receiver each keep the same history of reconstructed messages (`StageUpdate.x_hat`,
 identical on both sides) and predict the next one from it:
 - `last`: the previous reconstruction (on the downlink: the model the collaborator already has);
@@ -53,7 +56,10 @@ class Residual(Codec):
         if history is None or history.shape[1] != count:
             return np.zeros(count, dtype=np.float32)
         if self.predictor == "linear" and history.shape[0] >= 2:
-            return (2 * history[-1] - history[-2]).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                pred = (2 * history[-1] - history[-2]).astype(np.float32)
+            # Extrapolating a huge model can overflow; fall back to the last one (both sides alike).
+            return pred if np.isfinite(pred).all() else history[-1]
         return history[-1]
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
@@ -61,7 +67,11 @@ class Residual(Codec):
         arr = s.check(x, "residual input")
         pred = self.prediction(state, s.count)
         side = SideWriter().u32(zlib.crc32(pred.tobytes())).getvalue()
-        return side, (arr - pred).astype(s.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = (arr - pred).astype(s.dtype)
+        if not np.isfinite(y).all():
+            raise CodecError("residual: x - prediction overflows float32; scale the input down")
+        return side, y
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         r = SideReader(side, "residual")
@@ -72,13 +82,16 @@ class Residual(Codec):
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
         s = require_array_spec(spec, "residual")
         pred = self.prediction(state, s.count)
-        expected = SideReader(side, "residual").u32()
+        r = SideReader(side, "residual")
+        expected = r.u32()
+        r.finish()
         if zlib.crc32(pred.tobytes()) != expected:
             raise CodecError(
                 f"residual: predictor out of sync (sender's reference checksum {expected:08x}, ours "
                 f"{zlib.crc32(pred.tobytes()):08x}); the receiver's state does not match the sender's"
             )
-        return (np.asarray(y, dtype=np.float32) + pred).astype(s.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf: refused by the chain
+            return (np.asarray(y, dtype=np.float32) + pred).astype(s.dtype)
 
     def update(self, state: StageState, event: StageUpdate) -> None:
         x_hat = np.asarray(event.x_hat, dtype=np.float32)[None, :]

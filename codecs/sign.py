@@ -1,8 +1,13 @@
 """`sign`: one bit per entry with a scale, mean |x| per layer (or of the whole input).
 
-`ef | sign` is EF-signSGD (Karimireddy et al. 2019): the scaled sign with error feedback.
+Chain syntax: `sign`, `sign:per_layer=false`; `ef | sign` is EF-signSGD (Karimireddy et al.
+2019): x_hat = (||x||_1 / d) * sign(x), with the error fed back by `ef`.
 
-side: f32 scale per group;  y: symbols {0: negative, 1: non-negative}
+Per layer when the input is the dense model (and `per_layer`, the default); after a sparsifier
+(no layout) one scale for the whole input. The scale mean |x| is the least-squares optimum for
+a fixed sign vector, so ||x - x_hat||^2 = ||x||^2 - d * scale^2 per group. Zero maps to +scale.
+
+side: f32 scale per group;  y: int8 symbols {0: negative, 1: non-negative}
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class Sign(Codec):
 
     codec_id: ClassVar[str] = "sign"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.per_layer, bool):
+            raise CodecError(f"sign: per_layer must be true or false, got {self.per_layer!r}")
+
     def _bounds(self, spec: ArraySpec) -> np.ndarray:
         return group_bounds(spec, "layer" if self.per_layer and spec.layout is not None else "tensor", "sign")
 
@@ -42,7 +51,10 @@ class Sign(Codec):
         arr = s.check(x, "sign input").astype(np.float32, copy=False)
         bounds = self._bounds(s)
         sizes = np.maximum(np.diff(bounds), 1)
-        scales = (np.add.reduceat(np.abs(arr), bounds[:-1]) / sizes).astype(np.float32) if arr.size else np.zeros(len(bounds) - 1, np.float32)
+        if arr.size:  # summed in float64: exact enough for huge layers, and no overflow
+            scales = (np.add.reduceat(np.abs(arr).astype(np.float64), bounds[:-1]) / sizes).astype(np.float32)
+        else:
+            scales = np.zeros(len(bounds) - 1, np.float32)
         return SideWriter().array(scales).getvalue(), (arr >= 0).astype(np.int8)
 
     def _read(self, spec: Spec, side: bytes) -> tuple[ArraySpec, np.ndarray, np.ndarray]:
