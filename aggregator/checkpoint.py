@@ -7,6 +7,8 @@ fsync of DIR), so a crash leaves either the previous checkpoint or the new one, 
 - tensors `state/<collaborator id>/up` and `.../down`: uint8, each the safetensors bytes of that
   collaborator's CodecState (`CodecState.to_bytes()`): the uplink receiver side (residual
   predictors, installed autoencoder decoders) and the downlink sender side (error feedback);
+- tensor `server/update`: uint8, the CodecState bytes of the aggregator's own global-update chain
+  (`downlink.update_chain`: its error-feedback memory), when there is one;
 - metadata `fedsqueeze`: JSON with the format version, the round number, the plan's sha256, the
   membership (ids, tokens, names, shard index, ...), the prepass bookkeeping and the run report's
   rounds so far.
@@ -44,6 +46,7 @@ class Checkpoint:
     global_model: np.ndarray
     states: dict[str, tuple[bytes, bytes]]  # collaborator id -> (up, down) CodecState bytes
     meta: dict[str, Any] = field(default_factory=dict)  # members, joined, prepass, report
+    server_state: bytes = b""  # the aggregator's global-update CodecState (empty: none)
 
 
 def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
@@ -57,6 +60,8 @@ def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
     for cid, (up, down) in ckpt.states.items():
         tensors[f"state/{cid}/up"] = np.frombuffer(up, dtype=np.uint8)
         tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
+    if ckpt.server_state:
+        tensors["server/update"] = np.frombuffer(ckpt.server_state, dtype=np.uint8)
     meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, **ckpt.meta}
     blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
     path = directory / FILENAME
@@ -112,4 +117,6 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
         if up is None or down is None:
             raise CheckpointError(f"{path}: codec states of {cid} are missing")
         states[cid] = (up.tobytes(), down.tobytes())
-    return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states, meta=meta)
+    server = tensors.get("server/update")
+    return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states, meta=meta,
+                      server_state=b"" if server is None else server.tobytes())  # fmt: skip

@@ -45,12 +45,12 @@ from fedsqueeze.metrics import Metrics
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord, RunReport
-from fedsqueeze.tasks import load_dataset
 from fedsqueeze.training import evaluate
 from fedsqueeze.wire import WirePayload, payload_from_bytes, payload_wire_size
 
 from . import checkpoint
 from .decoders import Prepass
+from .global_update import GlobalUpdate
 from .strategy import Strategy, build_strategy
 
 log = logging.getLogger("fedsqueeze.aggregator")
@@ -127,12 +127,13 @@ class Federation:
     ) -> None:
         self.plan = plan
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.data = load_dataset(plan.task.dataset, plan.task.data_path, plan.seed)
+        self.data = plan.load_data()
         self.model = build_model(plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed)
         self.layout: Layout = model_layout(self.model)
         self.global_model = get_flat(self.model)
         self.up_chain: Pipeline = plan.uplink_chain()
         self.down_chain: Pipeline = plan.downlink_chain()
+        self.global_update = GlobalUpdate(plan.downlink_update_chain())
         self.up_fingerprint = self.up_chain.fingerprint(self.layout)
         self.down_fingerprint = self.down_chain.fingerprint(self.layout)
         raw = self.layout.raw_bytes
@@ -164,6 +165,7 @@ class Federation:
                 "model": {"name": plan.model.name, "parameters": self.layout.numel, "raw_bytes": raw},
                 "uplink_chain": str(self.up_chain),
                 "downlink_chain": str(self.down_chain),
+                "downlink_update_chain": None if self.global_update.chain is None else str(self.global_update.chain),
             },
         )
         self.resumed_from: int | None = None
@@ -471,7 +473,9 @@ class Federation:
             count = strategy.count
         if count >= quorum:
             status = "ok" if rnd.attempt == 0 else "retried"
-            self.global_model = strategy.finish()
+            self.global_model = self.global_update.apply(self.global_model, strategy.finish(), self.layout)
+            if self.global_update.last_stats is not None:
+                self.metrics.record_encode("global", str(self.global_update.chain), self.global_update.last_stats)
         else:
             status = f"failed: quorum not met ({count} of {quorum} updates) after {rnd.attempt} retries; the global model is unchanged"
             log.warning("round %d %s", number, status)
@@ -523,11 +527,13 @@ class Federation:
                 "report": {"rounds": [r.to_json() for r in self.report.rounds], "extra": self.report.extra},
             }
             model = self.global_model.copy()
+            server_state = self.global_update.state.to_bytes()
             states: dict[str, tuple[bytes, bytes]] = {}
             for c in members:
                 with c.lock:
                     states[c.id] = (c.up_state.to_bytes(), c.down_state.to_bytes())
-        ckpt = checkpoint.Checkpoint(round=self._completed, plan_sha256=self.plan.sha256, global_model=model, states=states, meta=meta)
+        ckpt = checkpoint.Checkpoint(round=self._completed, plan_sha256=self.plan.sha256, global_model=model, states=states, meta=meta,
+                                     server_state=server_state)  # fmt: skip
         path = checkpoint.save(self.state_dir, ckpt, self.layout)
         log.info("checkpoint after round %d: %s", self._completed, path)
         return path
@@ -540,6 +546,7 @@ class Federation:
         meta = ckpt.meta
         try:
             self.global_model = ckpt.global_model.astype(np.float32)
+            self.global_update.state = CodecState.from_bytes(ckpt.server_state) if ckpt.server_state else CodecState()
             for m in meta["members"]:
                 up, down = ckpt.states[m["id"]]
                 collab = Collaborator(

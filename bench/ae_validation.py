@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsqueeze.collaborator.prepass import record_snapshots, train_autoencoder, training_set
     from fedsqueeze.models import build_model, model_layout, set_flat
     from fedsqueeze.plan import Plan
-    from fedsqueeze.tasks import load_dataset, partition
+    from fedsqueeze.tasks import partition
     from fedsqueeze.training import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.load(args.plan)
     plan.prepass.what, plan.uplink.target = "weights", "weights"  # section 5.1 reconstructs weights
     plan.prepass.correction = 0.0
-    data = load_dataset(plan.task.dataset, plan.task.data_path, plan.seed)
+    data = plan.load_data()
     idx = partition(data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[0]
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, plan.seed)
     layout = model_layout(model)

@@ -26,7 +26,7 @@ import numpy as np
 from fedsqueeze.codecs import CodecState
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
 from fedsqueeze.plan import Plan
-from fedsqueeze.tasks import Dataset, load_dataset, partition
+from fedsqueeze.tasks import Dataset, partition
 from fedsqueeze.training import train_local
 from fedsqueeze.wire import WirePayload, payload_to_proto, payload_wire_size
 
@@ -90,7 +90,7 @@ class InProcessFederation:
         logging.getLogger("fedsqueeze").setLevel(logging.WARNING)
         self.plan = plan
         self.fed = Federation(plan)
-        self.data = data if data is not None else load_dataset(plan.task.dataset, plan.task.data_path, plan.seed)
+        self.data = data if data is not None else plan.load_data()
         self.model = build_model(plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed)
         self.layout = model_layout(self.model)
         self.up_chain, self.down_chain = plan.uplink_chain(), plan.downlink_chain()

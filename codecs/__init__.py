@@ -28,7 +28,7 @@ from .pipeline import Encoded, EncodeStats, Pipeline, parse_stage
 from .state import CodecState
 
 # One module per codec; importing a module registers its codecs.
-CODEC_MODULES = ["raw", "cast", "zstd", "ef", "sparse", "quantize", "qsgd", "sign", "entropy", "residual", "powersgd", "filterscale", "nnc", "autoencoder"]
+CODEC_MODULES = ["raw", "cast", "zstd", "ef", "sparse", "quantize", "qsgd", "sign", "entropy", "residual", "lattice", "powersgd", "filterscale", "nnc", "autoencoder"]
 for _name in CODEC_MODULES:
     import_module(f"{__name__}.{_name}")
 

@@ -50,7 +50,7 @@ def load_local_data(session: Session, data_arg: str | None) -> LocalData:
         name, path = plan.task.dataset, plan.task.data_path
     else:
         name, path = parse_data_arg(data_arg)
-    ds: Dataset = load_dataset(name, path, plan.seed)
+    ds: Dataset = load_dataset(name, path, plan.seed, plan.task.num_samples if name == plan.task.dataset else 0)
     if data_arg is None or name in ("digits", "mnist1d"):
         shards = partition(ds.y_train, session.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
         idx = shards[session.shard_index % len(shards)]

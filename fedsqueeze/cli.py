@@ -1,6 +1,6 @@
 """`fedsqueeze`: project-level commands.
 
-    fedsqueeze demo [--collaborators 4] [--rounds 20] [--uplink CHAIN] [--downlink CHAIN]
+    fedsqueeze demo [--collaborators 4] [--rounds 20] [--uplink CHAIN] [--downlink CHAIN] [--downlink-update CHAIN]
     fedsqueeze codecs          # list the registered codecs
     fedsqueeze health --server HOST:PORT   # exit 0 when the aggregator's gRPC health service says SERVING
 """
@@ -43,6 +43,8 @@ def _demo_plan(args: argparse.Namespace) -> Plan:
         plan.uplink.chain = args.uplink
     if args.downlink:
         plan.downlink.chain = args.downlink
+    if getattr(args, "downlink_update", None):
+        plan.downlink.update_chain = None if args.downlink_update.strip().lower() in ("none", "null") else args.downlink_update
     plan.round_timeout_s = min(plan.round_timeout_s, 120.0)
     plan.collaborators.join_timeout_s = min(plan.collaborators.join_timeout_s, 120.0)
     plan.validate()
@@ -107,7 +109,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _is_uncompressed(plan: Plan) -> bool:
-    return str(plan.uplink_chain()) == "identity" and str(plan.downlink_chain()) == "identity" and not plan.prepass.enabled
+    return (str(plan.uplink_chain()) == "identity" and str(plan.downlink_chain()) == "identity"
+            and plan.downlink.update_chain is None and not plan.prepass.enabled)  # fmt: skip
 
 
 def _add_baseline(plan: Plan, report_path: Path) -> None:
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="mlp or cnn")
     demo.add_argument("--uplink", help="uplink codec chain, e.g. 'ef | topk:0.01 | qsgd:4 | entropy'")
     demo.add_argument("--downlink", help="downlink codec chain")
+    demo.add_argument("--downlink-update", help="server-side chain for the global update, e.g. 'ef | topk:0.01' ('none': off)")
     demo.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     demo.add_argument("--ae", action="store_true", help="the autoencoder federation: prepass, decoder uploads, AE rounds, baseline")
     demo.add_argument("--paper", action="store_true", help="with --ae: the paper's literal method (weights through a FC AE)")

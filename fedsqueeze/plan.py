@@ -40,6 +40,7 @@ class TaskSpec:
     partition: str = "iid"  # iid | dirichlet
     alpha: float = 0.5  # Dirichlet concentration for label-skewed shards
     num_shards: int = 0  # built-in data sets are cut into this many shards (0: collaborators.min)
+    num_samples: int = 0  # mnist1d only: samples to generate, 80 % train / 20 % test (0: the standard 5,000)
 
 
 @dataclass
@@ -77,6 +78,10 @@ class DownlinkSpec:
     # encodes the global model; the default sends the sparsified, quantized change against the model
     # the collaborator already has (ResFed), which also corrects last round's downlink error
     chain: Any = DEFAULT_DOWNLINK
+    # null, or a chain the aggregator passes each round's global update through before applying it
+    # (server-side compression, e.g. "ef | topk:0.002"): the global model then moves only by what
+    # this chain reconstructs, so a collaborator that missed rounds has few coordinates to catch up on
+    update_chain: Any = None
 
 
 @dataclass
@@ -168,6 +173,15 @@ class Plan:
     def downlink_chain(self) -> Pipeline:
         return Pipeline.from_config(self.downlink.chain)
 
+    def downlink_update_chain(self) -> Pipeline | None:
+        return None if self.downlink.update_chain is None else Pipeline.from_config(self.downlink.update_chain)
+
+    def load_data(self) -> Any:
+        """The plan's data set (`fedsqueeze.tasks.Dataset`), as every process of the federation loads it."""
+        from fedsqueeze.tasks import load_dataset
+
+        return load_dataset(self.task.dataset, self.task.data_path, self.seed, self.task.num_samples)
+
     @property
     def num_shards(self) -> int:
         return self.task.num_shards or self.collaborators.min
@@ -180,6 +194,8 @@ class Plan:
         _check(self.task.partition in ("iid", "dirichlet"), f"task.partition must be 'iid' or 'dirichlet', got {self.task.partition!r}")
         _check(self.task.alpha > 0, "task.alpha must be > 0")
         _check(self.task.num_shards >= 0, "task.num_shards must be >= 0")
+        _check(self.task.num_samples == 0 or self.task.dataset == "mnist1d", "task.num_samples applies to the mnist1d data set only")
+        _check(self.task.num_samples == 0 or 100 <= self.task.num_samples <= 2_000_000, "task.num_samples must be 0 or in [100, 2000000]")
         _check(self.model.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.model.name!r}")
         _check(1 <= self.rounds <= 1_000_000, f"rounds must be in [1, 1000000], got {self.rounds}")
         c = self.collaborators
@@ -201,11 +217,12 @@ class Plan:
         _check(a.clip_norm is None or a.clip_norm > 0, "aggregation.clip_norm must be > 0 or null")
         _check(a.robust in (None, "median", "trimmed_mean"), f"aggregation.robust must be null, 'median' or 'trimmed_mean', got {a.robust!r}")
         _check(0 <= a.trim_fraction < 0.5, "aggregation.trim_fraction must be in [0, 0.5)")
-        for name in ("uplink", "downlink"):
+        for name, build in (("uplink.chain", self.uplink_chain), ("downlink.chain", self.downlink_chain),
+                            ("downlink.update_chain", self.downlink_update_chain)):  # fmt: skip
             try:
-                getattr(self, f"{name}_chain")()
+                build()
             except CodecError as exc:
-                raise PlanError(f"{name}.chain: {exc}") from exc
+                raise PlanError(f"{name}: {exc}") from exc
         from fedsqueeze.codecs.autoencoder import check_plan
 
         problem = check_plan(self)

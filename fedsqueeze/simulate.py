@@ -17,7 +17,7 @@ import numpy as np
 from fedsqueeze.codecs import CodecState
 from fedsqueeze.models import build_model, get_flat, model_layout, set_flat
 from fedsqueeze.plan import Plan
-from fedsqueeze.tasks import load_dataset, partition
+from fedsqueeze.tasks import partition
 from fedsqueeze.training import evaluate, train_local
 from fedsqueeze.wire import WirePayload, payload_wire_size
 
@@ -26,6 +26,7 @@ def uncompressed(plan: Plan) -> Plan:
     """The same plan with identity chains and no prepass."""
     base = copy.deepcopy(plan)
     base.uplink.chain, base.uplink.target, base.downlink.chain = "identity", "delta", "identity"
+    base.downlink.update_chain = None
     base.prepass.enabled = False
     return base
 
@@ -33,11 +34,12 @@ def uncompressed(plan: Plan) -> Plan:
 def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     import torch
 
+    from fedsqueeze.aggregator.global_update import GlobalUpdate
     from fedsqueeze.aggregator.strategy import FedAvg
     from fedsqueeze.codecs.autoencoder import find_stage
 
     torch.set_num_threads(1)
-    data = load_dataset(plan.task.dataset, plan.task.data_path, plan.seed)
+    data = plan.load_data()
     k = plan.collaborators.min
     shards = partition(data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[:k]
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, plan.seed)
@@ -46,6 +48,7 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
     up = plan.uplink_chain()
     fp = up.fingerprint(layout)
     down = plan.downlink_chain()
+    global_update = GlobalUpdate(plan.downlink_update_chain())
     tx = [CodecState() for _ in shards]
     rx = [CodecState() for _ in shards]
     down_tx = [CodecState() for _ in shards]  # the aggregator's downlink sender state, per collaborator
@@ -88,7 +91,7 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
             wires.append(payload_wire_size(WirePayload(data=enc.data, fingerprint=fp)))
             nmses.append(enc.stats.nmse)
             strategy.accumulate(up.decode(enc.data, layout, rx[i]), float(len(idx)))
-        global_model = strategy.finish()
+        global_model = global_update.apply(global_model, strategy.finish(), layout)
         set_flat(model, global_model)
         loss, acc = evaluate(model, data.x_test, data.y_test)
         rec = {"round": rnd, "accuracy": acc, "loss": loss, "up_wire": wires, "nmse": float(np.mean(nmses))}

@@ -10,6 +10,7 @@ ever downloaded.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle  # only for local CIFAR-10 python batches, through an allow-listing unpickler
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,26 @@ def load_digits(seed: int = 0) -> Dataset:
     return Dataset(x_tr, y_tr, x_te, y_te, 10)
 
 
-def load_mnist1d(seed: int = 0, num_samples: int = 5000) -> Dataset:
+MNIST1D_SAMPLES = 5000  # the published data set's size: 4,000 train + 1,000 test
+
+
+def cache_dir() -> Path:
+    """Where generated data sets are kept: $FEDSQUEEZE_CACHE, else $XDG_CACHE_HOME/fedsqueeze or ~/.cache/fedsqueeze."""
+    if os.environ.get("FEDSQUEEZE_CACHE"):
+        return Path(os.environ["FEDSQUEEZE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedsqueeze"
+
+
+def load_mnist1d(seed: int = 0, num_samples: int = MNIST1D_SAMPLES) -> Dataset:
+    """MNIST-1D generated procedurally (80 % train, 20 % test), cached on disk: 50,000 samples take ~10 s to make."""
+    cached = cache_dir() / f"mnist1d-v1-n{num_samples}-s{seed}.npz"
+    try:
+        with np.load(cached, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        if len(arrays["y"]) + len(arrays["y_test"]) == num_samples:
+            return _mnist1d_dataset(arrays)
+    except (OSError, KeyError, ValueError):
+        pass  # not there yet, or unreadable: generate it
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -63,11 +83,23 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000) -> Dataset:
         data = make_dataset(args)
     finally:
         np.random.set_state(state)
+    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    try:  # best effort: another process may write the same file; the rename is atomic
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return _mnist1d_dataset(arrays)
+
+
+def _mnist1d_dataset(a: dict[str, np.ndarray]) -> Dataset:
     return Dataset(
-        data["x"].astype(np.float32)[:, None, :],
-        data["y"].astype(np.int64),
-        data["x_test"].astype(np.float32)[:, None, :],
-        data["y_test"].astype(np.int64),
+        a["x"].astype(np.float32)[:, None, :],
+        a["y"].astype(np.int64),
+        a["x_test"].astype(np.float32)[:, None, :],
+        a["y_test"].astype(np.int64),
         10,
     )
 
@@ -189,11 +221,12 @@ def load_cifar10(root: str | Path) -> Dataset:
 DATASETS = {"digits", "mnist1d", "npz", "mnist", "cifar10"}
 
 
-def load_dataset(name: str, path: str | None = None, seed: int = 0) -> Dataset:
+def load_dataset(name: str, path: str | None = None, seed: int = 0, num_samples: int = 0) -> Dataset:
+    """A data set by name; `num_samples` (mnist1d only) generates that many instead of the standard 5,000."""
     if name == "digits":
         return load_digits(seed)
     if name == "mnist1d":
-        return load_mnist1d(seed)
+        return load_mnist1d(seed, num_samples or MNIST1D_SAMPLES)
     if path is None:
         raise DataError(f"data set {name!r} needs a path (--data {name}:PATH)")
     if name == "npz":

@@ -95,3 +95,31 @@ def test_missing_plan_file(tmp_path) -> None:
     proc = spawn(["fedsqueeze.aggregator", "serve", "--port", "0", "--plan", str(tmp_path / "nope.json")])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "cannot read plan" in out
+
+
+def test_partial_participation_with_server_update_chain_over_grpc(tmp_path, procs) -> None:
+    """2 of 4 collaborators per round; the aggregator compresses its own update (`update_chain`) and
+    each collaborator catches up through `residual | lattice | entropy`: every process agrees on
+    the byte counts and the model still learns."""
+    port = free_port()
+    write_plan(tmp_path / "plan.json", rounds=8, collaborators={"min": 4, "fraction": 0.5, "min_per_round": 2, "join_timeout_s": 120},
+               uplink={"chain": "ef | topk:0.05 | quantize:8 | entropy"},
+               downlink={"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"})  # fmt: skip
+    report = tmp_path / "report.json"
+    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1",
+                 "--plan", str(tmp_path / "plan.json"), "--report", str(report)], log=tmp_path / "agg.log")  # fmt: skip
+    procs.append(agg)
+    for i in range(4):
+        procs.append(spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress",
+                            "--report", str(tmp_path / f"c{i}.json")], log=tmp_path / f"c{i}.log"))  # fmt: skip
+    assert agg.wait(timeout=240) == 0, (tmp_path / "agg.log").read_text()
+    for i, p in enumerate(procs[1:]):
+        assert p.wait(timeout=60) == 0, (tmp_path / f"c{i}.log").read_text()
+    data = json.loads(report.read_text())
+    assert data["downlink_update_chain"].startswith("ef")
+    assert [r["participants"] for r in data["rounds"]] == [2] * 8
+    sent = [json.loads((tmp_path / f"c{i}.json").read_text())["rounds"] for i in range(4)]
+    for key in ("up_wire", "down_wire", "down_raw"):
+        assert sum(r[key] for c in sent for r in c) == data["summary"][key]
+    assert data["summary"]["down_wire"] < 0.3 * data["summary"]["down_raw"]
+    assert data["summary"]["final_accuracy"] > 0.7

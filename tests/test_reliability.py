@@ -183,9 +183,15 @@ def test_quorum_met_after_a_retry() -> None:
     assert r.status == "retried" and r.attempts >= 2 and r.participants == 2
 
 
-def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_path: Path) -> None:
-    # Stateful chains on both links: the resumed run only matches if the codec states survive.
-    plan = make_plan(rounds=4, uplink={"chain": "ef | topk:0.1"}, downlink={"chain": "residual | fp16"})
+@pytest.mark.parametrize(
+    "downlink",
+    [{"chain": "residual | fp16"}, {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}],
+    ids=["residual", "server-update-chain"],
+)
+def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_path: Path, downlink: dict) -> None:
+    # Stateful chains on both links (and the aggregator's own error feedback of the global update):
+    # the resumed run only matches if every codec state survives.
+    plan = make_plan(rounds=4, uplink={"chain": "ef | topk:0.1"}, downlink=downlink)
     ref = Federation(plan)
     run_federation(ref, 2)
     first = Federation(plan, state_dir=tmp_path)
@@ -217,6 +223,7 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_pa
     assert [r.round for r in resumed.report.rounds] == [1, 2, 3, 4]
     assert all(r.status == "ok" for r in resumed.report.rounds)
     assert resumed.report.summary()["final_accuracy"] == pytest.approx(ref.report.summary()["final_accuracy"], abs=0.005)
+    assert np.array_equal(resumed.global_model, ref.global_model)
     with pytest.raises(CheckpointError, match="belongs to plan"):
         Federation(make_plan(rounds=5), state_dir=tmp_path)
 

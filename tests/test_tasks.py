@@ -67,3 +67,28 @@ def test_model_sizes_match_seed_001() -> None:
     flat = get_flat(cnn)
     set_flat(cnn, flat + 1)
     assert np.allclose(get_flat(cnn), flat + 1)
+
+
+def test_mnist1d_num_samples_is_generated_once_then_read_from_the_cache(tmp_path, monkeypatch) -> None:
+    from fedsqueeze.tasks import load_mnist1d
+
+    monkeypatch.setenv("FEDSQUEEZE_CACHE", str(tmp_path))
+    first = load_mnist1d(3, 600)
+    assert len(first.y_train) == 480 and len(first.y_test) == 120 and first.input_shape == (1, 40)
+    cached = tmp_path / "mnist1d-v1-n600-s3.npz"
+    assert cached.exists()
+    again = load_mnist1d(3, 600)
+    assert np.array_equal(first.x_train, again.x_train) and np.array_equal(first.y_test, again.y_test)
+    cached.write_bytes(b"not an npz")  # a torn or foreign file is regenerated, not trusted
+    third = load_mnist1d(3, 600)
+    assert np.array_equal(first.x_train, third.x_train)
+
+
+def test_plan_num_samples_only_for_mnist1d() -> None:
+    from fedsqueeze.plan import Plan, PlanError
+
+    assert Plan.from_json({"task": {"dataset": "mnist1d", "num_samples": 20000}}).task.num_samples == 20000
+    with pytest.raises(PlanError, match="mnist1d data set only"):
+        Plan.from_json({"task": {"dataset": "digits", "num_samples": 20000}})
+    with pytest.raises(PlanError, match="num_samples must be"):
+        Plan.from_json({"task": {"dataset": "mnist1d", "num_samples": 5}})

@@ -46,6 +46,8 @@ CHAINS = [
     "ef | powersgd:1",
     "residual | topk:0.05 | qsgd:4 | entropy",
     "residual:linear | quantize:8 | zstd",
+    "lattice:0.05 | entropy",
+    "residual | lattice:0.01,levels=127 | entropy",
 ]
 
 
@@ -315,6 +317,7 @@ GOLDEN_CHAINS = {
     "filterscale": "filterscale:0.05",
     "powersgd2": "powersgd:2",
     "residual_quantize8": "residual | quantize:8",
+    "lattice_entropy": "lattice:0.05 | entropy",
 }
 
 

@@ -1,0 +1,96 @@
+"""`lattice`: fixed-step scalar quantization with a dead zone, DeepCABAC-style (seed 002).
+
+Chain syntax: `lattice:0.0005` (step 0.0005), `lattice:step=0.001,levels=127`; in front of
+`entropy`, usually behind `residual`: `residual | lattice:0.0005 | entropy`.
+
+Every entry becomes an integer level q = round(x / step), clipped to [-levels, levels], and
+decodes to q * step: DeepCABAC's uniform reconstruction quantizer with one fixed step for the
+whole message. Entries with |x| < step / 2 get level 0 and are not sent at all: the header
+carries the positions of the non-zero levels (Golomb-Rice, `positions.py`, near log2 C(n, k)
+bits, the "significance map"), and only the non-zero levels go on, as symbols, to `entropy`.
+Error bound: |x - x_hat| <= step / 2 for every |x| <= (levels + 1/2) * step.
+
+Why a fixed step rather than `quantize`'s per-message range: the grid does not move between
+messages, so behind `residual` (a residual against the copy the receiver already holds) nothing
+accumulates: a coordinate is sent again only once the receiver's copy is off by step / 2 or more,
+and never drifts further. That makes `residual | lattice | entropy` a catch-up coder for a
+collaborator that missed rounds: it receives exactly the coordinates that changed since it last
+synchronised, whatever the number of rounds in between (see `downlink.update_chain` in the
+README: the aggregator then moves the global model sparsely, so that set stays small).
+
+side: varint k | positions of the k non-zero levels
+y:    k int16 levels in [-levels, levels] \\ {0}; decoding yields the dense float32 vector
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .base import (
+    ArraySpec,
+    Codec,
+    Data,
+    SideReader,
+    SideWriter,
+    Spec,
+    StageState,
+    register_codec,
+    require_array_spec,
+)
+from .errors import CodecError
+from .positions import decode_positions, encode_positions
+
+MAX_LEVELS = 32767  # int16 symbols; `entropy` codes alphabets of up to 65,536
+
+
+@register_codec
+@dataclass
+class Lattice(Codec):
+    step: float = 2.0**-12
+    levels: int = MAX_LEVELS
+
+    codec_id: ClassVar[str] = "lattice"
+    positional: ClassVar[tuple[str, ...]] = ("step",)
+
+    def __post_init__(self) -> None:
+        s = self.step
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or not 1e-30 <= s <= 1e30:
+            raise CodecError(f"lattice: step must be a number in [1e-30, 1e30], got {s!r}")
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 1 <= self.levels <= MAX_LEVELS:
+            raise CodecError(f"lattice: levels must be an integer in [1, {MAX_LEVELS}], got {self.levels!r}")
+
+    @property
+    def _step32(self) -> np.float32:
+        return np.float32(self.step)
+
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        s = require_array_spec(spec, "lattice")
+        arr = s.check(x, "lattice input")
+        with np.errstate(over="ignore", invalid="ignore"):  # |x| / step beyond float range: clipped below
+            scaled = np.rint(arr.astype(np.float64) / float(self._step32))
+        q = np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16)
+        idx = np.flatnonzero(q).astype(np.int64)
+        side = SideWriter().varint(idx.size).raw(encode_positions(idx, arr.size)).getvalue()
+        return side, q[idx]
+
+    def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
+        s = require_array_spec(spec, "lattice")
+        r = SideReader(side, "lattice")
+        k = r.varint()
+        if k > s.count:
+            raise CodecError(f"lattice: {k} non-zero levels out of {s.count} entries")
+        return decode_positions(r.rest(), s.count, k)
+
+    def output_spec(self, spec: Spec, side: bytes) -> Spec:
+        return ArraySpec(np.int16, int(self._positions(spec, side).size), symbols=(-self.levels, self.levels))
+
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+        s = require_array_spec(spec, "lattice")
+        idx = self._positions(spec, side)
+        out = np.zeros(s.count, dtype=s.dtype)
+        out[idx] = np.asarray(y).astype(np.float32) * self._step32
+        return out
