@@ -138,6 +138,7 @@ class InProcessFederation:
         handle_task(c.prepass_ctx, msg)
 
     def run(self, on_round: Any = None) -> SimResult:
+        """Run every round (or until `on_round(record)` returns True)."""
         fed = self.fed
         stop = threading.Event()
         error: list[BaseException] = []
@@ -169,8 +170,9 @@ class InProcessFederation:
                         self._train(c, task)
                         progressed = True
                 if on_round is not None:
-                    while seen < len(fed.report.rounds):
-                        on_round(fed.report.rounds[seen])
+                    while seen < len(fed.report.rounds) and not done:
+                        # on_round may end the run early by returning True (the open round is discarded).
+                        done = on_round(fed.report.rounds[seen]) is True
                         seen += 1
                 if error:
                     raise error[0]
