@@ -28,13 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     ("default chains (ResFed downlink, stateful)", "ef | topk:0.01 | quantize:4 | entropy", "residual | topk:0.05 | quantize:8 | entropy", None),
     ("sparse both ways", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.02 | quantize:4 | entropy", None),
+    ("aggregator update chain + catch-up downlink (server-side error feedback, lattice)", "ef | sign",
+     {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}, None),
     ("AE chunked, shared decoder (prepass, decoder upload and download)", "ae", "identity",
      {"enabled": True, "epochs": 2, "snapshot_every": "batch", "what": "update", "decoder": "shared", "variant": "chunked",
       "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}),
 ]  # fmt: skip
 
 
-def make_plan(up: str, down: str, prepass: dict[str, Any] | None, n: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:
+def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | None, n: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:
     plan: dict[str, Any] = {
         "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5, "num_shards": 100},
         "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
@@ -43,12 +45,22 @@ def make_plan(up: str, down: str, prepass: dict[str, Any] | None, n: int, per_ro
         "collaborators": {"min": n, "fraction": per_round / n, "min_per_round": per_round, "join_timeout_s": 300},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "uplink": {"chain": up},
-        "downlink": {"chain": down},
+        "downlink": down if isinstance(down, dict) else {"chain": down},
         "round_timeout_s": 300,
     }
     if prepass:
         plan["prepass"] = prepass
     return plan
+
+
+def cell(chain: str) -> str:
+    return "`" + chain.replace("|", "\\|") + "`"  # GitHub splits table cells at every unescaped |
+
+
+def down_cell(down: str | dict[str, Any]) -> str:
+    if isinstance(down, str):
+        return cell(down)
+    return cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
 
 
 def free_port() -> int:
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems[:10]:
             print("   ", p)
         lines.append(
-            f"| {name} | `{up}` | `{down}` | {info['rounds']} | {g['up_wire']:,} | {s['up_wire']:,} | {g['down_wire']:,} | {s['down_wire']:,} | "
+            f"| {name} | {cell(up)} | {down_cell(down)} | {info['rounds']} | {g['up_wire']:,} | {s['up_wire']:,} | {g['down_wire']:,} | {s['down_wire']:,} | "
             f"{g['decoder']:,} / {s['decoder']:,} | {verdict} |"
         )
     lines += ["", f"Result: {'all byte counts equal' if all_ok else 'MISMATCH (see table)'}."]

@@ -35,7 +35,18 @@ CHAINS = [
     ("sign + EF / fp16", "ef | sign", "fp16"),
     ("default chains (ResFed)", "ef | topk:0.01 | quantize:4 | entropy", "residual | topk:0.05 | quantize:8 | entropy"),
     ("top-k 0.2% q4 / res top-k 5% q4", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.05 | quantize:4 | entropy"),
-]
+    # the aggregator compresses its own update (downlink.update_chain); collaborators catch up on what moved
+    ("sign + EF / catch-up, update top-k 5%", "ef | sign", {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}),
+    ("top-k 1% q4 / catch-up, update top-k 1%", "ef | topk:0.01 | quantize:4 | entropy",
+     {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.01"}),
+]  # fmt: skip
+
+
+def cell(down: str | dict[str, Any]) -> str:
+    """A chain (or downlink spec) as Markdown table code: GitHub splits cells at every unescaped |."""
+    if isinstance(down, dict):
+        return cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
+    return "`" + down.replace("|", "\\|") + "`"
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -85,7 +96,7 @@ class Topology:
         self.cleanup()
 
 
-def make_plan(up: str, down: str, n: int, rounds: int, seed: int) -> dict[str, Any]:
+def make_plan(up: str, down: str | dict[str, Any], n: int, rounds: int, seed: int) -> dict[str, Any]:
     return {
         "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5},
         "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
@@ -94,7 +105,7 @@ def make_plan(up: str, down: str, n: int, rounds: int, seed: int) -> dict[str, A
         "collaborators": {"min": n, "fraction": 1.0, "join_timeout_s": 300},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "uplink": {"chain": up},
-        "downlink": {"chain": down},
+        "downlink": down if isinstance(down, dict) else {"chain": down},
         "round_timeout_s": 600,
     }
 
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         hit = r["hit"]
         speed = f"{base / hit[1]:.1f}x" if (hit and base) else "-"
         lines.append(
-            f"| {r['name']} | `{r['up']}` | `{r['down']}` | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
+            f"| {r['name']} | {cell(r['up'])} | {cell(r['down'])} | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
             f"{hit[0] if hit else 'not reached'} | {f'{hit[1]:.1f} s' if hit else '-'} | {speed} | {100 * r['final']:.2f} % |"
         )
     replace_section(Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines)
