@@ -1,6 +1,7 @@
 """`aggregator`: the command line of the aggregator service.
 
     aggregator serve --port 50051 [--plan plan.json] [--report runs/report.json] [--keep-serving]
+                     [--max-concurrent-uploads 8]
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from fedsqueeze.tasks import DataError
 from fedsqueeze.tls import ServerTLS, TLSConfigError
 
 from .checkpoint import CheckpointError
+from .servicer import DEFAULT_MAX_CONCURRENT_UPLOADS
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import AggregatorServer
+    from .server import AggregatorServer, limit_malloc_arenas
 
+    if args.max_concurrent_uploads < 1:
+        die(f"--max-concurrent-uploads must be at least 1, got {args.max_concurrent_uploads}")
     plan = Plan.load(args.plan) if args.plan else Plan()
     overrides = {"rounds": args.rounds}
     for key, value in overrides.items():
@@ -33,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.keep_serving:
         plan.keep_serving = True
     plan.validate()
+    limit_malloc_arenas()  # before the server's threads exist; see aggregator/server.py
     report = Path(args.report) if args.report else None
 
     def on_round(record: RoundRecord) -> None:
@@ -42,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_ca)
     state_dir = Path(args.state_dir) if args.state_dir else None
     server = AggregatorServer(
-        plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics, state_dir=state_dir, tls=tls
+        plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics, state_dir=state_dir, tls=tls,
+        max_concurrent_uploads=args.max_concurrent_uploads,
     ).start()
     if args.metrics_port is not None:
         _, metrics_port = start_metrics_server(args.metrics_port, metrics, args.metrics_host)
@@ -125,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     serve.add_argument("--tls-ca", help="mutual TLS: require client certificates signed by this CA; their CN is the collaborator id")
+    serve.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_UPLOADS,
+        metavar="N",
+        help=f"read and decode at most N uploads at once, as many more wait, the rest are refused and retried "
+        f"(bounds memory to ~N updates; default {DEFAULT_MAX_CONCURRENT_UPLOADS})",
+    )
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
     serve.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default: all interfaces)")
     serve.add_argument(

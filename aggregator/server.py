@@ -3,10 +3,19 @@
 With a state directory the Federation restores its checkpoint while it is constructed; the health
 service says NOT_SERVING until then and SERVING once `start` runs. With `tls` the port serves TLS
 (mutual TLS when the config has a CA).
+
+Memory stays O(model) however many collaborators upload at once: at most `max_concurrent_uploads`
+uploads are read and decoded at a time (`servicer.UploadSlots`), and the streams of the others stay
+unread in gRPC with a small flow-control window each (`grpc_options`). Not `grpc.server(...,
+maximum_concurrent_rpcs=N)`: that counts every RPC, so it would refuse the long polls of a large
+federation's GetTask and health checks too. `aggregator serve` also caps glibc's malloc arenas
+(`limit_malloc_arenas`): with one arena per busy worker thread, freed update buffers stayed
+resident in each of them (about 100 MB more at 1,000 uncompressed updates, bench/scale.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -25,10 +34,18 @@ from fedsqueeze.report import RoundRecord
 from fedsqueeze.tls import ServerTLS
 
 from .federation import Federation
-from .servicer import MAX_CHUNK, FederationServicer, add_to_server
+from .servicer import (
+    DEFAULT_MAX_CONCURRENT_UPLOADS,
+    DEFAULT_UPLOAD_WAIT_S,
+    MAX_CHUNK,
+    FederationServicer,
+    add_to_server,
+)
 
 log = logging.getLogger("fedsqueeze.aggregator")
 SERVICE_NAME = "fedsqueeze.v1.Federation"
+# Initial HTTP/2 flow-control window of every stream: what gRPC buffers of an upload nobody reads yet.
+STREAM_WINDOW = 16 << 10
 
 
 def grpc_options(max_message: int) -> list[tuple[str, Any]]:
@@ -37,7 +54,25 @@ def grpc_options(max_message: int) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", max_message),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # Without these, BDP probing grows every stream's window towards the whole upload, so gRPC
+        # would buffer each waiting upload in full: 1,000 uncompressed 2.3 MB updates took 2.6 GB.
+        # A stream being read still gets a window of at least the message it waits for.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
     ]
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process (mallopt M_ARENA_MAX); False where there is no glibc.
+
+    Call it before the server starts its threads: arenas are created per thread on demand.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_arena_max = -8  # malloc.h
+    return bool(getattr(libc, "mallopt", lambda *_: 0)(m_arena_max, arenas))
 
 
 class AggregatorServer:
@@ -56,7 +91,11 @@ class AggregatorServer:
         metrics: Metrics | None = None,
         state_dir: Path | None = None,
         tls: ServerTLS | None = None,
+        max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+        upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S,
     ) -> None:
+        if max_concurrent_uploads < 1:
+            raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
         self.linger_s = linger_s
         self.health = health.HealthServicer()
         for name in ("", SERVICE_NAME):
@@ -66,7 +105,11 @@ class AggregatorServer:
         # Messages: the downlink model in one response, uplink chunks of at most MAX_CHUNK.
         max_message = max(MAX_CHUNK + (1 << 16), 2 * self.federation.layout.raw_bytes + (1 << 20))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message))
-        add_to_server(FederationServicer(self.federation, mutual_tls=tls is not None and tls.mutual), self.server)
+        self.servicer = FederationServicer(
+            self.federation, mutual_tls=tls is not None and tls.mutual,
+            max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s,
+        )
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tls = tls
         address = f"{host}:{port}"

@@ -4,31 +4,51 @@ Requests that are not valid protobuf get INVALID_ARGUMENT (not gRPC's default IN
 handlers are registered with deserializers that turn a parse error into a `Malformed` marker.
 Under mutual TLS the client certificate's common name is the collaborator's identity: Join
 registers under it and every other RPC must carry credentials for that id (PERMISSION_DENIED).
+
+Uploads (SubmitUpdate, UploadDecoder) take one of `max_concurrent_uploads` slots while they are
+read and decoded (`UploadSlots`), so the aggregator holds at most that many uploads in memory
+whatever the number of collaborators; GetTask, Join, Leave and health checks take none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from fedsqueeze.codecs import CodecError
-from fedsqueeze.errors import FederationError, InvalidArgument, PermissionDenied, Unauthenticated
+from fedsqueeze.errors import (
+    FederationError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from fedsqueeze.metrics import Metrics
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
 from fedsqueeze.wire import payload_to_proto
 
-from .federation import Federation
+if TYPE_CHECKING:  # the CLI imports this module for its defaults without loading torch
+    from .federation import Federation
 
 log = logging.getLogger("fedsqueeze.aggregator")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 MAX_CHUNK = 4 << 20
+# Uploads read and decoded at once (`aggregator serve --max-concurrent-uploads`), and how long
+# another may wait for a slot before it is refused with RESOURCE_EXHAUSTED (and retried).
+DEFAULT_MAX_CONCURRENT_UPLOADS = 8
+DEFAULT_UPLOAD_WAIT_S = 30.0
 # RPCs that carry a message counted in fedsqueeze_messages_total by status: (direction, type).
 _MESSAGES = {"SubmitUpdate": ("up", "update"), "UploadDecoder": ("up", "decoder")}
 
@@ -125,10 +145,77 @@ def _assemble(requests: Iterator[Any], header_field: str, size_field: str, limit
     return header, bytes(buf)
 
 
+class UploadSlots:
+    """At most `limit` uploads are read and decoded at once; the others wait for a slot.
+
+    An upload that waits has not read its stream, so gRPC holds at most one flow-control window of
+    it (see `server.grpc_options`). One that waits longer than `wait_s` is refused with
+    RESOURCE_EXHAUSTED, and the collaborator retries it with backoff: a waiting upload holds a
+    worker thread, which GetTask, Join and health checks also need. Waiting rather than refusing at
+    once matters: refusing at once cut bench/scale.py's ingest at 1,000 collaborators from ~100 to
+    12 updates/s, the retries queueing for worker threads behind the long polls.
+    """
+
+    def __init__(self, limit: int, metrics: Metrics, wait_s: float = DEFAULT_UPLOAD_WAIT_S) -> None:
+        if limit < 1:
+            raise ValueError(f"max_concurrent_uploads must be at least 1, got {limit}")
+        self.limit = limit
+        self.wait_s = wait_s
+        self.metrics = metrics
+        self.active = 0
+        self.waiting = 0
+        self.peak = 0  # the most uploads ever in flight at once (tests check the bound with it)
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def slot(self, is_active: Callable[[], bool]) -> Iterator[None]:
+        """Hold a slot for the body; wait up to `wait_s` while the RPC is alive (`is_active`) if none is free."""
+        with self._cond:
+            if self.active >= self.limit:
+                self.waiting += 1
+                self.metrics.uploads_waiting.set(self.waiting)
+                deadline = time.monotonic() + self.wait_s
+                try:
+                    while self.active >= self.limit:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            self.metrics.uploads_deferred.labels("refused").inc()
+                            raise ResourceExhausted(f"all {self.limit} upload slots stayed busy for {self.wait_s:g} s; retry later")
+                        if not is_active():
+                            raise Unavailable("the upload ended while waiting for a slot")
+                        self._cond.wait(min(remaining, 0.5))  # woken by notify; 0.5 s only to notice a cancelled RPC
+                except BaseException:
+                    if self.active < self.limit:
+                        self._cond.notify()  # pass on a wake-up this waiter may have taken
+                    raise
+                finally:
+                    self.waiting -= 1
+                    self.metrics.uploads_waiting.set(self.waiting)
+                self.metrics.uploads_deferred.labels("waited").inc()
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.metrics.uploads_in_flight.set(self.active)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.active -= 1
+                self.metrics.uploads_in_flight.set(self.active)
+                self._cond.notify()
+
+
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, federation: Federation, *, mutual_tls: bool = False) -> None:
+    def __init__(
+        self,
+        federation: Federation,
+        *,
+        mutual_tls: bool = False,
+        max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+        upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S,
+    ) -> None:
         self.fed = federation
         self.mutual_tls = mutual_tls
+        self.uploads = UploadSlots(max_concurrent_uploads, federation.metrics, upload_wait_s)
 
     def _identity(self, context: grpc.ServicerContext) -> str | None:
         """Under mTLS, the verified client certificate's common name; None without mTLS."""
@@ -167,16 +254,18 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @_mapped
     def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
-        header, blob = _assemble(request_iterator, "header", "payload_size", self.fed.max_update_bytes)
-        metrics = dict(header.metrics)
-        wire = self.fed.submit_update(*self._as(context, header.credentials), header.round, header.num_samples, blob, metrics)
+        with self.uploads.slot(lambda: context.is_active()):
+            header, blob = _assemble(request_iterator, "header", "payload_size", self.fed.max_update_bytes)
+            metrics = dict(header.metrics)
+            wire = self.fed.submit_update(*self._as(context, header.credentials), header.round, header.num_samples, blob, metrics)
         return pb.SubmitUpdateResponse(accepted=True, message="accepted", bytes_received=wire)
 
     @_mapped
     def UploadDecoder(self, request_iterator: Iterator[pb.UploadDecoderRequest], context: grpc.ServicerContext) -> pb.UploadDecoderResponse:
-        header, blob = _assemble(request_iterator, "header", "size", self.fed.max_decoder_bytes)
-        architecture = MessageToDict(header.architecture, preserving_proto_field_name=True)
-        n = self.fed.upload_decoder(*self._as(context, header.credentials), architecture, blob)
+        with self.uploads.slot(lambda: context.is_active()):
+            header, blob = _assemble(request_iterator, "header", "size", self.fed.max_decoder_bytes)
+            architecture = MessageToDict(header.architecture, preserving_proto_field_name=True)
+            n = self.fed.upload_decoder(*self._as(context, header.credentials), architecture, blob)
         return pb.UploadDecoderResponse(accepted=True, message="decoder accepted", bytes_received=n)
 
     @_mapped

@@ -2,7 +2,9 @@
 
 Every call retries UNAVAILABLE and DEADLINE_EXCEEDED with capped exponential backoff and full
 jitter: before Join for `connect_timeout` seconds, afterwards (the aggregator restarting, say) for
-`reconnect_timeout`. An update is identified by (collaborator, round), so a resent upload is safe:
+`reconnect_timeout`. RESOURCE_EXHAUSTED is retried the same way (an aggregator with all its upload
+slots taken, `--max-concurrent-uploads`), except gRPC's own "message larger than max", which no
+retry can cure. An update is identified by (collaborator, round), so a resent upload is safe:
 ALREADY_EXISTS means an earlier attempt was accepted, and counts as success.
 """
 
@@ -27,7 +29,7 @@ from fedsqueeze.wire import WirePayload, payload_from_proto, payload_to_proto
 log = logging.getLogger("fedsqueeze.collaborator")
 
 CHUNK_SIZE = 1 << 20
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_CAP_S = 5.0
 
@@ -38,6 +40,14 @@ def backoff_delays(initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_
     while True:
         yield d * random.uniform(0.5, 1.0)
         d = min(d * 2, cap)
+
+
+def retryable(code: grpc.StatusCode, details: str) -> bool:
+    """A status worth retrying: transient, or an aggregator busy with other uploads."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return False  # "Sent/Received message larger than max (N vs. M)": permanent
+    return code in RETRYABLE
+
 
 T = TypeVar("T")
 
@@ -112,13 +122,13 @@ class FederationClient:
                 return fn()
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
-                if code not in RETRYABLE:
-                    raise RemoteError(code, exc.details() or "") from None  # type: ignore[attr-defined]
+                details = exc.details() or ""  # type: ignore[attr-defined]
+                if not retryable(code, details):
+                    raise RemoteError(code, details) from None
                 delay = next(delays)
                 if time.monotonic() + delay > deadline:
-                    raise ConnectError(
-                        f"could not reach the aggregator at {self.address} for {budget:.0f} s ({what}: {code.name})"
-                    ) from None
+                    problem = "the aggregator stayed busy at" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "could not reach the aggregator at"
+                    raise ConnectError(f"{problem} {self.address} for {budget:.0f} s ({what}: {code.name})") from None
                 log.info("%s: %s, retrying in %.1f s", what, code.name, delay)
                 time.sleep(delay)
 

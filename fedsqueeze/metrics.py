@@ -22,6 +22,10 @@ Metrics (base units; a process exposes only what it can measure):
     fedsqueeze_cumulative_compression_ratio{direction}             gauge: raw / (wire + decoder) so far
     fedsqueeze_cumulative_savings_ratio                            gauge: 1 - (wire + decoder) / raw so far
     fedsqueeze_collaborators_active                                gauge
+    fedsqueeze_uploads_in_flight                                   gauge: uploads being received and decoded (aggregator)
+    fedsqueeze_uploads_waiting                                     gauge: uploads waiting for one of those slots
+    fedsqueeze_uploads_deferred_total{outcome}                     counter: uploads that found every slot taken
+        outcome: waited (got a slot later) | refused (none within the wait: RESOURCE_EXHAUSTED, retried)
     fedsqueeze_encode_seconds{direction, codec}                    histogram (whole chain)
     fedsqueeze_encode_stage_seconds{direction, stage}              histogram (one codec of the chain)
     fedsqueeze_decode_seconds{direction, codec}                    histogram
@@ -89,6 +93,11 @@ class Metrics:
             "fedsqueeze_cumulative_savings_ratio", "1 - (wire + decoder) / raw bytes since the start, decoder uploads included", registry=r
         )
         self.collaborators_active = Gauge("fedsqueeze_collaborators_active", "Collaborators that joined and have not left", registry=r)
+        self.uploads_in_flight = Gauge("fedsqueeze_uploads_in_flight", "Uploads (updates, decoders) being received and decoded now", registry=r)
+        self.uploads_waiting = Gauge("fedsqueeze_uploads_waiting", "Uploads waiting for a slot (--max-concurrent-uploads)", registry=r)
+        self.uploads_deferred = Counter(
+            "fedsqueeze_uploads_deferred", "Uploads that found every slot taken: got one later (waited) or were refused with RESOURCE_EXHAUSTED", ("outcome",), registry=r
+        )
         self.encode_seconds = Histogram(
             "fedsqueeze_encode_seconds", "Time to encode one message with the whole chain", ("direction", "codec"), buckets=TIME_BUCKETS, registry=r
         )
