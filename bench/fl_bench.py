@@ -91,6 +91,11 @@ CHAINS: list[Chain] = [
           group="search"),
     Chain("C4 top-k 1% q4 / update top-k 1%", TOPK1_Q4, CATCH_UP, update="ef | topk:0.01", group="search", settings=("*",)),
     Chain("C5 top-k 1% q4 / identity", TOPK1_Q4, "identity", group="search", settings=("*",)),
+    Chain("C6 STC 1% / ResFed downlink", "ef | stc:0.01 | entropy", DEFAULT_DOWN, group="search"),
+    Chain("C7 top-k 1% q4 / update top-k 1%, step 0.002", TOPK1_Q4, "residual | lattice:0.002 | entropy", update="ef | topk:0.01",
+          group="search"),
+    Chain("C8 STC 1% / update top-k 1%, step 0.002", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
+          update="ef | topk:0.01", group="search"),
 ]
 
 
