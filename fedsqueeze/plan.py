@@ -21,9 +21,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedsqueeze.codecs import CodecError, Pipeline
+
+if TYPE_CHECKING:
+    from fedsqueeze.tasks import Dataset
 
 DEFAULT_UPLINK = "ef | topk:0.01 | quantize:4 | entropy"
 DEFAULT_DOWNLINK = "residual | topk:0.05 | quantize:8 | entropy"
@@ -176,8 +179,8 @@ class Plan:
     def downlink_update_chain(self) -> Pipeline | None:
         return None if self.downlink.update_chain is None else Pipeline.from_config(self.downlink.update_chain)
 
-    def load_data(self) -> Any:
-        """The plan's data set (`fedsqueeze.tasks.Dataset`), as every process of the federation loads it."""
+    def load_data(self) -> Dataset:
+        """The plan's data set, as every process of the federation loads it."""
         from fedsqueeze.tasks import load_dataset
 
         return load_dataset(self.task.dataset, self.task.data_path, self.seed, self.task.num_samples)

@@ -26,6 +26,21 @@ def spawn(args: list[str], log: Path | None = None, **kw: object) -> subprocess.
     return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env, text=True, **kw)  # type: ignore[call-overload]
 
 
+def start_federation(tmp_path: Path, procs: list[subprocess.Popen], collaborators: int) -> tuple[subprocess.Popen, Path]:
+    """`aggregator serve` on tmp_path/plan.json and N `collaborator join` processes, all on loopback.
+
+    Logs: agg.log and c<i>.log; reports: report.json and c<i>.json, in tmp_path. Returns (aggregator, report path)."""
+    port = free_port()
+    report = tmp_path / "report.json"
+    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1",
+                 "--plan", str(tmp_path / "plan.json"), "--report", str(report)], log=tmp_path / "agg.log")  # fmt: skip
+    procs.append(agg)
+    for i in range(collaborators):
+        procs.append(spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress",
+                            "--report", str(tmp_path / f"c{i}.json")], log=tmp_path / f"c{i}.log"))  # fmt: skip
+    return agg, report
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen]]:
     """Processes started by a test; killed at the end whatever happens."""

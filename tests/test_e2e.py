@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import free_port, spawn
+from .conftest import free_port, spawn, start_federation
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,8 @@ def write_plan(path, **overrides) -> None:
 
 
 def test_federation_learns_and_counts_bytes_exactly(tmp_path, procs) -> None:
-    port = free_port()
     write_plan(tmp_path / "plan.json")
-    report = tmp_path / "report.json"
-    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1",
-                 "--plan", str(tmp_path / "plan.json"), "--report", str(report)], log=tmp_path / "agg.log")  # fmt: skip
-    procs.append(agg)
-    for i in range(3):
-        procs.append(spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress",
-                            "--report", str(tmp_path / f"c{i}.json")], log=tmp_path / f"c{i}.log"))  # fmt: skip
+    agg, report = start_federation(tmp_path, procs, 3)
     assert agg.wait(timeout=240) == 0, (tmp_path / "agg.log").read_text()
     for p in procs[1:]:
         assert p.wait(timeout=60) == 0
@@ -101,17 +94,10 @@ def test_partial_participation_with_server_update_chain_over_grpc(tmp_path, proc
     """2 of 4 collaborators per round; the aggregator compresses its own update (`update_chain`) and
     each collaborator catches up through `residual | lattice | entropy`: every process agrees on
     the byte counts and the model still learns."""
-    port = free_port()
     write_plan(tmp_path / "plan.json", rounds=8, collaborators={"min": 4, "fraction": 0.5, "min_per_round": 2, "join_timeout_s": 120},
                uplink={"chain": "ef | topk:0.05 | quantize:8 | entropy"},
                downlink={"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"})  # fmt: skip
-    report = tmp_path / "report.json"
-    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1",
-                 "--plan", str(tmp_path / "plan.json"), "--report", str(report)], log=tmp_path / "agg.log")  # fmt: skip
-    procs.append(agg)
-    for i in range(4):
-        procs.append(spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress",
-                            "--report", str(tmp_path / f"c{i}.json")], log=tmp_path / f"c{i}.log"))  # fmt: skip
+    agg, report = start_federation(tmp_path, procs, 4)
     assert agg.wait(timeout=240) == 0, (tmp_path / "agg.log").read_text()
     for i, p in enumerate(procs[1:]):
         assert p.wait(timeout=60) == 0, (tmp_path / f"c{i}.log").read_text()

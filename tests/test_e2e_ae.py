@@ -9,7 +9,7 @@ import pytest
 from fedsqueeze.plan import Plan
 from fedsqueeze.simulate import simulate, uncompressed
 
-from .conftest import ROOT, free_port, spawn
+from .conftest import ROOT, start_federation
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +21,7 @@ def test_ae_federation_matches_uncompressed_at_500x(tmp_path, procs, decoder_mod
     plan["prepass"]["decoder"] = decoder_mode
     plan["prepass"]["ae_epochs"] = 60
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    port = free_port()
-    report = tmp_path / "report.json"
-    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1",
-                 "--plan", str(tmp_path / "plan.json"), "--report", str(report)], log=tmp_path / "agg.log")  # fmt: skip
-    procs.append(agg)
-    for i in range(4):
-        procs.append(spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress",
-                            "--report", str(tmp_path / f"c{i}.json")], log=tmp_path / f"c{i}.log"))  # fmt: skip
+    agg, report = start_federation(tmp_path, procs, 4)
     assert agg.wait(timeout=300) == 0, (tmp_path / "agg.log").read_text()
     for p in procs[1:]:
         assert p.wait(timeout=60) == 0
