@@ -224,7 +224,7 @@ def run_flower(setting: Setting, seed: int, cfg: Config) -> dict[str, Any] | Non
                  shard_indices=np.concatenate(shards), shard_offsets=np.cumsum([0] + [len(s) for s in shards]),
                  selection=selection(seed, cfg.rounds, cfg.collaborators, cfg.per_round),
                  meta=json.dumps({**TRAINING, "seed": seed}))  # fmt: skip
-        torch.save(model, model_file)
+        torch.jit.save(torch.jit.script(model), str(model_file))  # TorchScript: no pickled code to load back
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         proc = subprocess.run([str(FLOWER_PY), str(ROOT / "bench/flower/flower_fedavg.py"), str(task), str(model_file), str(out)],
                               capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     t = np.load(task_path, allow_pickle=False)
     meta = json.loads(str(t["meta"]))
-    model = torch.load(model_path, weights_only=False)
+    model = torch.jit.load(model_path)  # TorchScript archive written by bench.fl_bench: no unpickling
     x, y, x_te, y_te = t["x_train"], t["y_train"], t["x_test"], t["y_test"]
     offsets = t["shard_offsets"]
     shard_idx = t["shard_indices"]
