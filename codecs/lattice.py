@@ -30,19 +30,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import (
-    ArraySpec,
-    Codec,
-    Data,
-    SideReader,
-    SideWriter,
-    Spec,
-    StageState,
-    register_codec,
-    require_array_spec,
-)
+from .base import ArraySpec, Codec, Data, Spec, StageState, register_codec, require_array_spec
 from .errors import CodecError
-from .positions import decode_positions, encode_positions
+from .sparse import positions_side, read_positions_side
 
 MAX_LEVELS = 32767  # int16 symbols; `entropy` codes alphabets of up to 65,536
 
@@ -74,16 +64,10 @@ class Lattice(Codec):
             scaled = np.rint(arr.astype(np.float64) / float(self._step32))
         q = np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16)
         idx = np.flatnonzero(q).astype(np.int64)
-        side = SideWriter().varint(idx.size).raw(encode_positions(idx, arr.size)).getvalue()
-        return side, q[idx]
+        return positions_side(idx, arr.size), q[idx]
 
     def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
-        s = require_array_spec(spec, "lattice")
-        r = SideReader(side, "lattice")
-        k = r.varint()
-        if k > s.count:
-            raise CodecError(f"lattice: {k} non-zero levels out of {s.count} entries")
-        return decode_positions(r.rest(), s.count, k)
+        return read_positions_side(side, require_array_spec(spec, "lattice").count, "lattice")
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         return ArraySpec(np.int16, int(self._positions(spec, side).size), symbols=(-self.levels, self.levels))

@@ -80,6 +80,20 @@ def _check_params(who: str, fraction: float, count: int | None, scope: str) -> N
         raise CodecError(f"{who}: count applies to scope 'global' only")
 
 
+def positions_side(idx: np.ndarray, n: int) -> bytes:
+    """The side header `varint k | coded positions` of k sorted positions among n."""
+    return SideWriter().varint(idx.size).raw(encode_positions(idx, n)).getvalue()
+
+
+def read_positions_side(side: bytes, n: int, who: str) -> np.ndarray:
+    """The positions in a `positions_side` header, checked against n."""
+    r = SideReader(side, who)
+    k = r.varint()
+    if k > n:
+        raise CodecError(f"{who}: {k} kept entries out of {n}")
+    return decode_positions(r.rest(), n, k)
+
+
 class _PositionSparsifier(Codec):
     """Shared machinery: side = varint k | coded positions; y = the k kept values (float32)."""
 
@@ -91,16 +105,10 @@ class _PositionSparsifier(Codec):
         arr = s.check(x, f"{self.codec_id} input")
         keep, count, scope = self._keep()
         idx = _select(arr, s, keep, count, scope, self.codec_id)
-        side = SideWriter().varint(idx.size).raw(encode_positions(idx, arr.size)).getvalue()
-        return side, arr[idx].astype(np.float32)
+        return positions_side(idx, arr.size), arr[idx].astype(np.float32)
 
     def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
-        s = require_array_spec(spec, self.codec_id)
-        r = SideReader(side, self.codec_id)
-        k = r.varint()
-        if k > s.count:
-            raise CodecError(f"{self.codec_id}: {k} kept entries out of {s.count}")
-        return decode_positions(r.rest(), s.count, k)
+        return read_positions_side(side, require_array_spec(spec, self.codec_id).count, self.codec_id)
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         return ArraySpec(np.float32, int(self._positions(spec, side).size))
