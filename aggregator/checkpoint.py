@@ -9,6 +9,8 @@ fsync of DIR), so a crash leaves either the previous checkpoint or the new one, 
   predictors, installed autoencoder decoders) and the downlink sender side (error feedback);
 - tensor `server/update`: uint8, the CodecState bytes of the aggregator's own global-update chain
   (`downlink.update_chain`: its error-feedback memory), when there is one;
+- tensor `server/optimizer`: uint8, the safetensors bytes of the server optimizer's moments
+  (`aggregation.server_optimizer`: m and v), when it keeps any;
 - metadata `fedsqueeze`: JSON with the format version, the round number, the plan's sha256, the
   membership (ids, tokens, names, shard index, ...), the prepass bookkeeping and the run report's
   rounds so far.
@@ -47,6 +49,7 @@ class Checkpoint:
     states: dict[str, tuple[bytes, bytes]]  # collaborator id -> (up, down) CodecState bytes
     meta: dict[str, Any] = field(default_factory=dict)  # members, joined, prepass, report
     server_state: bytes = b""  # the aggregator's global-update CodecState (empty: none)
+    optimizer_state: bytes = b""  # the server optimizer's moments (empty: none)
 
 
 def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
@@ -62,6 +65,8 @@ def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
         tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
     if ckpt.server_state:
         tensors["server/update"] = np.frombuffer(ckpt.server_state, dtype=np.uint8)
+    if ckpt.optimizer_state:
+        tensors["server/optimizer"] = np.frombuffer(ckpt.optimizer_state, dtype=np.uint8)
     meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, **ckpt.meta}
     blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
     path = directory / FILENAME
@@ -117,6 +122,7 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
         if up is None or down is None:
             raise CheckpointError(f"{path}: codec states of {cid} are missing")
         states[cid] = (up.tobytes(), down.tobytes())
-    server = tensors.get("server/update")
+    server, optimizer = tensors.get("server/update"), tensors.get("server/optimizer")
     return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states, meta=meta,
-                      server_state=b"" if server is None else server.tobytes())  # fmt: skip
+                      server_state=b"" if server is None else server.tobytes(),
+                      optimizer_state=b"" if optimizer is None else optimizer.tobytes())  # fmt: skip

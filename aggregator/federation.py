@@ -17,6 +17,7 @@ the federation checkpoints after every round (aggregator/checkpoint.py) and resu
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import math
@@ -51,6 +52,7 @@ from fedsqueeze.wire import WirePayload, payload_from_bytes, payload_wire_size
 from . import checkpoint
 from .decoders import Prepass
 from .global_update import GlobalUpdate
+from .server_optimizer import ServerOptimizer, ServerOptimizerError
 from .strategy import Strategy, build_strategy
 
 log = logging.getLogger("fedsqueeze.aggregator")
@@ -131,8 +133,10 @@ class Federation:
         self.model = build_model(plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed)
         self.layout: Layout = model_layout(self.model)
         self.global_model = get_flat(self.model)
+        self.initial_model = self.global_model.copy()  # downlink.prior "initial" primes the downlink with it
         self.up_chain: Pipeline = plan.uplink_chain()
         self.down_chain: Pipeline = plan.downlink_chain()
+        self.server_optimizer = ServerOptimizer(plan.aggregation.server_optimizer)
         self.global_update = GlobalUpdate(plan.downlink_update_chain())
         self.up_fingerprint = self.up_chain.fingerprint(self.layout)
         self.down_fingerprint = self.down_chain.fingerprint(self.layout)
@@ -166,6 +170,8 @@ class Federation:
                 "uplink_chain": str(self.up_chain),
                 "downlink_chain": str(self.down_chain),
                 "downlink_update_chain": None if self.global_update.chain is None else str(self.global_update.chain),
+                "downlink_prior": plan.downlink.prior,
+                "server_optimizer": dataclasses.asdict(plan.aggregation.server_optimizer),
             },
         )
         self.resumed_from: int | None = None
@@ -202,7 +208,7 @@ class Federation:
             if known is not None:
                 with known.lock:
                     known.token = secrets.token_urlsafe(24)
-                    known.up_state, known.down_state = self._fresh_up_state(known), CodecState()
+                    known.up_state, known.down_state = self._fresh_up_state(known), self._fresh_down_state()
                 known.active, known.lost = True, False
                 known.num_samples = num_samples or known.num_samples
                 if self._round is not None:
@@ -218,6 +224,7 @@ class Federation:
                 name=name or f"collaborator-{index}",
                 shard_index=index % self.plan.num_shards,
                 num_samples=num_samples,
+                down_state=self._fresh_down_state(),
             )
             self._collaborators[collab.id] = collab
             self._cond.notify_all()
@@ -230,6 +237,10 @@ class Federation:
         if self.prepass.index >= 0 and collab.up_state:
             state.stage(self.prepass.index).update(collab.up_state.stage(self.prepass.index))
         return state
+
+    def _fresh_down_state(self) -> CodecState:
+        """A new downlink sender state: empty, or primed with the initial model (`downlink.prior`)."""
+        return self.plan.downlink_state(self.down_chain, self.initial_model)
 
     def authenticate(self, collaborator_id: str, token: str) -> Collaborator:
         """The caller's Collaborator, if the token is its own; a lost collaborator that calls in is back."""
@@ -473,7 +484,8 @@ class Federation:
             count = strategy.count
         if count >= quorum:
             status = "ok" if rnd.attempt == 0 else "retried"
-            self.global_model = self.global_update.apply(self.global_model, strategy.finish(), self.layout)
+            proposed = self.server_optimizer.apply(self.global_model, strategy.finish())
+            self.global_model = self.global_update.apply(self.global_model, proposed, self.layout)
             if self.global_update.last_stats is not None:
                 self.metrics.record_encode("global", str(self.global_update.chain), self.global_update.last_stats)
         else:
@@ -528,12 +540,13 @@ class Federation:
             }
             model = self.global_model.copy()
             server_state = self.global_update.state.to_bytes()
+            optimizer_state = self.server_optimizer.state_bytes()
             states: dict[str, tuple[bytes, bytes]] = {}
             for c in members:
                 with c.lock:
                     states[c.id] = (c.up_state.to_bytes(), c.down_state.to_bytes())
         ckpt = checkpoint.Checkpoint(round=self._completed, plan_sha256=self.plan.sha256, global_model=model, states=states, meta=meta,
-                                     server_state=server_state)  # fmt: skip
+                                     server_state=server_state, optimizer_state=optimizer_state)  # fmt: skip
         path = checkpoint.save(self.state_dir, ckpt, self.layout)
         log.info("checkpoint after round %d: %s", self._completed, path)
         return path
@@ -547,6 +560,7 @@ class Federation:
         try:
             self.global_model = ckpt.global_model.astype(np.float32)
             self.global_update.state = CodecState.from_bytes(ckpt.server_state) if ckpt.server_state else CodecState()
+            self.server_optimizer.load_state(ckpt.optimizer_state, self.layout.numel)
             for m in meta["members"]:
                 up, down = ckpt.states[m["id"]]
                 collab = Collaborator(
@@ -568,7 +582,7 @@ class Federation:
             rep = meta.get("report", {})
             self.report.rounds = [RoundRecord(**r) for r in rep.get("rounds", [])]
             self.report.extra.update(rep.get("extra", {}))
-        except (KeyError, TypeError, ValueError, CodecError) as exc:
+        except (KeyError, TypeError, ValueError, CodecError, ServerOptimizerError) as exc:
             raise checkpoint.CheckpointError(f"{self.state_dir}: malformed checkpoint: {exc}") from exc
         self._completed = ckpt.round
         self.resumed_from = ckpt.round

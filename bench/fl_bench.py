@@ -65,6 +65,8 @@ class Chain:
     settings: tuple[str, ...] = ("mnist1d-a0.5",)  # where it runs; "*": everywhere
     max_seeds: int = 0  # run only the first N seeds (0: all); the AE rows, whose prepass is slow on 2 cores
     update: str | None = None  # downlink.update_chain: the aggregator's own compression of the global update
+    prior: str = "none"  # downlink.prior: "initial" starts a residual downlink from the initial model both sides build
+    server_optimizer: dict[str, Any] | None = None  # aggregation.server_optimizer (None: FedAvg's plain step)
 
 
 # The list, then the search for the best chain. Uplink-only rows keep the downlink uncompressed.
@@ -138,6 +140,11 @@ def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[st
     }
     if chain.prepass is not None:
         plan["prepass"] = chain.prepass
+    # Only when set, so that the cache keys of the rows without them stay as they were.
+    if chain.prior != "none":
+        plan["downlink"]["prior"] = chain.prior
+    if chain.server_optimizer is not None:
+        plan["aggregation"] = {"server_optimizer": chain.server_optimizer}
     return plan
 
 

@@ -95,6 +95,7 @@ class InProcessFederation:
         self.layout = model_layout(self.model)
         self.up_chain, self.down_chain = plan.uplink_chain(), plan.downlink_chain()
         self.up_fp = self.up_chain.fingerprint(self.layout)
+        initial_model = get_flat(self.model)
         shards = partition(self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
         self.collaborators: list[SimCollaborator] = []
         for i in range(plan.collaborators.min):
@@ -102,7 +103,8 @@ class InProcessFederation:
             r = self.fed.join(f"sim-{i}", 0)
             idx = shards[r.shard_index % len(shards)]
             s = _Session(r.collaborator_id, r.token, plan, r.shard_index, r.num_shards)
-            self.collaborators.append(SimCollaborator(s, self.data.x_train[idx], self.data.y_train[idx]))
+            down_state = plan.downlink_state(self.down_chain, initial_model)
+            self.collaborators.append(SimCollaborator(s, self.data.x_train[idx], self.data.y_train[idx], down_state=down_state))
         self.encode_seconds = 0.0
         self.train_seconds = 0.0
 

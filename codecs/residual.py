@@ -7,7 +7,9 @@ Sender and receiver each keep the same history of reconstructed messages (`Stage
 identical on both sides) and predict the next one from it:
 - `last`: the previous reconstruction (on the downlink: the model the collaborator already has);
 - `linear`: 2 * x_{t-1} - x_{t-2}, a linear extrapolation, once two are known.
-Before any history the prediction is zero. Only the residual goes on to the lossy stages, in
+Before any history the prediction is zero, unless both sides primed the state with the same
+reference (`prime_history`; plan `downlink.prior: "initial"` primes the downlink with the initial
+model, which each side builds from the plan's seed). Only the residual goes on to the lossy stages, in
 either direction. The state moves only on messages actually exchanged, so a collaborator that
 skips rounds stays in sync; a CRC-32 of the prediction travels in the header, so a receiver whose
 predictor differs refuses the message instead of silently corrupting the model.
@@ -89,6 +91,9 @@ class Residual(Codec):
             raise CodecError(
                 f"residual: predictor out of sync (sender's reference checksum {expected:08x}, ours "
                 f"{zlib.crc32(pred.tobytes()):08x}); the receiver's state does not match the sender's"
+                + ("" if state.get("count") is None or int(state["count"][0]) != 1 else
+                   " (if downlink.prior is 'initial': the two sides built different initial models; they need "
+                   "the same torch version)")
             )
         with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf: refused by the chain
             return (np.asarray(y, dtype=np.float32) + pred).astype(s.dtype)
@@ -103,3 +108,9 @@ class Residual(Codec):
             history = np.concatenate([history, x_hat])[-keep:]
         state["history"] = np.ascontiguousarray(history)
         state["count"] = np.array([int(state.get("count", np.zeros(1, np.int64))[0]) + 1], dtype=np.int64)
+
+
+def prime_history(state: StageState, reference: np.ndarray) -> None:
+    """Make `reference` the first prediction (both sides must prime with the same bytes)."""
+    state["history"] = np.ascontiguousarray(reference, dtype=np.float32).reshape(1, -1).copy()
+    state["count"] = np.array([1], dtype=np.int64)

@@ -100,7 +100,8 @@ def run_collaborator(
         layout = model_layout(model)
         up_chain, down_chain = plan.uplink_chain(), plan.downlink_chain()
         up_fp = up_chain.fingerprint(layout)
-        up_state, down_state = CodecState(), CodecState()
+        initial_model = get_flat(model)  # downlink.prior "initial": the aggregator builds the same one
+        up_state, down_state = CodecState(), plan.downlink_state(down_chain, initial_model)
         prom = prom if prom is not None else Metrics("collaborator")
         me, up_codec, down_codec = session.collaborator_id, str(up_chain), str(down_chain)
         report = CollaboratorReport(report_path, session.collaborator_id)
@@ -124,7 +125,7 @@ def run_collaborator(
                 me = report.collaborator_id = session.collaborator_id
                 if session.shard_index != old_shard:
                     local = load_local_data(session, data)
-                up_state, down_state = CodecState(), CodecState()
+                up_state, down_state = CodecState(), plan.downlink_state(down_chain, initial_model)
                 snapshot, prepass_ctx = None, None
                 continue
             if task.kind == "DONE":

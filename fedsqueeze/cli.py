@@ -1,6 +1,7 @@
 """`fedsqueeze`: project-level commands.
 
     fedsqueeze demo [--collaborators 4] [--rounds 20] [--uplink CHAIN] [--downlink CHAIN] [--downlink-update CHAIN]
+                    [--downlink-prior initial] [--server-optimizer adam:0.03]
     fedsqueeze codecs          # list the registered codecs
     fedsqueeze health --server HOST:PORT   # exit 0 when the aggregator's gRPC health service says SERVING
 """
@@ -45,6 +46,16 @@ def _demo_plan(args: argparse.Namespace) -> Plan:
         plan.downlink.chain = args.downlink
     if getattr(args, "downlink_update", None):
         plan.downlink.update_chain = None if args.downlink_update.strip().lower() in ("none", "null") else args.downlink_update
+    if getattr(args, "downlink_prior", None):
+        plan.downlink.prior = args.downlink_prior
+    if getattr(args, "server_optimizer", None):
+        name, _, lr = args.server_optimizer.partition(":")
+        plan.aggregation.server_optimizer.name = name.strip()
+        if lr:
+            try:
+                plan.aggregation.server_optimizer.lr = float(lr)
+            except ValueError:
+                raise PlanError(f"--server-optimizer: the learning rate after ':' must be a number, got {lr!r}") from None
     plan.round_timeout_s = min(plan.round_timeout_s, 120.0)
     plan.collaborators.join_timeout_s = min(plan.collaborators.join_timeout_s, 120.0)
     plan.validate()
@@ -182,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--uplink", help="uplink codec chain, e.g. 'ef | topk:0.01 | qsgd:4 | entropy'")
     demo.add_argument("--downlink", help="downlink codec chain")
     demo.add_argument("--downlink-update", help="server-side chain for the global update, e.g. 'ef | topk:0.01' ('none': off)")
+    demo.add_argument("--downlink-prior", choices=["none", "initial"],
+                      help="'initial': a residual downlink starts from the initial model both sides build from the seed")
+    demo.add_argument("--server-optimizer", metavar="NAME[:LR]", help="sgd, momentum, adam or yogi, e.g. 'adam:0.03' (default: sgd:1, FedAvg)")
     demo.add_argument("--out", help="run folder (default: runs/demo-<time>)")
     demo.add_argument("--ae", action="store_true", help="the autoencoder federation: prepass, decoder uploads, AE rounds, baseline")
     demo.add_argument("--paper", action="store_true", help="with --ae: the paper's literal method (weights through a FC AE)")

@@ -19,11 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fedsqueeze.codecs import CodecError, Pipeline
+import numpy as np
+
+from fedsqueeze.codecs import CodecError, CodecState, Pipeline
 
 if TYPE_CHECKING:
     from fedsqueeze.tasks import Dataset
@@ -85,6 +88,10 @@ class DownlinkSpec:
     # (server-side compression, e.g. "ef | topk:0.002"): the global model then moves only by what
     # this chain reconstructs, so a collaborator that missed rounds has few coordinates to catch up on
     update_chain: Any = None
+    # "none" | "initial": a chain that starts with `residual` predicts a collaborator's first download
+    # from the initial model, which both sides build from the plan's model and seed, so the first
+    # download is the change since round 0 instead of the whole model (both need the same torch build)
+    prior: str = "none"
 
 
 @dataclass
@@ -108,13 +115,42 @@ class PrepassSpec:
     allow_retrain: bool = False  # accept a second decoder upload from the same collaborator
 
 
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
+
+
+@dataclass
+class ServerOptimizerSpec:
+    """How the aggregate step moves the global model (aggregator/server_optimizer.py)."""
+
+    name: str = "sgd"  # sgd (FedAvg: lr 1) | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi)
+    lr: float = 1.0  # server learning rate
+    beta1: float = 0.9  # momentum / first-moment decay
+    beta2: float = 0.99  # adam, yogi: second-moment decay
+    tau: float = 1e-3  # adam, yogi: added to sqrt(v), bounds the step of coordinates that rarely move
+
+    def problem(self) -> str | None:
+        """What is wrong with these values, or None."""
+        if self.name not in SERVER_OPTIMIZERS:
+            return f"aggregation.server_optimizer.name must be one of {list(SERVER_OPTIMIZERS)}, got {self.name!r}"
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            return f"aggregation.server_optimizer.lr must be > 0, got {self.lr}"
+        if not 0 <= self.beta1 < 1:
+            return f"aggregation.server_optimizer.beta1 must be in [0, 1), got {self.beta1}"
+        if not 0 < self.beta2 < 1:
+            return f"aggregation.server_optimizer.beta2 must be in (0, 1), got {self.beta2}"
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            return f"aggregation.server_optimizer.tau must be > 0, got {self.tau}"
+        return None
+
+
 @dataclass
 class AggregationSpec:
-    """How the updates of a round are combined (aggregator/strategy.py)."""
+    """How the updates of a round are combined (aggregator/strategy.py) and applied (aggregator/server_optimizer.py)."""
 
     clip_norm: float | None = None  # clip each update's L2 norm (of the delta from the global model) to this
     robust: str | None = None  # null: FedAvg (streaming) | "median" | "trimmed_mean" (keep every update of a round)
     trim_fraction: float = 0.1  # trimmed_mean: fraction cut at each end per coordinate
+    server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
 
 
 @dataclass
@@ -179,6 +215,13 @@ class Plan:
     def downlink_update_chain(self) -> Pipeline | None:
         return None if self.downlink.update_chain is None else Pipeline.from_config(self.downlink.update_chain)
 
+    def downlink_state(self, chain: Pipeline, initial_model: np.ndarray) -> CodecState:
+        """A new downlink CodecState for one collaborator (either side), primed when `downlink.prior` is "initial"."""
+        state = CodecState()
+        if self.downlink.prior == "initial":
+            chain.prime(state, initial_model)
+        return state
+
     def load_data(self) -> Dataset:
         """The plan's data set, as every process of the federation loads it."""
         from fedsqueeze.tasks import load_dataset
@@ -220,6 +263,15 @@ class Plan:
         _check(a.clip_norm is None or a.clip_norm > 0, "aggregation.clip_norm must be > 0 or null")
         _check(a.robust in (None, "median", "trimmed_mean"), f"aggregation.robust must be null, 'median' or 'trimmed_mean', got {a.robust!r}")
         _check(0 <= a.trim_fraction < 0.5, "aggregation.trim_fraction must be in [0, 0.5)")
+        optimizer_problem = a.server_optimizer.problem()
+        _check(optimizer_problem is None, optimizer_problem or "")
+        _check(self.downlink.prior in ("none", "initial"), f"downlink.prior must be 'none' or 'initial', got {self.downlink.prior!r}")
+        if self.downlink.prior == "initial":
+            try:
+                first = self.downlink_chain().configured[0].codec_id
+            except CodecError:
+                first = None  # reported below
+            _check(first in (None, "residual"), f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got {first!r}")
         for name, build in (("uplink.chain", self.uplink_chain), ("downlink.chain", self.downlink_chain),
                             ("downlink.update_chain", self.downlink_update_chain)):  # fmt: skip
             try:
@@ -296,4 +348,5 @@ _NESTED: dict[str, type] = {
     "DownlinkSpec": DownlinkSpec,
     "PrepassSpec": PrepassSpec,
     "AggregationSpec": AggregationSpec,
+    "ServerOptimizerSpec": ServerOptimizerSpec,
 }

@@ -23,10 +23,10 @@ from fedsqueeze.wire import WirePayload, payload_wire_size
 
 
 def uncompressed(plan: Plan) -> Plan:
-    """The same plan with identity chains and no prepass."""
+    """The same plan with identity chains and no prepass (the server optimizer stays: it is not compression)."""
     base = copy.deepcopy(plan)
     base.uplink.chain, base.uplink.target, base.downlink.chain = "identity", "delta", "identity"
-    base.downlink.update_chain = None
+    base.downlink.update_chain, base.downlink.prior = None, "none"
     base.prepass.enabled = False
     return base
 
@@ -35,6 +35,7 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
     import torch
 
     from fedsqueeze.aggregator.global_update import GlobalUpdate
+    from fedsqueeze.aggregator.server_optimizer import ServerOptimizer
     from fedsqueeze.aggregator.strategy import FedAvg
     from fedsqueeze.codecs.autoencoder import find_stage
 
@@ -49,10 +50,12 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
     fp = up.fingerprint(layout)
     down = plan.downlink_chain()
     global_update = GlobalUpdate(plan.downlink_update_chain())
+    server_optimizer = ServerOptimizer(plan.aggregation.server_optimizer)
     tx = [CodecState() for _ in shards]
     rx = [CodecState() for _ in shards]
-    down_tx = [CodecState() for _ in shards]  # the aggregator's downlink sender state, per collaborator
-    down_rx = [CodecState() for _ in shards]
+    initial_model = global_model.copy()
+    down_tx = [plan.downlink_state(down, initial_model) for _ in shards]  # the aggregator's sender state, per collaborator
+    down_rx = [plan.downlink_state(down, initial_model) for _ in shards]
     out: dict[str, Any] = {"rounds": [], "prepass": []}
     found = find_stage(up)
     if plan.prepass.enabled and found is not None:
@@ -91,7 +94,7 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
             wires.append(payload_wire_size(WirePayload(data=enc.data, fingerprint=fp)))
             nmses.append(enc.stats.nmse)
             strategy.accumulate(up.decode(enc.data, layout, rx[i]), float(len(idx)))
-        global_model = global_update.apply(global_model, strategy.finish(), layout)
+        global_model = global_update.apply(global_model, server_optimizer.apply(global_model, strategy.finish()), layout)
         set_flat(model, global_model)
         loss, acc = evaluate(model, data.x_test, data.y_test)
         rec = {"round": rnd, "accuracy": acc, "loss": loss, "up_wire": wires, "nmse": float(np.mean(nmses))}

@@ -91,18 +91,21 @@ def test_missing_plan_file(tmp_path) -> None:
 
 
 def test_partial_participation_with_server_update_chain_over_grpc(tmp_path, procs) -> None:
-    """2 of 4 collaborators per round; the aggregator compresses its own update (`update_chain`) and
-    each collaborator catches up through `residual | lattice | entropy`: every process agrees on
-    the byte counts and the model still learns."""
+    """2 of 4 collaborators per round; the aggregator applies FedAvgM and compresses its own update
+    (`update_chain`), and each collaborator catches up through `residual | lattice | entropy` from the
+    initial model it built itself (`prior`): every process agrees on the byte counts and the model
+    still learns."""
     write_plan(tmp_path / "plan.json", rounds=8, collaborators={"min": 4, "fraction": 0.5, "min_per_round": 2, "join_timeout_s": 120},
                uplink={"chain": "ef | topk:0.05 | quantize:8 | entropy"},
-               downlink={"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"})  # fmt: skip
+               downlink={"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05", "prior": "initial"},
+               aggregation={"server_optimizer": {"name": "momentum", "lr": 0.5}})  # fmt: skip
     agg, report = start_federation(tmp_path, procs, 4)
     assert agg.wait(timeout=240) == 0, (tmp_path / "agg.log").read_text()
     for i, p in enumerate(procs[1:]):
         assert p.wait(timeout=60) == 0, (tmp_path / f"c{i}.log").read_text()
     data = json.loads(report.read_text())
     assert data["downlink_update_chain"].startswith("ef")
+    assert data["downlink_prior"] == "initial" and data["server_optimizer"]["name"] == "momentum"
     assert [r["participants"] for r in data["rounds"]] == [2] * 8
     sent = [json.loads((tmp_path / f"c{i}.json").read_text())["rounds"] for i in range(4)]
     for key in ("up_wire", "down_wire", "down_raw"):

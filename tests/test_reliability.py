@@ -43,7 +43,8 @@ class Sim:
         self.model = build_model(self.plan.model.name, self.data.input_shape, self.data.num_classes, {}, self.plan.seed)
         self.members = [fed.join(f"sim{i}", 0) for i in range(n)]
         self.up = [CodecState() for _ in range(n)]
-        self.down = [CodecState() for _ in range(n)]
+        initial = get_flat(self.model)
+        self.down = [self.plan.downlink_state(self.plan.downlink_chain(), initial) for _ in range(n)]
         self.scale = scale or {}
         self.snap: list[tuple[int, bytes, bytes] | None] = [None] * n  # like collaborator/runner.py
 
@@ -184,14 +185,18 @@ def test_quorum_met_after_a_retry() -> None:
 
 
 @pytest.mark.parametrize(
-    "downlink",
-    [{"chain": "residual | fp16"}, {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}],
-    ids=["residual", "server-update-chain"],
+    "downlink, aggregation",
+    [
+        ({"chain": "residual | fp16"}, {}),
+        ({"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}, {}),
+        ({"chain": "residual | topk:0.2 | quantize:8 | entropy", "prior": "initial"}, {"server_optimizer": {"name": "adam", "lr": 0.01}}),
+    ],
+    ids=["residual", "server-update-chain", "fedadam-prior"],
 )
-def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_path: Path, downlink: dict) -> None:
-    # Stateful chains on both links (and the aggregator's own error feedback of the global update):
-    # the resumed run only matches if every codec state survives.
-    plan = make_plan(rounds=4, uplink={"chain": "ef | topk:0.1"}, downlink=downlink)
+def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_path: Path, downlink: dict, aggregation: dict) -> None:
+    # Stateful chains on both links (and the aggregator's own error feedback of the global update,
+    # and the server optimizer's moments): the resumed run only matches if every state survives.
+    plan = make_plan(rounds=4, uplink={"chain": "ef | topk:0.1"}, downlink=downlink, aggregation=aggregation)
     ref = Federation(plan)
     run_federation(ref, 2)
     first = Federation(plan, state_dir=tmp_path)
