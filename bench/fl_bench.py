@@ -98,6 +98,17 @@ CHAINS: list[Chain] = [
           group="search"),
     Chain("C8 STC 1% / update top-k 1%, step 0.002", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
           update="ef | topk:0.01", group="search"),
+    # downlink.prior "initial": each collaborator's first download is the change since round 0, not the model.
+    Chain("D1 = C1 + initial-model prior", "identity", CATCH_UP, update="ef | topk:0.05", prior="initial", group="search"),
+    Chain("D2 = C6 + initial-model prior", "ef | stc:0.01 | entropy", DEFAULT_DOWN, prior="initial", group="search"),
+    Chain("D3 = C8 + initial-model prior", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
+          update="ef | topk:0.01", prior="initial", group="search", settings=("*",)),
+    # aggregation.server_optimizer: FedAdam alone (uncompressed), then with near-lossless uplinks. With sparse
+    # uplinks or the ResFed downlink it did worse on seed 0 (STC + FedAvgM diverged; QSGD or sign + FedAdam with
+    # the ResFed downlink missed the target by round 300).
+    Chain("E1 FedAdam (lr 0.03), identity", "identity", "identity", server_optimizer={"name": "adam", "lr": 0.03}, group="search"),
+    Chain("E2 QSGD 4 levels + FedAdam", "qsgd:4 | entropy", "identity", server_optimizer={"name": "adam", "lr": 0.03}, group="search"),
+    Chain("E3 sign + EF + FedAdam", "ef | sign", "identity", server_optimizer={"name": "adam", "lr": 0.03}, group="search"),
 ]
 
 
@@ -282,8 +293,23 @@ def code(text: str) -> str:
     return "`" + text.replace("|", "\\|") + "`"
 
 
+def down_text(chain: Chain) -> str:
+    return chain.down + (f" + update {chain.update}" if chain.update else "") + (f" + prior {chain.prior}" if chain.prior != "none" else "")
+
+
+def up_text(chain: Chain) -> str:
+    opt = chain.server_optimizer
+    return chain.up + (f" + server {opt['name']} lr {opt.get('lr', 1.0)}" if opt else "")
+
+
 def down_label(chain: Chain) -> str:
-    return code(chain.down) + (f" + update {code(chain.update)}" if chain.update else "")
+    return (code(chain.down) + (f" + update {code(chain.update)}" if chain.update else "")
+            + (f" + prior `{chain.prior}`" if chain.prior != "none" else ""))  # fmt: skip
+
+
+def up_label(chain: Chain) -> str:
+    opt = chain.server_optimizer
+    return code(chain.up) + (f" + server `{opt['name']}` lr {opt.get('lr', 1.0)}" if opt else "")
 
 
 def fmt_bytes(b: float) -> str:
@@ -327,7 +353,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         )
     for chain in CHAINS:
         if chain.name in skipped and setting.key == SETTINGS[0].key:
-            lines.append(f"| {chain.name} | {code(chain.up)} | {down_label(chain)} | skipped: {skipped[chain.name][:80]} | | | | | | | | |")
+            lines.append(f"| {chain.name} | {up_label(chain)} | {down_label(chain)} | skipped: {skipped[chain.name][:80]} | | | | | | | | |")
             continue
         rs = runs.get(chain.name)
         if not rs:
@@ -335,7 +361,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         tts = [to_target(r, target) for r in rs]
         ok = [t for t in tts if t is not None]
         final = [smoothed_final(r["rounds"][: cfg.rounds], cfg.smooth) for r in rs]
-        row: dict[str, Any] = {"chain": chain.name, "up_chain": chain.up, "down_chain": chain.down + (f" + update {chain.update}" if chain.update else ""),
+        row: dict[str, Any] = {"chain": chain.name, "up_chain": up_text(chain), "down_chain": down_text(chain),
                                "group": chain.group,
                                "reached": len(ok), "seeds": len(rs), "final": statistics.mean(final)}  # fmt: skip
         if ok:
@@ -354,7 +380,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         summary["rows"].append(row)
         name = f"**{chain.name}**" if chain.group == "main" else chain.name
         lines.append(
-            f"| {name} | {code(chain.up)} | {down_label(chain)} | {len(ok)}/{len(rs)} | {rest} | "
+            f"| {name} | {up_label(chain)} | {down_label(chain)} | {len(ok)}/{len(rs)} | {rest} | "
             f"{100 * statistics.mean(final):.2f} ± {100 * (statistics.pstdev(final)):.1f} % | {statistics.mean(r['seconds'] for r in rs):.0f} |"
         )
     return lines, summary
