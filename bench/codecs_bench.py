@@ -26,7 +26,7 @@ import numpy as np
 
 from fedsqueeze.codecs import CodecError, Layout, Pipeline
 
-from .common import replace_section
+from .common import md_code, replace_section
 
 SINGLE = [
     "identity",
@@ -180,7 +180,7 @@ def fmt_table(rows: list[dict[str, object]]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r['data']} | `{r['chain']}` | {r['ratio']:.1f} | {r['wire']:,} | {r['nmse']:.2e} | "
+            f"| {r['data']} | {md_code(r['chain'])} | {r['ratio']:.1f} | {r['wire']:,} | {r['nmse']:.2e} | "
             f"{r['bits_per_nnz']:.2f} | {r['pos_bound']:.2f} | {r['enc_mbs']:.0f} | {r['dec_mbs']:.0f} | {r['both_mbs']:.0f} |"
         )
     return lines

@@ -7,6 +7,11 @@ from pathlib import Path
 HEADER = "# Benchmarks\n\nEvery table here is written by a script in `bench/`; the command is given with each.\n"
 
 
+def md_code(text: str) -> str:
+    """Inline code for a Markdown table cell: GitHub splits cells at every unescaped `|`, even in code."""
+    return "`" + text.replace("|", "\\|") + "`"
+
+
 def replace_section(path: Path, key: str, title: str, lines: list[str]) -> None:
     """Write `lines` under `## title` between markers, keeping other benchmarks' sections."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .common import md_code as code
 from .common import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,11 +287,6 @@ def cumulative(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     down = np.cumsum([r.get("down_wire", r.get("down_bytes", 0)) for r in run["rounds"]]) + pre.get("down_wire", 0)
     acc = np.array([r["accuracy"] for r in run["rounds"]])
     return up, down, acc
-
-
-def code(text: str) -> str:
-    """Inline code for a Markdown table cell: GitHub splits cells at every unescaped `|`, even in code."""
-    return "`" + text.replace("|", "\\|") + "`"
 
 
 def down_text(chain: Chain) -> str:

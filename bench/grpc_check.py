@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .common import md_code as cell
 from .common import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,6 @@ def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | Non
     if prepass:
         plan["prepass"] = prepass
     return plan
-
-
-def cell(chain: str) -> str:
-    return "`" + chain.replace("|", "\\|") + "`"  # GitHub splits table cells at every unescaped |
 
 
 def down_cell(down: str | dict[str, Any]) -> str:

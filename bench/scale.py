@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import replace_section
+from .common import md_code, replace_section
 
 MODELS = {"66k": {"name": "mlp", "args": {"hidden": [384, 128]}}, "572k": {"name": "mlp", "args": {"hidden": [1024, 512]}}}
 DOWN = "topk:0.001 | quantize:2 | entropy"
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         lines.append(
-            f"| mlp {r['parameters']:,} | `{r['up']}` | {r['n']:,} | {r['update_bytes']:,} | {r['ingest_ups']:.0f} | {r['ingest_mbs']:.1f} | "
+            f"| mlp {r['parameters']:,} | {md_code(r['up'])} | {r['n']:,} | {r['update_bytes']:,} | {r['ingest_ups']:.0f} | {r['ingest_mbs']:.1f} | "
             f"{r['p50']:.2f} s | {r['p99']:.2f} s | {r['submit_p50_ms']:.0f} / {r['submit_p99_ms']:.0f} ms | {r['peak_rss_mb']:.0f} MB | "
             f"{r['rss_start_mb']:.0f} MB | {r['peak_rss_mb'] - r['rss_start_mb']:.0f} MB | {r['uploads_peak']} | "
             f"{r['waited']:,} / {r['refused']:,} | {r['dropped']} |"

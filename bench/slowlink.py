@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import replace_section
+from .common import md_code, replace_section
 
 CHAINS = [
     ("FedAvg (identity)", "identity", "identity"),
@@ -46,7 +46,7 @@ def cell(down: str | dict[str, Any]) -> str:
     """A chain (or downlink spec) as Markdown table code: GitHub splits cells at every unescaped |."""
     if isinstance(down, dict):
         return cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
-    return "`" + down.replace("|", "\\|") + "`"
+    return md_code(down)
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
