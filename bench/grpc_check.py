@@ -31,6 +31,9 @@ CASES = [
     ("sparse both ways", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.02 | quantize:4 | entropy", None),
     ("aggregator update chain + catch-up downlink (server-side error feedback, lattice)", "ef | sign",
      {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}, None),
+    ("initial-model prior + catch-up downlink, FedAdam on the aggregator", "ef | stc:0.01 | entropy",
+     {"chain": "residual | lattice:0.002 | entropy", "update_chain": "ef | topk:0.01", "prior": "initial",
+      "aggregation": {"server_optimizer": {"name": "adam", "lr": 0.03}}}, None),
     ("AE chunked, shared decoder (prepass, decoder upload and download)", "ae", "identity",
      {"enabled": True, "epochs": 2, "snapshot_every": "batch", "what": "update", "decoder": "shared", "variant": "chunked",
       "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}),
@@ -46,9 +49,11 @@ def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | Non
         "collaborators": {"min": n, "fraction": per_round / n, "min_per_round": per_round, "join_timeout_s": 300},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "uplink": {"chain": up},
-        "downlink": down if isinstance(down, dict) else {"chain": down},
+        "downlink": {k: v for k, v in down.items() if k != "aggregation"} if isinstance(down, dict) else {"chain": down},
         "round_timeout_s": 300,
     }
+    if isinstance(down, dict) and "aggregation" in down:  # a case's aggregation rides along with its downlink
+        plan["aggregation"] = down["aggregation"]
     if prepass:
         plan["prepass"] = prepass
     return plan
@@ -57,7 +62,10 @@ def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | Non
 def down_cell(down: str | dict[str, Any]) -> str:
     if isinstance(down, str):
         return cell(down)
-    return cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
+    opt = down.get("aggregation", {}).get("server_optimizer")
+    return (cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
+            + (f" + prior `{down['prior']}`" if down.get("prior") else "")
+            + (f" + server `{opt['name']}` lr {opt['lr']}" if opt else ""))  # fmt: skip
 
 
 def free_port() -> int:
