@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HEADER = "# Benchmarks\n\nEvery table here is written by a script in `bench/`; the command is given with each.\n"
 
@@ -10,6 +12,27 @@ HEADER = "# Benchmarks\n\nEvery table here is written by a script in `bench/`; t
 def md_code(text: str) -> str:
     """Inline code for a Markdown table cell: GitHub splits cells at every unescaped `|`, even in code."""
     return "`" + text.replace("|", "\\|") + "`"
+
+
+def chain_label(
+    chain: str,
+    *,
+    update: str | None = None,
+    prior: str | None = None,
+    server_optimizer: dict[str, Any] | None = None,
+    code: Callable[[str], str] = md_code,
+) -> str:
+    """A chain with its plan options: `chain` + update `U` + prior `P` + server `NAME` lr X.
+
+    Markdown table code by default; `code=str` gives plain text (for JSON summaries)."""
+    label = code(chain)
+    if update:
+        label += f" + update {code(update)}"
+    if prior and prior != "none":
+        label += f" + prior {code(prior)}"
+    if server_optimizer:
+        label += f" + server {code(server_optimizer['name'])} lr {server_optimizer.get('lr', 1.0)}"
+    return label
 
 
 def replace_section(path: Path, key: str, title: str, lines: list[str]) -> None:

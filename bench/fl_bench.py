@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from .common import chain_label, replace_section
 from .common import md_code as code
-from .common import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER_PY = ROOT / "bench" / "flower" / ".venv" / "bin" / "python"
@@ -289,23 +290,12 @@ def cumulative(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return up, down, acc
 
 
-def down_text(chain: Chain) -> str:
-    return chain.down + (f" + update {chain.update}" if chain.update else "") + (f" + prior {chain.prior}" if chain.prior != "none" else "")
+def up_label(chain: Chain, code: Callable[[str], str] = code) -> str:
+    return chain_label(chain.up, server_optimizer=chain.server_optimizer, code=code)
 
 
-def up_text(chain: Chain) -> str:
-    opt = chain.server_optimizer
-    return chain.up + (f" + server {opt['name']} lr {opt.get('lr', 1.0)}" if opt else "")
-
-
-def down_label(chain: Chain) -> str:
-    return (code(chain.down) + (f" + update {code(chain.update)}" if chain.update else "")
-            + (f" + prior `{chain.prior}`" if chain.prior != "none" else ""))  # fmt: skip
-
-
-def up_label(chain: Chain) -> str:
-    opt = chain.server_optimizer
-    return code(chain.up) + (f" + server `{opt['name']}` lr {opt.get('lr', 1.0)}" if opt else "")
+def down_label(chain: Chain, code: Callable[[str], str] = code) -> str:
+    return chain_label(chain.down, update=chain.update, prior=chain.prior, code=code)
 
 
 def fmt_bytes(b: float) -> str:
@@ -357,7 +347,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         tts = [to_target(r, target) for r in rs]
         ok = [t for t in tts if t is not None]
         final = [smoothed_final(r["rounds"][: cfg.rounds], cfg.smooth) for r in rs]
-        row: dict[str, Any] = {"chain": chain.name, "up_chain": up_text(chain), "down_chain": down_text(chain),
+        row: dict[str, Any] = {"chain": chain.name, "up_chain": up_label(chain, str), "down_chain": down_label(chain, str),
                                "group": chain.group,
                                "reached": len(ok), "seeds": len(rs), "final": statistics.mean(final)}  # fmt: skip
         if ok:

@@ -21,26 +21,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import md_code as cell
-from .common import replace_section
+from .common import chain_label, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# (name, uplink chain, downlink section or chain, prepass section, server optimizer)
 CASES = [
-    ("default chains (ResFed downlink, stateful)", "ef | topk:0.01 | quantize:4 | entropy", "residual | topk:0.05 | quantize:8 | entropy", None),
-    ("sparse both ways", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.02 | quantize:4 | entropy", None),
+    ("default chains (ResFed downlink, stateful)", "ef | topk:0.01 | quantize:4 | entropy", "residual | topk:0.05 | quantize:8 | entropy", None, None),
+    ("sparse both ways", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.02 | quantize:4 | entropy", None, None),
     ("aggregator update chain + catch-up downlink (server-side error feedback, lattice)", "ef | sign",
-     {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}, None),
+     {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}, None, None),
     ("initial-model prior + catch-up downlink, FedAdam on the aggregator", "ef | stc:0.01 | entropy",
-     {"chain": "residual | lattice:0.002 | entropy", "update_chain": "ef | topk:0.01", "prior": "initial",
-      "aggregation": {"server_optimizer": {"name": "adam", "lr": 0.03}}}, None),
+     {"chain": "residual | lattice:0.002 | entropy", "update_chain": "ef | topk:0.01", "prior": "initial"}, None,
+     {"name": "adam", "lr": 0.03}),
     ("AE chunked, shared decoder (prepass, decoder upload and download)", "ae", "identity",
      {"enabled": True, "epochs": 2, "snapshot_every": "batch", "what": "update", "decoder": "shared", "variant": "chunked",
-      "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}),
+      "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}, None),
 ]  # fmt: skip
 
 
-def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | None, n: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:
+def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | None, server_optimizer: dict[str, Any] | None,
+              n: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:  # fmt: skip
     plan: dict[str, Any] = {
         "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5, "num_shards": 100},
         "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
@@ -49,23 +50,18 @@ def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | Non
         "collaborators": {"min": n, "fraction": per_round / n, "min_per_round": per_round, "join_timeout_s": 300},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "uplink": {"chain": up},
-        "downlink": {k: v for k, v in down.items() if k != "aggregation"} if isinstance(down, dict) else {"chain": down},
+        "downlink": down if isinstance(down, dict) else {"chain": down},
         "round_timeout_s": 300,
     }
-    if isinstance(down, dict) and "aggregation" in down:  # a case's aggregation rides along with its downlink
-        plan["aggregation"] = down["aggregation"]
+    if server_optimizer:
+        plan["aggregation"] = {"server_optimizer": server_optimizer}
     if prepass:
         plan["prepass"] = prepass
     return plan
 
 
-def down_cell(down: str | dict[str, Any]) -> str:
-    if isinstance(down, str):
-        return cell(down)
-    opt = down.get("aggregation", {}).get("server_optimizer")
-    return (cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
-            + (f" + prior `{down['prior']}`" if down.get("prior") else "")
-            + (f" + server `{opt['name']}` lr {opt['lr']}" if opt else ""))  # fmt: skip
+def down_label(down: str | dict[str, Any]) -> str:
+    return chain_label(down) if isinstance(down, str) else chain_label(down["chain"], update=down.get("update_chain"), prior=down.get("prior"))
 
 
 def free_port() -> int:
@@ -163,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     all_ok = True
-    for name, up, down, prepass in CASES[: args.cases]:
-        plan = make_plan(up, down, prepass, args.collaborators, args.per_round, args.rounds, args.seed)
+    for name, up, down, prepass, server_optimizer in CASES[: args.cases]:
+        plan = make_plan(up, down, prepass, server_optimizer, args.collaborators, args.per_round, args.rounds, args.seed)
         ok, problems, info = compare(name, plan, args.collaborators)
         all_ok &= ok
         g, s = info["grpc"], info["sim"]
@@ -173,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems[:10]:
             print("   ", p)
         lines.append(
-            f"| {name} | {cell(up)} | {down_cell(down)} | {info['rounds']} | {g['up_wire']:,} | {s['up_wire']:,} | {g['down_wire']:,} | {s['down_wire']:,} | "
+            f"| {name} | {chain_label(up, server_optimizer=server_optimizer)} | {down_label(down)} | {info['rounds']} | {g['up_wire']:,} | {s['up_wire']:,} | {g['down_wire']:,} | {s['down_wire']:,} | "
             f"{g['decoder']:,} / {s['decoder']:,} | {verdict} |"
         )
     lines += ["", f"Result: {'all byte counts equal' if all_ok else 'MISMATCH (see table)'}."]

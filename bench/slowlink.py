@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import md_code, replace_section
+from .common import chain_label, replace_section
 
 CHAINS = [
     ("FedAvg (identity)", "identity", "identity"),
@@ -43,10 +43,8 @@ CHAINS = [
 
 
 def cell(down: str | dict[str, Any]) -> str:
-    """A chain (or downlink spec) as Markdown table code: GitHub splits cells at every unescaped |."""
-    if isinstance(down, dict):
-        return cell(down["chain"]) + (f" + update {cell(down['update_chain'])}" if down.get("update_chain") else "")
-    return md_code(down)
+    """A chain (or downlink spec) as Markdown table code."""
+    return chain_label(down) if isinstance(down, str) else chain_label(down["chain"], update=down.get("update_chain"))
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
