@@ -34,6 +34,8 @@ CASES = [
     ("initial-model prior + catch-up downlink, FedAdam on the aggregator", "ef | stc:0.01 | entropy",
      {"chain": "residual | lattice:0.002 | entropy", "update_chain": "ef | topk:0.01", "prior": "initial"}, None,
      {"name": "adam", "lr": 0.03}),
+    ("FedAdam with a sparse uplink and a dense catch-up downlink from the prior (fl_bench's G rows)", "ef | stc:0.005 | entropy",
+     {"chain": "residual | lattice:0.03 | entropy", "prior": "initial"}, None, {"name": "adam", "lr": 0.03}),
     ("AE chunked, shared decoder (prepass, decoder upload and download)", "ae", "identity",
      {"enabled": True, "epochs": 2, "snapshot_every": "batch", "what": "update", "decoder": "shared", "variant": "chunked",
       "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}, None),

@@ -1,4 +1,4 @@
-"""The peer: Flower's FedAvg on the same protocol, counting the bytes of Flower's own serialisation.
+"""The peer: Flower's FedAvg (or FedAdam) on the same protocol, counting the bytes of Flower's own serialisation.
 
 Runs in Flower's own venv (`make flower-venv`: flwr 1.41, protobuf < 7, torch 2.13 CPU), never in
 fedsqueeze's. `bench.fl_bench` exports the task (data, shards, per-round selection, the initial model,
@@ -11,7 +11,9 @@ training hyper-parameters) to an .npz and a torch file; this script replays it:
 - each client decodes them with `parameters_to_ndarrays`, trains with fedsqueeze's own
   `train_local` (loaded from fedsqueeze/training.py by path: numpy and torch only) with the same
   seed formula, and returns `ndarrays_to_parameters(local weights)` in a `FitRes`;
-- the server aggregates with `flwr.server.strategy.FedAvg.aggregate_fit` (weighted by num_examples).
+- the server aggregates with `flwr.server.strategy.FedAvg.aggregate_fit` (weighted by num_examples), or,
+  when the task's meta names a server optimizer `adam`, with `flwr.server.strategy.FedAdam.aggregate_fit`
+  (eta, beta_1, beta_2 and tau from that entry; Flower's FedAdam adds Adam's bias correction).
 
     bench/flower/.venv/bin/python bench/flower/flower_fedavg.py TASK.npz MODEL.pt OUT.json
 """
@@ -41,7 +43,7 @@ def _training_module():  # type: ignore[no-untyped-def]
 def main(argv: list[str]) -> int:
     import flwr
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays, serde
-    from flwr.server.strategy import FedAvg
+    from flwr.server.strategy import FedAdam, FedAvg
 
     task_path, model_path, out_path = argv
     training = _training_module()
@@ -63,8 +65,16 @@ def main(argv: list[str]) -> int:
             for p, a in zip(model.parameters(), arrays, strict=True):
                 p.copy_(torch.from_numpy(np.ascontiguousarray(a)))
 
-    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=1, min_available_clients=1, accept_failures=False)
     params = ndarrays_to_parameters(get())
+    opt = meta.get("server_optimizer")
+    common = {"fraction_fit": 1.0, "min_fit_clients": 1, "min_available_clients": 1, "accept_failures": False}
+    if opt is None:
+        strategy: FedAvg = FedAvg(**common)
+    elif opt["name"] == "adam":
+        strategy = FedAdam(**common, initial_parameters=params, eta=opt["lr"], beta_1=opt.get("beta1", 0.9), beta_2=opt.get("beta2", 0.99),
+                           tau=opt.get("tau", 1e-3))  # fmt: skip
+    else:
+        raise SystemExit(f"server optimizer {opt['name']!r}: only adam has a Flower peer here")
     rounds = []
     t0 = time.perf_counter()
     for rnd, chosen in enumerate(selection, start=1):
@@ -91,7 +101,7 @@ def main(argv: list[str]) -> int:
         k = len(chosen)
         rounds.append({"round": rnd, "accuracy": acc, "loss": loss, "up_bytes": up_tensor, "down_bytes": down_tensor * k,
                        "up_proto": up_proto, "down_proto": down_proto * k})  # fmt: skip
-    out = {"flwr": flwr.__version__, "seconds": time.perf_counter() - t0, "rounds": rounds,
+    out = {"flwr": flwr.__version__, "strategy": type(strategy).__name__, "seconds": time.perf_counter() - t0, "rounds": rounds,
            "message_bytes": down_tensor, "message_proto_bytes": down_proto}  # fmt: skip
     Path(out_path).write_text(json.dumps(out))
     return 0
