@@ -32,6 +32,7 @@ def chain_label(
         label += f" + prior {code(prior)}"
     if server_optimizer:
         label += f" + server {code(server_optimizer['name'])} lr {server_optimizer.get('lr', 1.0)}"
+        label += "".join(f", {k} {v}" for k, v in server_optimizer.items() if k not in ("name", "lr"))
     return label
 
 

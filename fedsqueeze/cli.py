@@ -133,7 +133,7 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
     base = simulate(uncompressed(plan))
     report = json.loads(report_path.read_text())
     report["baseline_accuracy"] = base["final_accuracy"]
-    report["baseline"] = {"how": "fedsqueeze.simulate: in-process FedAvg, identity chains, same plan and seed",
+    report["baseline"] = {"how": "fedsqueeze.simulate: in-process, identity chains, same plan (server optimizer included) and seed",
                           "accuracy": [r["accuracy"] for r in base["rounds"]]}  # fmt: skip
     s = report["summary"]
     s["baseline_accuracy"] = base["final_accuracy"]
@@ -144,7 +144,9 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
 
     write_json_atomic(report_path, report)
     acc = s["final_accuracy"]
-    print(f"accuracy         : {acc:.2%}   uncompressed FedAvg baseline (same seed): {base['final_accuracy']:.2%}   "
+    opt = plan.aggregation.server_optimizer
+    algo = "FedAvg baseline (same seed" if opt.name == "sgd" and opt.lr == 1.0 else f"baseline (same seed, server {opt.name} lr {opt.lr}"
+    print(f"accuracy         : {acc:.2%}   uncompressed {algo}): {base['final_accuracy']:.2%}   "
           f"difference {100 * (acc - base['final_accuracy']):+.2f} pp")  # fmt: skip
     decoders = f"; decoders uploaded: {human_bytes(s['decoder'])}" if s["decoder"] else ""
     print(f"uplink / message : {s['up_wire_per_message']:.1f} wire bytes of {report['model']['raw_bytes']:,} "

@@ -38,3 +38,16 @@ def test_malformed_plans_name_the_problem(text: str, message: str) -> None:
 def test_missing_plan_file(tmp_path) -> None:
     with pytest.raises(PlanError, match="cannot read plan"):
         Plan.load(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("name", ["ae", "ae-paper", "fewest-bytes"])
+def test_bundled_plans_load_and_build_their_chains(name: str) -> None:
+    from pathlib import Path
+
+    import fedsqueeze
+
+    plan = Plan.load(Path(fedsqueeze.__file__).parent / "plans" / f"{name}.json")
+    assert Plan.from_json(plan.to_json()).sha256 == plan.sha256
+    plan.uplink_chain(), plan.downlink_chain()  # every codec named exists and its parameters are valid
+    if name == "fewest-bytes":
+        assert plan.aggregation.server_optimizer.name == "adam" and plan.downlink.prior == "initial"
