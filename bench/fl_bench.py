@@ -107,9 +107,8 @@ CHAINS: list[Chain] = [
     Chain("D2 = C6 + initial-model prior", "ef | stc:0.01 | entropy", DEFAULT_DOWN, prior="initial", group="search"),
     Chain("D3 = C8 + initial-model prior", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
           update="ef | topk:0.01", prior="initial", group="search", settings=("*",)),
-    # aggregation.server_optimizer: FedAdam alone (uncompressed), then with near-lossless uplinks. With sparse
-    # uplinks or the ResFed downlink it did worse on seed 0 (STC + FedAvgM diverged; QSGD or sign + FedAdam with
-    # the ResFed downlink missed the target by round 300).
+    # aggregation.server_optimizer: FedAdam alone (uncompressed), then with near-lossless uplinks. On seed 0,
+    # STC + FedAvgM diverged, and QSGD or sign + FedAdam with the ResFed downlink missed the target by round 300.
     Chain("E1 FedAdam (lr 0.03), identity", "identity", "identity", server_optimizer=ADAM, group="search"),
     Chain("E2 QSGD 4 levels + FedAdam", "qsgd:4 | entropy", "identity", server_optimizer=ADAM, group="search"),
     Chain("E3 sign + EF + FedAdam", "ef | sign", "identity", server_optimizer=ADAM, group="search"),
@@ -578,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         "Rounds and bytes to target are means over the seeds that reached it; bytes are totals over all collaborators, "
         "the AE's prepass model downloads and decoder uploads included (uplink column). "
         "Flower: flwr 1.41 in its own venv (`make flower-venv`), the same data, shards, per-round selection, initial model, "
-        "training function and seeds, `FedAvg.aggregate_fit` (and, where a row uses FedAdam, `FedAdam.aggregate_fit` with the "
-        "same lr, betas and tau as the peer for those rows); its bytes are the `Parameters` tensors that "
+        "training function and seeds, `FedAvg.aggregate_fit` (and, where a row uses FedAdam, `FedAdam.aggregate_fit` with "
+        "the E-G rows' lr 0.03, beta1 0.9, beta2 0.99 and tau 0.001, as the peer for every FedAdam row); its bytes are the `Parameters` tensors that "
         "`ndarrays_to_parameters` produces (one .npy per tensor), downlink once per selected client. "
         "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse.",
         "",

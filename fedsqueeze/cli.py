@@ -145,8 +145,8 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
     write_json_atomic(report_path, report)
     acc = s["final_accuracy"]
     opt = plan.aggregation.server_optimizer
-    algo = "FedAvg baseline (same seed" if opt.name == "sgd" and opt.lr == 1.0 else f"baseline (same seed, server {opt.name} lr {opt.lr}"
-    print(f"accuracy         : {acc:.2%}   uncompressed {algo}): {base['final_accuracy']:.2%}   "
+    baseline = "FedAvg baseline (same seed)" if opt.name == "sgd" and opt.lr == 1.0 else f"baseline (same seed, server {opt.name} lr {opt.lr})"
+    print(f"accuracy         : {acc:.2%}   uncompressed {baseline}: {base['final_accuracy']:.2%}   "
           f"difference {100 * (acc - base['final_accuracy']):+.2f} pp")  # fmt: skip
     decoders = f"; decoders uploaded: {human_bytes(s['decoder'])}" if s["decoder"] else ""
     print(f"uplink / message : {s['up_wire_per_message']:.1f} wire bytes of {report['model']['raw_bytes']:,} "
