@@ -86,6 +86,7 @@ CHAINS: list[Chain] = [
     Chain("PowerSGD rank 2 + EF", "ef | powersgd:2"),
     Chain("ResFed (default chains)", TOPK1_Q4, DEFAULT_DOWN, settings=("*",)),
     # The AE trains an autoencoder per collaborator in the prepass (100 of them): chunked only, 1 seed, short AE training.
+    # With FedAdam (seed 0, shared decoder) it peaked at 37-39 % and then fell.
     Chain("AE chunked, per-collaborator decoder", "ae", "identity", {**AE_BASE, "decoder": "per_collaborator"}, max_seeds=1),
     Chain("AE chunked, shared decoder", "ae", "identity", {**AE_BASE, "decoder": "shared"}, max_seeds=1),
     # search: the aggregator compresses its own update (update_chain) and collaborators catch up on what moved.
