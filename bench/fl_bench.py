@@ -139,7 +139,8 @@ CHAINS: list[Chain] = [
     # 0.5: 101-112, 0: 121-135; uncompressed FedAdam is slower with 0.5, so the Flower peer keeps 0.9) and a lattice
     # step of 0.1, above the weights' own scale: a coordinate is re-sent only once it has moved by 0.05, and
     # the collaborators still train well on that coarse copy (step 0.05: ~35x down, 0.1: ~44x, 0.15: ~52x with
-    # more rounds, 0.2: ~56x with 136-141 rounds). Server lr 0.02 or 0.05, beta2 0.9 and ef decay 0.6 did no better.
+    # more rounds, 0.2: ~56x with 136-141 rounds). Server lr 0.02, 0.04 or 0.05, beta2 0.9, ef decay 0.6 or 0.9 and
+    # STC 0.4 % did no better.
     Chain("H1 = G4 with beta1 0.5, step 0.1", "ef:0.8 | stc:0.005 | entropy", "residual | lattice:0.1 | entropy", prior="initial",
           server_optimizer=ADAM_B05, group="search", settings=("*",)),
     Chain("H2 = H1 with STC 0.2%", "ef:0.8 | stc:0.002 | entropy", "residual | lattice:0.1 | entropy", prior="initial",
