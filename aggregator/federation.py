@@ -133,7 +133,8 @@ class Federation:
         self.model = build_model(plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed)
         self.layout: Layout = model_layout(self.model)
         self.global_model = get_flat(self.model)
-        self.initial_model = self.global_model.copy()  # downlink.prior "initial" primes the downlink with it
+        # downlink.prior "initial" primes every collaborator's downlink with the initial model; kept only then.
+        self.initial_model = self.global_model.copy() if plan.downlink.prior == "initial" else None
         self.up_chain: Pipeline = plan.uplink_chain()
         self.down_chain: Pipeline = plan.downlink_chain()
         self.server_optimizer = ServerOptimizer(plan.aggregation.server_optimizer)

@@ -215,10 +215,12 @@ class Plan:
     def downlink_update_chain(self) -> Pipeline | None:
         return None if self.downlink.update_chain is None else Pipeline.from_config(self.downlink.update_chain)
 
-    def downlink_state(self, chain: Pipeline, initial_model: np.ndarray) -> CodecState:
+    def downlink_state(self, chain: Pipeline, initial_model: np.ndarray | None) -> CodecState:
         """A new downlink CodecState for one collaborator (either side), primed when `downlink.prior` is "initial"."""
         state = CodecState()
         if self.downlink.prior == "initial":
+            if initial_model is None:
+                raise ValueError("downlink.prior is 'initial' but no initial model was given")
             chain.prime(state, initial_model)
         return state
 
