@@ -40,14 +40,9 @@ class ServerOptimizer:
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None
 
-    @property
-    def is_plain(self) -> bool:
-        """FedAvg's own rule: the proposal is applied unchanged."""
-        return self.spec.name == "sgd" and self.spec.lr == 1.0
-
     def apply(self, current: np.ndarray, proposed: np.ndarray) -> np.ndarray:
         """The next global model from the current one and the strategy's proposal."""
-        if self.is_plain:
+        if self.spec.is_plain:
             return np.asarray(proposed, dtype=np.float32)
         s = self.spec
         delta = np.asarray(proposed, dtype=np.float64) - current

@@ -145,7 +145,7 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
     write_json_atomic(report_path, report)
     acc = s["final_accuracy"]
     opt = plan.aggregation.server_optimizer
-    baseline = "FedAvg baseline (same seed)" if opt.name == "sgd" and opt.lr == 1.0 else f"baseline (same seed, server {opt.name} lr {opt.lr})"
+    baseline = "FedAvg baseline (same seed)" if opt.is_plain else f"baseline (same seed, server {opt.name} lr {opt.lr})"
     print(f"accuracy         : {acc:.2%}   uncompressed {baseline}: {base['final_accuracy']:.2%}   "
           f"difference {100 * (acc - base['final_accuracy']):+.2f} pp")  # fmt: skip
     decoders = f"; decoders uploaded: {human_bytes(s['decoder'])}" if s["decoder"] else ""

@@ -128,6 +128,11 @@ class ServerOptimizerSpec:
     beta2: float = 0.99  # adam, yogi: second-moment decay
     tau: float = 1e-3  # adam, yogi: added to sqrt(v), bounds the step of coordinates that rarely move
 
+    @property
+    def is_plain(self) -> bool:
+        """FedAvg's own rule: the strategy's proposal is applied unchanged."""
+        return self.name == "sgd" and self.lr == 1.0
+
     def problem(self) -> str | None:
         """What is wrong with these values, or None."""
         if self.name not in SERVER_OPTIMIZERS:
