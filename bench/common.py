@@ -36,6 +36,13 @@ def chain_label(
     return label
 
 
+def downlink_label(down: str | dict[str, Any], code: Callable[[str], str] = md_code) -> str:
+    """A downlink given as a chain or as a plan's downlink section (chain, update_chain, prior)."""
+    if isinstance(down, str):
+        return chain_label(down, code=code)
+    return chain_label(down["chain"], update=down.get("update_chain"), prior=down.get("prior"), code=code)
+
+
 def replace_section(path: Path, key: str, title: str, lines: list[str]) -> None:
     """Write `lines` under `## title` between markers, keeping other benchmarks' sections."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"

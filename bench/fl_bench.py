@@ -26,6 +26,7 @@ skipped. Results per run are cached as JSON under runs/bench/fl/ (`--reuse` read
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -70,10 +71,24 @@ class Chain:
     prior: str = "none"  # downlink.prior: "initial" starts a residual downlink from the initial model both sides build
     server_optimizer: dict[str, Any] | None = None  # aggregation.server_optimizer (None: FedAvg's plain step)
 
+    @property
+    def fedadam(self) -> bool:
+        """Whether the aggregator runs FedAdam (these rows are also measured against Flower's FedAdam)."""
+        return (self.server_optimizer or {}).get("name") == "adam"
+
 
 # The issue's list, then the search for the best chain. Uplink-only rows keep the downlink uncompressed.
 CATCH_UP = "residual | lattice:0.0005 | entropy"  # the downlink that pairs with an aggregator update chain
 ADAM: dict[str, Any] = {"name": "adam", "lr": 0.03}  # FedAdam as the E-G rows use it (Flower's FedAdam peer gets the same)
+
+
+def resolved(server_optimizer: dict[str, Any]) -> dict[str, Any]:
+    """Every field of a server optimizer section, defaults filled in from the plan's ServerOptimizerSpec."""
+    from fedsqueeze.plan import ServerOptimizerSpec
+
+    return dataclasses.asdict(ServerOptimizerSpec(**server_optimizer))
+
+
 ADAM_B05: dict[str, Any] = {**ADAM, "beta1": 0.5}  # the H rows: less momentum suits sparse, error-fed-back updates
 TOPK1_Q4 = "ef | topk:0.01 | quantize:4 | entropy"
 CHAINS: list[Chain] = [
@@ -278,7 +293,7 @@ def run_flower(setting: Setting, seed: int, cfg: Config, server_optimizer: dict[
         np.savez(task, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
                  shard_indices=np.concatenate(shards), shard_offsets=np.cumsum([0] + [len(s) for s in shards]),
                  selection=selection(seed, cfg.rounds, cfg.collaborators, cfg.per_round),
-                 meta=json.dumps({**TRAINING, "seed": seed, "server_optimizer": server_optimizer}))  # fmt: skip
+                 meta=json.dumps({**TRAINING, "seed": seed, "server_optimizer": server_optimizer and resolved(server_optimizer)}))  # fmt: skip
         torch.jit.save(torch.jit.script(model), str(model_file))  # TorchScript: no pickled code to load back
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         proc = subprocess.run([str(FLOWER_PY), str(ROOT / "bench/flower/flower_fedavg.py"), str(task), str(model_file), str(out)],
@@ -382,8 +397,9 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         a_final = [smoothed_final(f["rounds"][: cfg.rounds], cfg.smooth) for f in flower_adam]
         vs = (f"{adam_up / fl_up:.2e} | {adam_down / fl_down:.2e} | {fmt_ratio(fl_up / adam_up)} / {fmt_ratio(fl_down / adam_down)}"
               if adam_ok and flower_ok else "- | - | -")  # fmt: skip
+        peer = resolved(ADAM)
         lines.append(
-            f"| **Flower FedAdam** (lr {ADAM['lr']}, beta1 0.9, Flower's `FedAdam.aggregate_fit`; its weights are float64) | .npy per tensor | "
+            f"| **Flower FedAdam** (lr {peer['lr']}, beta1 {peer['beta1']}, Flower's `FedAdam.aggregate_fit`; its weights are float64) | .npy per tensor | "
             ".npy per tensor | "
             f"{len(adam_ok)}/{len(flower_adam)} | "
             + (f"{statistics.mean(t['rounds'] for t in adam_ok):.1f} | {fmt_bytes(adam_up)} | {fmt_bytes(adam_down)} | " if adam_ok else "- | - | - | ")
@@ -410,7 +426,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
             if flower_ok:
                 row.update(up_vs_flower=up / fl_up, down_vs_flower=down / fl_down)
             # A chain with FedAdam on the aggregator is also measured against Flower's FedAdam.
-            vs_adam = adam_ok and (chain.server_optimizer or {}).get("name") == "adam"
+            vs_adam = adam_ok and chain.fedadam
             if vs_adam:
                 row.update(up_vs_flower_adam=up / adam_up, down_vs_flower_adam=down / adam_down)
             rest = (
@@ -551,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Flower venv missing (make flower-venv): the Flower columns are left out")
         else:
             # Flower's FedAdam too, where a chain with FedAdam ran: the peer for the server optimizer.
-            with_adam = {s.key for s, c, _ in plan_runs if (c.server_optimizer or {}).get("name") == "adam"}
+            with_adam = {s.key for s, c, _ in plan_runs if c.fedadam}
             for s in settings:
                 for seed in cfg.seeds:
                     for opt, into in ((None, flower), *(((ADAM, flower_adam),) if s.key in with_adam else ())):
@@ -561,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"  flower {f.get('strategy', 'FedAvg')} {s.key} seed {seed}: final {100 * f['rounds'][-1]['accuracy']:.1f} %  "
                                   f"{f['seconds']:.0f} s", flush=True)  # fmt: skip
     wall = time.perf_counter() - t0
+    peer = resolved(ADAM)  # Flower's FedAdam settings, as the protocol text names them
     body = [
         f"Command: `{' '.join(['python -m bench.fl_bench', *(argv if argv is not None else sys.argv[1:])])}` "
         f"({wall / 60:.1f} min wall on this 2-core machine, {args.jobs} processes"
@@ -580,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "the AE's prepass model downloads and decoder uploads included (uplink column). "
         "Flower: flwr 1.41 in its own venv (`make flower-venv`), the same data, shards, per-round selection, initial model, "
         "training function and seeds, `FedAvg.aggregate_fit` (and, where a row uses FedAdam, `FedAdam.aggregate_fit` with "
-        "the E-G rows' lr 0.03, beta1 0.9, beta2 0.99 and tau 0.001, as the peer for every FedAdam row); its bytes are the `Parameters` tensors that "
+        f"the E-G rows' lr {peer['lr']}, beta1 {peer['beta1']}, beta2 {peer['beta2']} and tau {peer['tau']}, as the peer for every FedAdam row); its bytes are the `Parameters` tensors that "
         "`ndarrays_to_parameters` produces (one .npy per tensor), downlink once per selected client. "
         "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse.",
         "",

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import chain_label, replace_section
+from .common import chain_label, downlink_label, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +60,6 @@ def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | Non
     if prepass:
         plan["prepass"] = prepass
     return plan
-
-
-def down_label(down: str | dict[str, Any]) -> str:
-    return chain_label(down) if isinstance(down, str) else chain_label(down["chain"], update=down.get("update_chain"), prior=down.get("prior"))
 
 
 def free_port() -> int:
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems[:10]:
             print("   ", p)
         lines.append(
-            f"| {name} | {chain_label(up, server_optimizer=server_optimizer)} | {down_label(down)} | {info['rounds']} | {g['up_wire']:,} | {s['up_wire']:,} | {g['down_wire']:,} | {s['down_wire']:,} | "
+            f"| {name} | {chain_label(up, server_optimizer=server_optimizer)} | {downlink_label(down)} | {info['rounds']} | {g['up_wire']:,} | {s['up_wire']:,} | {g['down_wire']:,} | {s['down_wire']:,} | "
             f"{g['decoder']:,} / {s['decoder']:,} | {verdict} |"
         )
     lines += ["", f"Result: {'all byte counts equal' if all_ok else 'MISMATCH (see table)'}."]

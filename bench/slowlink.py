@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import chain_label, replace_section
+from .common import chain_label, downlink_label, replace_section
 
 CHAINS = [
     ("FedAvg (identity)", "identity", "identity"),
@@ -40,11 +40,6 @@ CHAINS = [
     ("top-k 1% q4 / catch-up, update top-k 1%", "ef | topk:0.01 | quantize:4 | entropy",
      {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.01"}),
 ]  # fmt: skip
-
-
-def cell(down: str | dict[str, Any]) -> str:
-    """A chain (or downlink spec) as Markdown table code."""
-    return chain_label(down) if isinstance(down, str) else chain_label(down["chain"], update=down.get("update_chain"))
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -196,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         hit = r["hit"]
         speed = f"{base / hit[1]:.1f}x" if (hit and base) else "-"
         lines.append(
-            f"| {r['name']} | {cell(r['up'])} | {cell(r['down'])} | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
+            f"| {r['name']} | {chain_label(r['up'])} | {downlink_label(r['down'])} | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
             f"{hit[0] if hit else 'not reached'} | {f'{hit[1]:.1f} s' if hit else '-'} | {speed} | {100 * r['final']:.2f} % |"
         )
     replace_section(Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines)
