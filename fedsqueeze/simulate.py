@@ -53,9 +53,9 @@ def simulate(plan: Plan, on_round: Callable[[dict[str, Any]], None] | None = Non
     server_optimizer = ServerOptimizer(plan.aggregation.server_optimizer)
     tx = [CodecState() for _ in shards]
     rx = [CodecState() for _ in shards]
-    initial_model = global_model.copy()
-    down_tx = [plan.downlink_state(down, initial_model) for _ in shards]  # the aggregator's sender state, per collaborator
-    down_rx = [plan.downlink_state(down, initial_model) for _ in shards]
+    # Both states are built here, before any round, so the current model is the initial one (priming copies it).
+    down_tx = [plan.downlink_state(down, global_model) for _ in shards]  # the aggregator's sender state, per collaborator
+    down_rx = [plan.downlink_state(down, global_model) for _ in shards]
     out: dict[str, Any] = {"rounds": [], "prepass": []}
     found = find_stage(up)
     if plan.prepass.enabled and found is not None:
