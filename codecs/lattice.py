@@ -32,7 +32,8 @@ import numpy as np
 
 from .base import ArraySpec, Codec, Data, Spec, StageState, register_codec, require_array_spec
 from .errors import CodecError
-from .sparse import positions_side, read_positions_side
+from .sigmap import check_positions_mode
+from .sparse import kept_in_side, positions_side, read_positions_side
 
 MAX_LEVELS = 32767  # int16 symbols; `entropy` codes alphabets of up to 65,536
 
@@ -42,6 +43,7 @@ MAX_LEVELS = 32767  # int16 symbols; `entropy` codes alphabets of up to 65,536
 class Lattice(Codec):
     step: float = 2.0**-12
     levels: int = MAX_LEVELS
+    positions: str = "rice"  # how the non-zero positions are coded: "rice" (gaps) or "context" (sigmap.py)
 
     codec_id: ClassVar[str] = "lattice"
     positional: ClassVar[tuple[str, ...]] = ("step",)
@@ -52,6 +54,7 @@ class Lattice(Codec):
             raise CodecError(f"lattice: step must be a number in [1e-30, 1e30], got {s!r}")
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 1 <= self.levels <= MAX_LEVELS:
             raise CodecError(f"lattice: levels must be an integer in [1, {MAX_LEVELS}], got {self.levels!r}")
+        check_positions_mode("lattice", self.positions)
 
     @property
     def _step32(self) -> np.float32:
@@ -64,13 +67,13 @@ class Lattice(Codec):
             scaled = np.rint(arr.astype(np.float64) / float(self._step32))
         q = np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16)
         idx = np.flatnonzero(q).astype(np.int64)
-        return positions_side(idx, arr.size), q[idx]
+        return positions_side(idx, s, self.positions), q[idx]
 
     def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
-        return read_positions_side(side, require_array_spec(spec, "lattice").count, "lattice")
+        return read_positions_side(side, require_array_spec(spec, "lattice"), "lattice", self.positions)
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        return ArraySpec(np.int16, int(self._positions(spec, side).size), symbols=(-self.levels, self.levels))
+        return ArraySpec(np.int16, kept_in_side(side, spec, "lattice"), symbols=(-self.levels, self.levels))
 
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
         s = require_array_spec(spec, "lattice")

@@ -30,6 +30,7 @@ from .base import (
 )
 from .errors import CodecError
 from .positions import decode_positions, encode_positions
+from .sigmap import check_positions_mode, decode_mask, encode_mask
 
 
 def kept_count(n: int, fraction: float, count: int | None = None) -> int:
@@ -80,22 +81,52 @@ def _check_params(who: str, fraction: float, count: int | None, scope: str) -> N
         raise CodecError(f"{who}: count applies to scope 'global' only")
 
 
-def positions_side(idx: np.ndarray, n: int) -> bytes:
-    """The side header `varint k | coded positions` of k sorted positions among n."""
-    return SideWriter().varint(idx.size).raw(encode_positions(idx, n)).getvalue()
+def code_positions(idx: np.ndarray, spec: ArraySpec, mode: str) -> bytes:
+    """k sorted positions among spec.count: Golomb-Rice gaps ("rice"); or with "context", a u8 choice
+    and the shorter of the gaps and the context-coded map (sigmap.py), so never more than one byte worse."""
+    rice = encode_positions(idx, spec.count)
+    if mode != "context":
+        return rice
+    context = encode_mask(idx, spec)
+    return b"\x01" + context if len(context) < len(rice) else b"\x00" + rice
 
 
-def read_positions_side(side: bytes, n: int, who: str) -> np.ndarray:
-    """The positions in a `positions_side` header, checked against n."""
+def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) -> np.ndarray:
+    if k > spec.count:
+        raise CodecError(f"{who}: {k} kept entries out of {spec.count}")
+    if mode != "context":
+        return decode_positions(data, spec.count, k)
+    if not data or data[0] > 1:
+        raise CodecError(f"{who}: position coding byte missing or unknown")
+    return decode_mask(data[1:], spec, k, who) if data[0] else decode_positions(data[1:], spec.count, k)
+
+
+def kept_in_side(side: bytes, spec: Spec, who: str) -> int:
+    """k, the header's leading count, checked against n. `output_spec` needs no more: the positions
+    are decoded (and checked) once, by `decode`."""
+    s = require_array_spec(spec, who)
+    k = SideReader(side, who).varint()
+    if k > s.count:
+        raise CodecError(f"{who}: {k} kept entries out of {s.count}")
+    return k
+
+
+def positions_side(idx: np.ndarray, spec: ArraySpec, mode: str = "rice") -> bytes:
+    """The side header `varint k | coded positions` of k sorted positions among spec.count."""
+    return SideWriter().varint(idx.size).raw(code_positions(idx, spec, mode)).getvalue()
+
+
+def read_positions_side(side: bytes, spec: ArraySpec, who: str, mode: str = "rice") -> np.ndarray:
+    """The positions in a `positions_side` header, checked against spec.count."""
     r = SideReader(side, who)
     k = r.varint()
-    if k > n:
-        raise CodecError(f"{who}: {k} kept entries out of {n}")
-    return decode_positions(r.rest(), n, k)
+    return read_positions(r.rest(), spec, k, mode, who)
 
 
 class _PositionSparsifier(Codec):
     """Shared machinery: side = varint k | coded positions; y = the k kept values (float32)."""
+
+    positions: str  # how the kept positions are coded: "rice" (gaps) or "context" (sigmap.py)
 
     def _keep(self) -> tuple[float, int | None, str]:
         raise NotImplementedError
@@ -105,13 +136,13 @@ class _PositionSparsifier(Codec):
         arr = s.check(x, f"{self.codec_id} input")
         keep, count, scope = self._keep()
         idx = _select(arr, s, keep, count, scope, self.codec_id)
-        return positions_side(idx, arr.size), arr[idx].astype(np.float32)
+        return positions_side(idx, s, self.positions), arr[idx].astype(np.float32)
 
     def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
-        return read_positions_side(side, require_array_spec(spec, self.codec_id).count, self.codec_id)
+        return read_positions_side(side, require_array_spec(spec, self.codec_id), self.codec_id, self.positions)
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        return ArraySpec(np.float32, int(self._positions(spec, side).size))
+        return ArraySpec(np.float32, kept_in_side(side, spec, self.codec_id))
 
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
         s = require_array_spec(spec, self.codec_id)
@@ -129,12 +160,14 @@ class TopK(_PositionSparsifier):
     fraction: float = 0.01
     count: int | None = None
     scope: str = "global"
+    positions: str = "rice"
 
     codec_id: ClassVar[str] = "topk"
     positional: ClassVar[tuple[str, ...]] = ("fraction",)
 
     def __post_init__(self) -> None:
         _check_params("topk", self.fraction, self.count, self.scope)
+        check_positions_mode("topk", self.positions)
 
     def _keep(self) -> tuple[float, int | None, str]:
         return self.fraction, self.count, self.scope
@@ -147,12 +180,14 @@ class Prune(_PositionSparsifier):
 
     rate: float = 0.9
     scope: str = "layer"
+    positions: str = "rice"
 
     codec_id: ClassVar[str] = "prune"
     positional: ClassVar[tuple[str, ...]] = ("rate",)
 
     def __post_init__(self) -> None:
         _check_params("prune", self.rate, None, self.scope)
+        check_positions_mode("prune", self.positions)
 
     def _keep(self) -> tuple[float, int | None, str]:
         return 1.0 - self.rate, None, self.scope
@@ -229,12 +264,14 @@ class STC(Codec):
 
     fraction: float = 0.01
     count: int | None = None
+    positions: str = "rice"  # "rice" (gaps) or "context" (sigmap.py)
 
     codec_id: ClassVar[str] = "stc"
     positional: ClassVar[tuple[str, ...]] = ("fraction",)
 
     def __post_init__(self) -> None:
         _check_params("stc", self.fraction, self.count, "global")
+        check_positions_mode("stc", self.positions)
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         s = require_array_spec(spec, "stc")
@@ -242,7 +279,7 @@ class STC(Codec):
         idx = _top_indices(arr, _count(arr.size, self.fraction, self.count))
         kept = arr[idx]
         mu = float(np.mean(np.abs(kept))) if kept.size else 0.0
-        side = SideWriter().varint(idx.size).f32(mu).raw(encode_positions(idx, arr.size)).getvalue()
+        side = SideWriter().varint(idx.size).f32(mu).raw(code_positions(idx, s, self.positions)).getvalue()
         return side, (kept > 0).astype(np.int8)
 
     def _read(self, spec: Spec, side: bytes) -> tuple[float, np.ndarray]:
@@ -250,14 +287,12 @@ class STC(Codec):
         r = SideReader(side, "stc")
         k = r.varint()
         mu = r.f32()
-        if k > s.count:
-            raise CodecError(f"stc: {k} kept entries out of {s.count}")
         if not math.isfinite(mu) or mu < 0:
             raise CodecError("stc: magnitude is not a finite non-negative number")
-        return mu, decode_positions(r.rest(), s.count, k)
+        return mu, read_positions(r.rest(), s, k, self.positions, "stc")
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        return ArraySpec(np.int8, int(self._read(spec, side)[1].size), symbols=(0, 1))
+        return ArraySpec(np.int8, kept_in_side(side, spec, "stc"), symbols=(0, 1))
 
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
         s = require_array_spec(spec, "stc")

@@ -48,7 +48,7 @@ def test_without_a_chain_the_proposal_is_applied_as_is() -> None:
 
 def test_plan_field_is_checked_and_hashed() -> None:
     plan = make_plan(downlink={"chain": "residual | lattice:0.001 | entropy", "update_chain": "ef | topk:0.01"})
-    assert str(plan.downlink_update_chain()) == "ef:decay=1.0 | topk:fraction=0.01,count=null,scope=\"global\""
+    assert str(plan.downlink_update_chain()) == "ef:decay=1.0 | topk:fraction=0.01,count=null,scope=\"global\",positions=\"rice\""
     assert plan.sha256 != make_plan(downlink={"chain": "residual | lattice:0.001 | entropy"}).sha256
     assert make_plan().downlink_update_chain() is None
     with pytest.raises(PlanError, match="downlink.update_chain: unknown codec"):

@@ -117,5 +117,6 @@ def test_hostile_headers_and_levels_refused() -> None:
     assert out_spec.count == 3 and out_spec.symbols == (-7, 7)
     with pytest.raises(CodecError, match="outside"):
         out_spec.check(np.array([1, 8, -2], dtype=np.int16), "levels")
+    # output_spec reads the count only; decode reads (and checks) the positions.
     with pytest.raises(CodecError):
-        codec.output_spec(spec, side[:-1] if len(side) > 2 else b"")
+        codec.decode(side[:-1], np.array([1, 1, 1], dtype=np.int16), spec, {})

@@ -30,6 +30,9 @@ CHAINS = [
     "prune:0.5,scope=global",
     "stc:0.05",
     "stc:0.1 | entropy",
+    "stc:0.1,positions=context | entropy",
+    "topk:0.1,positions=context",
+    "prune:0.9,positions=context",
     "topk:0.1 | entropy",  # refused: entropy needs symbols (checked separately)
 ]
 ROUND_TRIP_CHAINS = [c for c in CHAINS if "topk:0.1 | entropy" != c]
