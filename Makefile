@@ -74,7 +74,7 @@ bench: $(STAMP) $(FLOWER_STAMP) ## Run all benchmarks (~25 min on 2 cores; slowl
 bench-quick: $(STAMP) ## Minutes-long smoke run of every benchmark, written to runs/bench-quick.md (docs/ untouched)
 	$(BIN)/python -m bench.codecs_bench --quick --out runs/bench-quick.md
 	$(BIN)/python -m bench.grpc_check --rounds 2 --cases 1 --out runs/bench-quick.md
-	$(BIN)/python -m bench.fl_bench --quick --chains "fp16,ResFed,C2,H1" --out runs/bench-quick.md --plots runs
+	$(BIN)/python -m bench.fl_bench --quick --chains "fp16,ResFed,C2,H3" --out runs/bench-quick.md --plots runs
 	$(BIN)/python -m bench.slowlink --collaborators 2 --rounds 3 --chains 2 --out runs/bench-quick.md
 	$(BIN)/python -m bench.scale --sizes 10,100 --models 66k --uplinks identity --rounds 2 --out runs/bench-quick.md
 

@@ -49,6 +49,8 @@ RECOMMENDED = [
     "topk:0.01 | quantize:4 | entropy",
     "topk:0.01 | qsgd:4 | entropy",
     "stc:0.01 | entropy",
+    "stc:0.01,positions=context | entropy",
+    "topk:0.01,positions=context | quantize:4 | entropy",
     "topk:0.001 | qsgd:2 | entropy",
     "powersgd:1 | fp16 | zstd:1",
 ]
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `make bench` (or `.venv/bin/python -m bench.codecs_bench`). One message per row; error feedback "
         "and predictors only matter across rounds, so they are measured in the federation benchmarks.",
         "Throughput: median of repeated single-threaded runs on this 2-core machine.",
+        "Positions bound: log2 C(n, k) / k, what uniformly placed positions cost at least. Rows with "
+        "`positions=context` may go below it: they code where an update's large entries gather (rows and columns "
+        "of each layer, `codecs/sigmap.py`).",
         "",
         *verdict,
         "",
