@@ -157,3 +157,22 @@ def test_fedadam_with_a_sparse_uplink_and_a_dense_catch_up_downlink_learns_on_fe
     # Measured: ~300x up; down ~150x (round 1's download is 36 B: the model is still the prior).
     assert sum(r.bytes["up_wire"] for r in rounds) * 150 < sum(r.bytes["up_raw"] for r in rounds)
     assert sum(r.bytes["down_wire"] for r in rounds[1:]) * 30 < sum(r.bytes["down_raw"] for r in rounds[1:])
+
+
+def test_the_fewest_bytes_recipe_with_context_coded_positions_learns() -> None:
+    """fedsqueeze/plans/fewest-bytes.json's chains: positions coded with contexts both ways, through the Federation."""
+    import json
+    from pathlib import Path
+
+    import fedsqueeze
+
+    recipe = json.loads((Path(fedsqueeze.__file__).parent / "plans" / "fewest-bytes.json").read_text())
+    assert "positions=context" in recipe["uplink"]["chain"] and "positions=context" in recipe["downlink"]["chain"]
+    plan = make_plan(rounds=6, uplink=recipe["uplink"], downlink=recipe["downlink"], aggregation=recipe["aggregation"])
+    fed = Federation(plan)
+    run_federation(fed, 2)
+    rounds = fed.report.rounds
+    assert len(rounds) == 6 and rounds[-1].accuracy > fed.report.extra["initial_accuracy"] + 0.2
+    up_ratio = sum(r.bytes["up_raw"] for r in rounds) / sum(r.bytes["up_wire"] for r in rounds)
+    down_ratio = sum(r.bytes["down_raw"] for r in rounds[1:]) / sum(r.bytes["down_wire"] for r in rounds[1:])
+    assert up_ratio > 300 and down_ratio > 100  # measured: 548x up, 322x down
