@@ -1,7 +1,9 @@
 """Sparsifiers: `topk`, `randk`, `prune` (magnitude pruning, seed 003) and `stc`.
 
 Each keeps k of the n entries. The positions travel in the side header, Golomb-Rice coded near
-log2 C(n, k) bits (`positions.py`); `randk` sends only a seed instead. The kept values go on to
+log2 C(n, k) bits (`positions.py`), or with `positions=context` (topk, prune, stc) coded with row
+and column contexts per tensor (`sigmap.py`), below that bound when the kept entries cluster;
+`randk` sends only a seed instead. The kept values go on to
 the next stage as a float32 array of length k (a quantizer or entropy coder may follow); `stc`
 sends signs only, with one shared magnitude. Decoding yields the dense vector, zeros elsewhere.
 
@@ -91,9 +93,14 @@ def code_positions(idx: np.ndarray, spec: ArraySpec, mode: str) -> bytes:
     return b"\x01" + context if len(context) < len(rice) else b"\x00" + rice
 
 
-def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) -> np.ndarray:
+def _check_kept(k: int, spec: ArraySpec, who: str) -> int:
     if k > spec.count:
         raise CodecError(f"{who}: {k} kept entries out of {spec.count}")
+    return k
+
+
+def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) -> np.ndarray:
+    _check_kept(k, spec, who)
     if mode != "context":
         return decode_positions(data, spec.count, k)
     if not data or data[0] > 1:
@@ -104,11 +111,7 @@ def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) ->
 def kept_in_side(side: bytes, spec: Spec, who: str) -> int:
     """k, the header's leading count, checked against n. `output_spec` needs no more: the positions
     are decoded (and checked) once, by `decode`."""
-    s = require_array_spec(spec, who)
-    k = SideReader(side, who).varint()
-    if k > s.count:
-        raise CodecError(f"{who}: {k} kept entries out of {s.count}")
-    return k
+    return _check_kept(SideReader(side, who).varint(), require_array_spec(spec, who), who)
 
 
 def positions_side(idx: np.ndarray, spec: ArraySpec, mode: str = "rice") -> bytes:
