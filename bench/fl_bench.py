@@ -166,8 +166,9 @@ CHAINS: list[Chain] = [
     # FedYogi (107-116 rounds), beta2 0.999 (missed), top-k 0.5 % with 4 or 2 bits (114 / 135 rounds, more
     # bytes), QSGD 1 level with or without EF (missed), PowerSGD rank 1 + 4 bits (missed or diverged), an uplink
     # mask derived from the last download (missed), lattice steps 0.15 / 0.2 / 0.3 (121 / 141 / 217 rounds), a linear
-    # predictor on the downlink, full or damped (60-130 % more downlink bytes), and Adam moments that persist where no
-    # update touched (diverged).
+    # predictor on the downlink, full or damped (60-130 % more downlink bytes), Adam moments that persist where no
+    # update touched (diverged), and per-layer lattice steps (first layer x1.5 and last x2: 103 rounds on seed 0 but
+    # 134 and 147 on seeds 1 and 2, against H1's 112 and 128).
     Chain("H3 = H1 with context-coded positions", f"ef:0.8 | stc:0.005,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
           prior="initial", server_optimizer=ADAM_B05, group="search", settings=("*",)),
     Chain("H4 = H2 with context-coded positions", f"ef:0.8 | stc:0.002,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
