@@ -73,8 +73,13 @@ def _row_probabilities(rows: np.ndarray, density: float) -> np.ndarray:
     flat = (block_of[:, None] * _CONTEXTS + ctx).ravel()
     total = np.bincount(flat, minlength=blocks * _CONTEXTS).reshape(blocks, _CONTEXTS)
     kept = np.bincount(flat, weights=rows.ravel(), minlength=blocks * _CONTEXTS).reshape(blocks, _CONTEXTS)
-    p_ctx = _clip(((np.cumsum(kept, axis=0) - kept) + 2 * density) / ((np.cumsum(total, axis=0) - total) + 2))
+    p_ctx = _context_probability(np.cumsum(kept, axis=0) - kept, np.cumsum(total, axis=0) - total, density)
     return np.take_along_axis(p_ctx[block_of], ctx, axis=1)
+
+
+def _context_probability(kept: np.ndarray, total: np.ndarray, density: float) -> np.ndarray:
+    """p_s from the counts of earlier blocks; encoder and decoder both call this (the arithmetic must match)."""
+    return _clip((kept + 2 * density) / (total + 2))
 
 
 def _clip(p: np.ndarray) -> np.ndarray:
@@ -192,7 +197,7 @@ def _decode_matrix(decoder: object, shape: tuple[int, int], k_t: int, a: int, wh
     total = np.zeros(_CONTEXTS)
     for start in range(0, a, size):  # a block depends on the blocks before it; one decoder call each
         n_rows = min(size, a - start)
-        p_ctx = _clip((kept + 2 * density) / (total + 2))  # the arithmetic of _row_probabilities
+        p_ctx = _context_probability(kept, total, density)
         block = dec(_MODEL, np.tile(p_ctx[ctx], n_rows)).reshape(n_rows, c).astype(np.int64)
         rows[start : start + n_rows] = block
         hits = block.sum(axis=0)
