@@ -14,6 +14,8 @@ sparsifiers); `scope="global"` selects over the whole vector.
 from __future__ import annotations
 
 import math
+import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -108,6 +110,28 @@ def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) ->
     return decode_mask(data[1:], spec, k, who) if data[0] else decode_positions(data[1:], spec.count, k)
 
 
+class _JustCoded(threading.local):
+    """The positions behind the sides this thread coded last.
+
+    `Pipeline.encode` rebuilds the receiver's view by decoding each lossy stage, so a sender would
+    decode the positions it has just coded; with `positions=context` that costs a third of the
+    encode. Keyed by identity: the memo holds each side object, so no other object can share its id.
+    """
+
+    def __init__(self) -> None:
+        self.recent: deque[tuple[bytes, int, np.ndarray]] = deque(maxlen=4)  # a chain has few position stages
+
+    def remember(self, side: bytes, idx: np.ndarray, n: int) -> bytes:
+        self.recent.append((side, n, idx))
+        return side
+
+    def recall(self, side: bytes, n: int) -> np.ndarray | None:
+        return next((idx for coded, count, idx in self.recent if coded is side and count == n), None)
+
+
+just_coded = _JustCoded()
+
+
 def kept_in_side(side: bytes, spec: Spec, who: str) -> int:
     """k, the header's leading count, checked against n. `output_spec` needs no more: the positions
     are decoded (and checked) once, by `decode`."""
@@ -116,11 +140,14 @@ def kept_in_side(side: bytes, spec: Spec, who: str) -> int:
 
 def positions_side(idx: np.ndarray, spec: ArraySpec, mode: str = "rice") -> bytes:
     """The side header `varint k | coded positions` of k sorted positions among spec.count."""
-    return SideWriter().varint(idx.size).raw(code_positions(idx, spec, mode)).getvalue()
+    return just_coded.remember(SideWriter().varint(idx.size).raw(code_positions(idx, spec, mode)).getvalue(), idx, spec.count)
 
 
 def read_positions_side(side: bytes, spec: ArraySpec, who: str, mode: str = "rice") -> np.ndarray:
     """The positions in a `positions_side` header, checked against spec.count."""
+    known = just_coded.recall(side, spec.count)
+    if known is not None:
+        return known
     r = SideReader(side, who)
     k = r.varint()
     return read_positions(r.rest(), spec, k, mode, who)
@@ -283,7 +310,7 @@ class STC(Codec):
         kept = arr[idx]
         mu = float(np.mean(np.abs(kept))) if kept.size else 0.0
         side = SideWriter().varint(idx.size).f32(mu).raw(code_positions(idx, s, self.positions)).getvalue()
-        return side, (kept > 0).astype(np.int8)
+        return just_coded.remember(side, idx, s.count), (kept > 0).astype(np.int8)
 
     def _read(self, spec: Spec, side: bytes) -> tuple[float, np.ndarray]:
         s = require_array_spec(spec, "stc")
@@ -292,7 +319,8 @@ class STC(Codec):
         mu = r.f32()
         if not math.isfinite(mu) or mu < 0:
             raise CodecError("stc: magnitude is not a finite non-negative number")
-        return mu, read_positions(r.rest(), s, k, self.positions, "stc")
+        known = just_coded.recall(side, s.count)
+        return mu, known if known is not None else read_positions(r.rest(), s, k, self.positions, "stc")
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         return ArraySpec(np.int8, kept_in_side(side, spec, "stc"), symbols=(0, 1))

@@ -291,3 +291,42 @@ def test_golden_fixtures_decode_identically(name: str) -> None:
         np.save(expected, enc.reconstruction, allow_pickle=False)
     out = p.decode(blob.read_bytes(), LAYOUT, CodecState())
     assert np.array_equal(out, np.load(expected, allow_pickle=False))
+
+
+@pytest.mark.parametrize("chain", ["stc:0.1,positions=context | entropy", "topk:0.1,positions=context", "lattice:0.01,positions=context"])
+def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipeline.encode rebuilds the receiver's view without decoding its own position map; the
+    receiver, given the same bytes as a new object, decodes them and gets the same vector."""
+    from fedsqueeze.codecs import sparse
+
+    x = np.random.default_rng(5).standard_normal(N).astype(np.float32) * 0.1
+    chain_obj = Pipeline.parse(chain)
+    real_read = sparse.read_positions
+    calls: list[int] = []
+
+    def counting_read(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real_read(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sparse, "read_positions", counting_read)
+    enc = chain_obj.encode(x, LAYOUT)
+    assert calls == [], "the sender decoded the positions it had just coded"
+    assert np.array_equal(chain_obj.decode(bytes(bytearray(enc.data)), LAYOUT), enc.reconstruction)
+    assert calls, "the receiver must decode the positions"
+
+
+def test_positions_memo_is_per_thread_and_by_identity() -> None:
+    import threading
+
+    from fedsqueeze.codecs.sparse import just_coded
+
+    side, idx = b"\x02\x05\x07", np.array([5, 7])
+    just_coded.remember(side, idx, 10)
+    assert just_coded.recall(side, 10) is idx
+    assert just_coded.recall(side, 11) is None  # another tensor size: not the same message
+    assert just_coded.recall(bytes(bytearray(side)), 10) is None  # equal bytes, another object: decoded afresh
+    seen: list[object] = []
+    thread = threading.Thread(target=lambda: seen.append(just_coded.recall(side, 10)))
+    thread.start()
+    thread.join()
+    assert seen == [None]
