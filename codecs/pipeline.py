@@ -106,14 +106,21 @@ class Pipeline:
         if kind == "array":
             self.stages.append(Raw())
 
+    @property
+    def primable(self) -> bool:
+        """Whether the chain starts with `residual`, whose prediction `prime` can start."""
+        from .residual import Residual
+
+        return isinstance(self.configured[0], Residual)
+
     def prime(self, state: CodecState, reference: np.ndarray) -> None:
         """Start the leading `residual` stage's prediction at `reference` instead of zero.
 
         Both sides of a link must prime with the same reference (e.g. the initial model, which
         each builds from the plan's seed); the residual's checksum refuses a mismatch."""
-        from .residual import Residual, prime_history
+        from .residual import prime_history
 
-        if not isinstance(self.configured[0], Residual):
+        if not self.primable:
             raise CodecError(f"priming needs a chain that starts with 'residual', got {self}")
         prime_history(state.stage(0), reference)
 

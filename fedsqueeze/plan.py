@@ -275,10 +275,10 @@ class Plan:
         _check(self.downlink.prior in ("none", "initial"), f"downlink.prior must be 'none' or 'initial', got {self.downlink.prior!r}")
         if self.downlink.prior == "initial":
             try:
-                first = self.downlink_chain().configured[0].codec_id
+                chain = self.downlink_chain()
             except CodecError:
-                first = None  # reported below
-            _check(first in (None, "residual"), f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got {first!r}")
+                chain = None  # reported below
+            _check(chain is None or chain.primable, f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got '{chain}'")
         for name, build in (("uplink.chain", self.uplink_chain), ("downlink.chain", self.downlink_chain),
                             ("downlink.update_chain", self.downlink_update_chain)):  # fmt: skip
             try:

@@ -138,7 +138,7 @@ def test_prior_mismatch_is_refused_naming_the_cause() -> None:
 
 
 def test_prior_needs_a_residual_chain() -> None:
-    with pytest.raises(PlanError, match="needs a downlink chain that starts with 'residual', got 'topk'"):
+    with pytest.raises(PlanError, match="needs a downlink chain that starts with 'residual', got 'topk:"):
         Plan.from_json({"downlink": {"chain": "topk:0.1", "prior": "initial"}})
     with pytest.raises(PlanError, match="downlink.prior must be 'none' or 'initial'"):
         Plan.from_json({"downlink": {"prior": "zeros"}})
