@@ -169,6 +169,12 @@ CHAINS: list[Chain] = [
     # predictor on the downlink, full or damped (60-130 % more downlink bytes), Adam moments that persist where no
     # update touched (diverged), and per-layer lattice steps (first layer x1.5 and last x2: 103 rounds on seed 0 but
     # 134 and 147 on seeds 1 and 2, against H1's 112 and 128).
+    # Later pilots, on H1 (seeds 0 and 1; H1: 114 and 112 rounds): the aggregator averaging every collaborator's
+    # latest update, stale ones included (MIFA: diverged with beta1 0.5, 59-66 % by round 200 with beta1 0 and
+    # lr 0.005-0.02; FedVARP's correction: 155 / 148 rounds); Adam tau 0.0003 (137 / 135) and 0.003 (136 / 134,
+    # and with lr 0.05: 134 / 113; lr 0.08 missed); and biclustered signs, an r x c block of top rows and columns
+    # per matrix, whose positions cost r + c indices instead of one per entry (1 to 6 times STC's entry count at
+    # the same or fewer bytes: 60-65 % by round 200, missed).
     Chain("H3 = H1 with context-coded positions", f"ef:0.8 | stc:0.005,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
           prior="initial", server_optimizer=ADAM_B05, group="search", settings=("*",)),
     Chain("H4 = H2 with context-coded positions", f"ef:0.8 | stc:0.002,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
