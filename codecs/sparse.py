@@ -111,11 +111,12 @@ def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) ->
 
 
 class _JustCoded(threading.local):
-    """The positions behind the sides this thread coded last.
+    """The positions behind the sides this thread coded last, until their first recall.
 
     `Pipeline.encode` rebuilds the receiver's view by decoding each lossy stage, so a sender would
     decode the positions it has just coded; with `positions=context` that costs a third of the
     encode. Keyed by identity: the memo holds each side object, so no other object can share its id.
+    A recall pops the entry, so a server's worker threads hold no positions between messages.
     """
 
     def __init__(self) -> None:
@@ -126,7 +127,11 @@ class _JustCoded(threading.local):
         return side
 
     def recall(self, side: bytes, n: int) -> np.ndarray | None:
-        return next((idx for coded, count, idx in self.recent if coded is side and count == n), None)
+        for entry in self.recent:
+            if entry[0] is side and entry[1] == n:
+                self.recent.remove(entry)
+                return entry[2]
+        return None
 
 
 just_coded = _JustCoded()

@@ -311,6 +311,7 @@ def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(sparse, "read_positions", counting_read)
     enc = chain_obj.encode(x, LAYOUT)
     assert calls == [], "the sender decoded the positions it had just coded"
+    assert not sparse.just_coded.recent, "the memo holds positions after the message was encoded"
     assert np.array_equal(chain_obj.decode(bytes(bytearray(enc.data)), LAYOUT), enc.reconstruction)
     assert calls, "the receiver must decode the positions"
 
@@ -322,11 +323,14 @@ def test_positions_memo_is_per_thread_and_by_identity() -> None:
 
     side, idx = b"\x02\x05\x07", np.array([5, 7])
     just_coded.remember(side, idx, 10)
-    assert just_coded.recall(side, 10) is idx
     assert just_coded.recall(side, 11) is None  # another tensor size: not the same message
     assert just_coded.recall(bytes(bytearray(side)), 10) is None  # equal bytes, another object: decoded afresh
+    assert just_coded.recall(side, 10) is idx
+    assert just_coded.recall(side, 10) is None  # popped: nothing is held after the sender's one recall
+    just_coded.remember(side, idx, 10)
     seen: list[object] = []
     thread = threading.Thread(target=lambda: seen.append(just_coded.recall(side, 10)))
     thread.start()
     thread.join()
     assert seen == [None]
+    assert just_coded.recall(side, 10) is idx
