@@ -3,7 +3,9 @@
     python -m bench.fl_bench [--quick] [--seeds 0,1,2] [--rounds 100] [--horizon 300] [--jobs 2] [--out docs/benchmarks.md]
 
 Protocol (issue 7): MNIST-1D (50,000 generated samples: 400 per collaborator) and digits, `mlp` with
-hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), 100 collaborators, Dirichlet
+hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits); on MNIST-1D also the `cnn` the
+data set was made for (conv 32 and 64 channels, hidden 256: 74,698 parameters, the mnist1d-cnn
+settings), 100 collaborators, Dirichlet
 alpha = 0.5 (and 0.1), 10 collaborators per round, 1 local epoch (batch 32, SGD lr 0.05, momentum
 0.9), seeds 0, 1, 2.
 
@@ -50,7 +52,10 @@ from .common import md_code as code
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER_PY = ROOT / "bench" / "flower" / ".venv" / "bin" / "python"
 CACHE = ROOT / "runs" / "bench" / "fl"
-MODEL: dict[str, Any] = {"name": "mlp", "args": {"hidden": [384, 128]}}
+MLP: dict[str, Any] = {"name": "mlp", "args": {"hidden": [384, 128]}}
+# MNIST-1D was made so that a model with a spatial bias (conv) learns what an MLP cannot: the same data with the
+# CNN MNIST-1D's authors use as the strong baseline, sized to the issue's 50-100k parameters.
+CNN: dict[str, Any] = {"name": "cnn", "args": {"channels": [32, 64], "hidden": 256}}
 TRAINING = {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
 
 DEFAULT_DOWN = "residual | topk:0.05 | quantize:8 | entropy"
@@ -92,28 +97,31 @@ def resolved(server_optimizer: dict[str, Any]) -> dict[str, Any]:
 
 ADAM_B05: dict[str, Any] = {**ADAM, "beta1": 0.5}  # the H rows: less momentum suits sparse, error-fed-back updates
 TOPK1_Q4 = "ef | topk:0.01 | quantize:4 | entropy"
+MAIN = ("mnist1d-a0.5", "mnist1d-cnn-a0.5")  # the issue's chains: MNIST-1D alpha 0.5 with both models
+MLP_ALL = ("mnist1d-a0.5", "mnist1d-a0.1", "digits-a0.5")  # the search rows that ran in every MLP setting
+CNN_ALL = ("mnist1d-cnn-a0.5", "mnist1d-cnn-a0.1")
 CHAINS: list[Chain] = [
     Chain("FedAvg (identity)", "identity", "identity", settings=("*",)),
-    Chain("fp16", "fp16", "fp16"),
-    Chain("top-k 1% + EF", "ef | topk:0.01"),
-    Chain("STC 1% + EF", "ef | stc:0.01 | entropy"),
-    Chain("QSGD 4 levels", "qsgd:4 | entropy"),
-    Chain("sign + EF", "ef | sign"),
-    Chain("PowerSGD rank 2 + EF", "ef | powersgd:2"),
+    Chain("fp16", "fp16", "fp16", settings=MAIN),
+    Chain("top-k 1% + EF", "ef | topk:0.01", settings=MAIN),
+    Chain("STC 1% + EF", "ef | stc:0.01 | entropy", settings=MAIN),
+    Chain("QSGD 4 levels", "qsgd:4 | entropy", settings=MAIN),
+    Chain("sign + EF", "ef | sign", settings=MAIN),
+    Chain("PowerSGD rank 2 + EF", "ef | powersgd:2", settings=MAIN),
     Chain("ResFed (default chains)", TOPK1_Q4, DEFAULT_DOWN, settings=("*",)),
     # The AE trains an autoencoder per collaborator in the prepass (100 of them): chunked only, 1 seed, short AE training.
     # With FedAdam (seed 0, shared decoder) it peaked at 37-39 % and then fell.
-    Chain("AE chunked, per-collaborator decoder", "ae", "identity", {**AE_BASE, "decoder": "per_collaborator"}, max_seeds=1),
-    Chain("AE chunked, shared decoder", "ae", "identity", {**AE_BASE, "decoder": "shared"}, max_seeds=1),
+    Chain("AE chunked, per-collaborator decoder", "ae", "identity", {**AE_BASE, "decoder": "per_collaborator"}, max_seeds=1, settings=MAIN),
+    Chain("AE chunked, shared decoder", "ae", "identity", {**AE_BASE, "decoder": "shared"}, max_seeds=1, settings=MAIN),
     # search: the aggregator compresses its own update (update_chain) and collaborators catch up on what moved.
     # A pilot on seed 0 (300 rounds) also tried top-k 0.2 % and 0.5 % both ways, top-k 1 % up with a 0.2 %
     # update, and PowerSGD rank 2 + 8 bits: none reached the target within 300 rounds.
     Chain("C1 catch-up only: identity / update top-k 5%", "identity", CATCH_UP, update="ef | topk:0.05", group="search"),
-    Chain("C2 sign + EF / update top-k 5%", "ef | sign", CATCH_UP, update="ef | topk:0.05", group="search", settings=("*",)),
+    Chain("C2 sign + EF / update top-k 5%", "ef | sign", CATCH_UP, update="ef | topk:0.05", group="search", settings=MLP_ALL),
     Chain("C3 top-k 5% q4 / update top-k 5%", "ef | topk:0.05 | quantize:4 | entropy", CATCH_UP, update="ef | topk:0.05",
           group="search"),
-    Chain("C4 top-k 1% q4 / update top-k 1%", TOPK1_Q4, CATCH_UP, update="ef | topk:0.01", group="search", settings=("*",)),
-    Chain("C5 top-k 1% q4 / identity", TOPK1_Q4, "identity", group="search", settings=("*",)),
+    Chain("C4 top-k 1% q4 / update top-k 1%", TOPK1_Q4, CATCH_UP, update="ef | topk:0.01", group="search", settings=MLP_ALL),
+    Chain("C5 top-k 1% q4 / identity", TOPK1_Q4, "identity", group="search", settings=MLP_ALL),
     Chain("C6 STC 1% / ResFed downlink", "ef | stc:0.01 | entropy", DEFAULT_DOWN, group="search"),
     Chain("C7 top-k 1% q4 / update top-k 1%, step 0.002", TOPK1_Q4, "residual | lattice:0.002 | entropy", update="ef | topk:0.01",
           group="search"),
@@ -123,10 +131,10 @@ CHAINS: list[Chain] = [
     Chain("D1 = C1 + initial-model prior", "identity", CATCH_UP, update="ef | topk:0.05", prior="initial", group="search"),
     Chain("D2 = C6 + initial-model prior", "ef | stc:0.01 | entropy", DEFAULT_DOWN, prior="initial", group="search"),
     Chain("D3 = C8 + initial-model prior", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
-          update="ef | topk:0.01", prior="initial", group="search", settings=("*",)),
+          update="ef | topk:0.01", prior="initial", group="search", settings=MLP_ALL),
     # aggregation.server_optimizer: FedAdam alone (uncompressed), then with near-lossless uplinks. On seed 0,
     # STC + FedAvgM diverged, and QSGD or sign + FedAdam with the ResFed downlink missed the target by round 300.
-    Chain("E1 FedAdam (lr 0.03), identity", "identity", "identity", server_optimizer=ADAM, group="search"),
+    Chain("E1 FedAdam (lr 0.03), identity", "identity", "identity", server_optimizer=ADAM, group="search", settings=MAIN),
     Chain("E2 QSGD 4 levels + FedAdam", "qsgd:4 | entropy", "identity", server_optimizer=ADAM, group="search"),
     Chain("E3 sign + EF + FedAdam", "ef | sign", "identity", server_optimizer=ADAM, group="search"),
     # FedAdam with sparse uplinks: Adam's per-coordinate scaling gives the coordinates that the sparse updates
@@ -136,7 +144,7 @@ CHAINS: list[Chain] = [
     # aggregator's update chain (top-k 1 % or 0.5 %, catch-up downlink) held the model back (61 % and 54 % by
     # round 250), and the ResFed downlink peaked at 64 %.
     Chain("F1 STC 1% + EF + FedAdam", "ef | stc:0.01 | entropy", "identity", server_optimizer=ADAM, group="search"),
-    Chain("F2 STC 0.5% + EF + FedAdam", "ef | stc:0.005 | entropy", "identity", server_optimizer=ADAM, group="search", settings=("*",)),
+    Chain("F2 STC 0.5% + EF + FedAdam", "ef | stc:0.005 | entropy", "identity", server_optimizer=ADAM, group="search", settings=MLP_ALL),
     # A dense catch-up downlink does keep FedAdam's pace: no update chain, only a coarse lattice whose step is
     # about Adam's per-round move (lr 0.03), so a coordinate costs ~1 bit per download and a collaborator's model
     # stays within half a step of the global one. Step chosen on seed 0 (0.002: 6.7x down, 0.01: 10.8x, 0.02:
@@ -144,13 +152,13 @@ CHAINS: list[Chain] = [
     Chain("G1 = F2 / dense catch-up, step 0.02 + prior", "ef | stc:0.005 | entropy", "residual | lattice:0.02 | entropy", prior="initial",
           server_optimizer=ADAM, group="search"),
     Chain("G2 = F2 / dense catch-up, step 0.03 + prior", "ef | stc:0.005 | entropy", "residual | lattice:0.03 | entropy", prior="initial",
-          server_optimizer=ADAM, group="search", settings=("*",)),
+          server_optimizer=ADAM, group="search", settings=MLP_ALL),
     # Sparser still: on digits (seeds 0-2 in a pilot) STC 0.2 % reached the target in 44-52 rounds.
     Chain("G3 STC 0.2% + FedAdam / dense catch-up, step 0.03 + prior", "ef | stc:0.002 | entropy", "residual | lattice:0.03 | entropy",
-          prior="initial", server_optimizer=ADAM, group="search", settings=("*",)),
+          prior="initial", server_optimizer=ADAM, group="search", settings=MLP_ALL),
     # Error feedback that forgets: memory x 0.8 per message (seed 0: 325x up / 22x down against G2's 317x / 17x).
     Chain("G4 = G2 with ef decay 0.8", "ef:0.8 | stc:0.005 | entropy", "residual | lattice:0.03 | entropy", prior="initial",
-          server_optimizer=ADAM, group="search", settings=("*",)),
+          server_optimizer=ADAM, group="search", settings=MLP_ALL),
     # Tuned on seeds 0 and 1 of mnist1d-a0.5 (G4 as the start): Adam's beta1 0.5 (0.9: 122-134 rounds to target,
     # 0.5: 101-112, 0: 121-135; uncompressed FedAdam is slower with 0.5, so the Flower peer keeps 0.9) and a lattice
     # step of 0.1, above the weights' own scale: a coordinate is re-sent only once it has moved by 0.05, and
@@ -158,7 +166,7 @@ CHAINS: list[Chain] = [
     # more rounds, 0.2: ~56x with 136-141 rounds). Server lr 0.02, 0.04 or 0.05, beta2 0.9, ef decay 0.6 or 0.9 and
     # STC 0.4 % did no better.
     Chain("H1 = G4 with beta1 0.5, step 0.1", "ef:0.8 | stc:0.005 | entropy", "residual | lattice:0.1 | entropy", prior="initial",
-          server_optimizer=ADAM_B05, group="search", settings=("*",)),
+          server_optimizer=ADAM_B05, group="search", settings=MLP_ALL + ("mnist1d-cnn-a0.5",)),
     Chain("H2 = H1 with STC 0.2%", "ef:0.8 | stc:0.002 | entropy", "residual | lattice:0.1 | entropy", prior="initial",
           server_optimizer=ADAM_B05, group="search", settings=("digits-a0.5",)),
     # The same messages, positions coded with row and column contexts (`positions=context`, codecs/sigmap.py):
@@ -176,7 +184,7 @@ CHAINS: list[Chain] = [
     # per matrix, whose positions cost r + c indices instead of one per entry (1 to 6 times STC's entry count at
     # the same or fewer bytes: 60-65 % by round 200, missed).
     Chain("H3 = H1 with context-coded positions", f"ef:0.8 | stc:0.005,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
-          prior="initial", server_optimizer=ADAM_B05, group="search", settings=("*",)),
+          prior="initial", server_optimizer=ADAM_B05, group="search", settings=MLP_ALL + CNN_ALL),
     Chain("H4 = H2 with context-coded positions", f"ef:0.8 | stc:0.002,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
           prior="initial", server_optimizer=ADAM_B05, group="search", settings=("digits-a0.5",)),
 ]
@@ -188,13 +196,19 @@ class Setting:
     dataset: str
     alpha: float
     num_samples: int = 0  # mnist1d: samples generated (0: the standard 5,000)
+    model: dict[str, Any] = field(default_factory=lambda: MLP)
+
+    @property
+    def model_text(self) -> str:
+        return f"`{self.model['name']}` " + ", ".join(f"{k} {v}" for k, v in self.model["args"].items())
 
 
 # MNIST-1D with 50,000 generated samples: 400 training samples per collaborator (the standard 5,000
 # leave 40, and FedAvg reaches only ~29 % by round 100, a target inside the round-to-round noise).
 MNIST1D_SAMPLES = 50_000
 SETTINGS = [Setting("mnist1d-a0.5", "mnist1d", 0.5, MNIST1D_SAMPLES), Setting("mnist1d-a0.1", "mnist1d", 0.1, MNIST1D_SAMPLES),
-            Setting("digits-a0.5", "digits", 0.5)]  # fmt: skip
+            Setting("digits-a0.5", "digits", 0.5),
+            Setting("mnist1d-cnn-a0.5", "mnist1d", 0.5, MNIST1D_SAMPLES, CNN), Setting("mnist1d-cnn-a0.1", "mnist1d", 0.1, MNIST1D_SAMPLES, CNN)]  # fmt: skip
 
 
 @dataclass
@@ -211,7 +225,7 @@ def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[st
     rounds = cfg.rounds if chain.name == CHAINS[0].name else max(cfg.rounds, cfg.horizon)  # (a copy in worker processes)
     plan: dict[str, Any] = {
         "task": {"dataset": setting.dataset, "partition": "dirichlet", "alpha": setting.alpha, "num_samples": setting.num_samples},
-        "model": MODEL,
+        "model": setting.model,
         "rounds": rounds,
         "seed": seed,
         "collaborators": {"min": cfg.collaborators, "fraction": cfg.per_round / cfg.collaborators, "min_per_round": cfg.per_round},
@@ -306,7 +320,7 @@ def run_flower(setting: Setting, seed: int, cfg: Config, server_optimizer: dict[
         return None
     data = load_dataset(setting.dataset, None, seed, setting.num_samples)
     shards = partition(data.y_train, cfg.collaborators, "dirichlet", setting.alpha, seed)
-    model = build_model(MODEL["name"], data.input_shape, data.num_classes, MODEL["args"], seed)
+    model = build_model(setting.model["name"], data.input_shape, data.num_classes, setting.model["args"], seed)
     with tempfile.TemporaryDirectory() as tmp:
         task, model_file, out = Path(tmp, "task.npz"), Path(tmp, "model.pt"), Path(tmp, "out.json")
         np.savez(task, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
@@ -395,7 +409,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
     flower_ok, fl_up, fl_down = peer_to_target(flower, target)
     adam_ok, adam_up, adam_down = peer_to_target(flower_adam or [], target)
     lines = [
-        f"**{setting.key}**: {setting.dataset}, Dirichlet alpha = {setting.alpha}. FedAvg's accuracy by round {cfg.rounds} "
+        f"**{setting.key}**: {setting.dataset}, model {setting.model_text}, Dirichlet alpha = {setting.alpha}. FedAvg's accuracy by round {cfg.rounds} "
         f"(mean of the last {cfg.smooth} rounds, mean of {len(base)} seeds): {100 * ref:.2f} %; **target {100 * target:.2f} %**.",
         "",
         "| chain | uplink | downlink | seeds at target | rounds to target | uplink bytes to target | downlink bytes to target | "
@@ -603,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; {cached} of {len(jobs)} runs read from the cache of an identical earlier run (`--reuse`), Flower re-run" if cached else "")
         + ").",
         "",
-        f"Protocol: model `mlp` hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), {cfg.collaborators} collaborators, "
+        f"Protocol: model `mlp` hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), and in the mnist1d-cnn settings "
+        f"the `cnn` MNIST-1D was designed for (two conv layers of 32 and 64 channels, a hidden layer of 256: 74,698 parameters), {cfg.collaborators} collaborators, "
         f"{cfg.per_round} per round, 1 local epoch (batch 32, SGD lr 0.05, momentum 0.9), seeds {cfg.seeds}. "
         f"MNIST-1D is generated with {MNIST1D_SAMPLES:,} samples (80 % train: 400 per collaborator). FedAvg and Flower run "
         f"{cfg.rounds} rounds; every other chain runs at least {cfg.rounds} rounds and then on, up to {cfg.horizon}, until it "

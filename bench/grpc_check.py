@@ -25,8 +25,11 @@ from .common import chain_label, downlink_label, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (name, uplink chain, downlink section or chain, prepass section, server optimizer)
-CASES = [
+MLP: dict[str, Any] = {"name": "mlp", "args": {"hidden": [384, 128]}}  # the benchmark's models (fl_bench.MLP, fl_bench.CNN)
+CNN: dict[str, Any] = {"name": "cnn", "args": {"channels": [32, 64], "hidden": 256}}
+
+# (name, uplink chain, downlink section or chain, prepass section, server optimizer[, model: MLP if absent])
+CASES: list[tuple[Any, ...]] = [
     ("default chains (ResFed downlink, stateful)", "ef | topk:0.01 | quantize:4 | entropy", "residual | topk:0.05 | quantize:8 | entropy", None, None),
     ("sparse both ways", "ef | topk:0.002 | quantize:4 | entropy", "residual | topk:0.02 | quantize:4 | entropy", None, None),
     ("aggregator update chain + catch-up downlink (server-side error feedback, lattice)", "ef | sign",
@@ -39,6 +42,9 @@ CASES = [
     ("the fewest-bytes recipe, positions coded with contexts (fl_bench's H3)", "ef:0.8 | stc:0.005,positions=context | entropy",
      {"chain": "residual | lattice:0.1,positions=context | entropy", "prior": "initial"}, None,
      {"name": "adam", "lr": 0.03, "beta1": 0.5}),
+    ("the same recipe on the 75k-parameter CNN (fl_bench's mnist1d-cnn settings: conv weights coded as matrices)",
+     "ef:0.8 | stc:0.005,positions=context | entropy", {"chain": "residual | lattice:0.1,positions=context | entropy", "prior": "initial"},
+     None, {"name": "adam", "lr": 0.03, "beta1": 0.5}, CNN),
     ("AE chunked, shared decoder (prepass, decoder upload and download)", "ae", "identity",
      {"enabled": True, "epochs": 2, "snapshot_every": "batch", "what": "update", "decoder": "shared", "variant": "chunked",
       "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}, None),
@@ -46,10 +52,10 @@ CASES = [
 
 
 def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | None, server_optimizer: dict[str, Any] | None,
-              n: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:  # fmt: skip
+              n: int, per_round: int, rounds: int, seed: int, model: dict[str, Any] = MLP) -> dict[str, Any]:  # fmt: skip
     plan: dict[str, Any] = {
         "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5, "num_shards": 100},
-        "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
+        "model": model,
         "rounds": rounds,
         "seed": seed,
         "collaborators": {"min": n, "fraction": per_round / n, "min_per_round": per_round, "join_timeout_s": 300},
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python -m bench.grpc_check{' ' + ' '.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`. "
         f"Each plan runs twice with seed {args.seed}: a real federation (`aggregator serve` + {args.collaborators} `collaborator join` "
         f"processes on loopback, {args.per_round} per round, {args.rounds} rounds, MNIST-1D Dirichlet 0.5 shards of 100, the benchmark's "
-        "66k-parameter MLP) and the in-process simulation the benchmarks use. Compared exactly: every round's uplink/downlink "
+        "66k-parameter MLP unless the plan names the CNN) and the in-process simulation the benchmarks use. Compared exactly: every round's uplink/downlink "
         "raw and wire bytes and decoder bytes, the prepass bytes, the accuracy, and each collaborator process's own report of "
         "what it sent and received. Wire bytes = serialized `Payload` messages (gRPC/HTTP2 framing not included, as in the run report).",
         "",
@@ -160,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     all_ok = True
-    for name, up, down, prepass, server_optimizer in CASES[: args.cases]:
-        plan = make_plan(up, down, prepass, server_optimizer, args.collaborators, args.per_round, args.rounds, args.seed)
+    for name, up, down, prepass, server_optimizer, *model in CASES[: args.cases]:
+        plan = make_plan(up, down, prepass, server_optimizer, args.collaborators, args.per_round, args.rounds, args.seed, *model)
         ok, problems, info = compare(name, plan, args.collaborators)
         all_ok &= ok
         g, s = info["grpc"], info["sim"]
