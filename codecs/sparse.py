@@ -127,10 +127,10 @@ class _JustCoded(threading.local):
         return side
 
     def recall(self, side: bytes, n: int) -> np.ndarray | None:
-        for entry in self.recent:
-            if entry[0] is side and entry[1] == n:
-                self.recent.remove(entry)
-                return entry[2]
+        for i, (coded, count, idx) in enumerate(self.recent):
+            if coded is side and count == n:
+                del self.recent[i]  # by index: remove() would compare the position arrays
+                return idx
         return None
 
 

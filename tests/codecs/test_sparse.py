@@ -309,9 +309,10 @@ def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.Mo
         return real_read(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(sparse, "read_positions", counting_read)
+    held = [id(entry) for entry in sparse.just_coded.recent]  # what earlier tests' stage-level encodes left
     enc = chain_obj.encode(x, LAYOUT)
     assert calls == [], "the sender decoded the positions it had just coded"
-    assert not sparse.just_coded.recent, "the memo holds positions after the message was encoded"
+    assert [id(entry) for entry in sparse.just_coded.recent] == held, "the memo holds this message's positions after it was encoded"
     assert np.array_equal(chain_obj.decode(bytes(bytearray(enc.data)), LAYOUT), enc.reconstruction)
     assert calls, "the receiver must decode the positions"
 
@@ -322,6 +323,7 @@ def test_positions_memo_is_per_thread_and_by_identity() -> None:
     from fedsqueeze.codecs.sparse import just_coded
 
     side, idx = b"\x02\x05\x07", np.array([5, 7])
+    just_coded.remember(b"\x02\x01\x02", np.array([1, 2]), 10)  # an older entry that must not match
     just_coded.remember(side, idx, 10)
     assert just_coded.recall(side, 11) is None  # another tensor size: not the same message
     assert just_coded.recall(bytes(bytearray(side)), 10) is None  # equal bytes, another object: decoded afresh
