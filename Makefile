@@ -64,7 +64,7 @@ $(FLOWER_STAMP): bench/flower/requirements.txt
 
 flower-venv: $(FLOWER_STAMP) ## Build bench/flower/.venv (flwr 1.41, torch 2.13 CPU) for the Flower peer
 
-bench: $(STAMP) $(FLOWER_STAMP) ## Run all benchmarks (~25 min on 2 cores; slowlink needs root) and write docs/benchmarks.md + PNGs
+bench: $(STAMP) $(FLOWER_STAMP) ## Run all benchmarks (~1.5 h on 2 cores, most of it fl_bench's 214 federations; slowlink needs root) and write docs/benchmarks.md + PNGs
 	$(BIN)/python -m bench.codecs_bench --out docs/benchmarks.md
 	$(BIN)/python -m bench.grpc_check --out docs/benchmarks.md
 	$(BIN)/python -m bench.fl_bench --jobs 2 --out docs/benchmarks.md
