@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import chain_label, downlink_label, replace_section
+from .fl_bench import CNN, MLP  # the benchmark's models
 
 ROOT = Path(__file__).resolve().parents[1]
-
-MLP: dict[str, Any] = {"name": "mlp", "args": {"hidden": [384, 128]}}  # the benchmark's models (fl_bench.MLP, fl_bench.CNN)
-CNN: dict[str, Any] = {"name": "cnn", "args": {"channels": [32, 64], "hidden": 256}}
 
 # (name, uplink chain, downlink section or chain, prepass section, server optimizer[, model: MLP if absent])
 CASES: list[tuple[Any, ...]] = [
