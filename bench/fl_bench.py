@@ -185,7 +185,7 @@ CHAINS: list[Chain] = [
     Chain("H3 = H1 with context-coded positions", f"ef:0.8 | stc:0.005,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
           prior="initial", server_optimizer=ADAM_B05, group="search", settings=MLP_ALL + CNN_ALL),
     Chain("H4 = H2 with context-coded positions", f"ef:0.8 | stc:0.002,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
-          prior="initial", server_optimizer=ADAM_B05, group="search", settings=("digits-a0.5",)),
+          prior="initial", server_optimizer=ADAM_B05, group="search", settings=("digits-a0.5", "mnist1d-cnn-a0.5")),
 ]
 
 
