@@ -101,8 +101,12 @@ def _check_kept(k: int, spec: ArraySpec, who: str) -> int:
     return k
 
 
-def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) -> np.ndarray:
+def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str, side: bytes | None = None) -> np.ndarray:
+    """The k positions coded in `data`, the tail of `side`: from the memo if this thread just coded that side."""
     _check_kept(k, spec, who)
+    known = None if side is None else just_coded.recall(side, spec.count)
+    if known is not None:
+        return known
     if mode != "context":
         return decode_positions(data, spec.count, k)
     if not data or data[0] > 1:
@@ -150,12 +154,9 @@ def positions_side(idx: np.ndarray, spec: ArraySpec, mode: str = "rice") -> byte
 
 def read_positions_side(side: bytes, spec: ArraySpec, who: str, mode: str = "rice") -> np.ndarray:
     """The positions in a `positions_side` header, checked against spec.count."""
-    known = just_coded.recall(side, spec.count)
-    if known is not None:
-        return known
     r = SideReader(side, who)
     k = r.varint()
-    return read_positions(r.rest(), spec, k, mode, who)
+    return read_positions(r.rest(), spec, k, mode, who, side)
 
 
 class _PositionSparsifier(Codec):
@@ -324,8 +325,7 @@ class STC(Codec):
         mu = r.f32()
         if not math.isfinite(mu) or mu < 0:
             raise CodecError("stc: magnitude is not a finite non-negative number")
-        known = just_coded.recall(side, s.count)
-        return mu, known if known is not None else read_positions(r.rest(), s, k, self.positions, "stc")
+        return mu, read_positions(r.rest(), s, k, self.positions, "stc", side)
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         return ArraySpec(np.int8, kept_in_side(side, spec, "stc"), symbols=(0, 1))

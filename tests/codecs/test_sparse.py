@@ -301,14 +301,15 @@ def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.Mo
 
     x = np.random.default_rng(5).standard_normal(N).astype(np.float32) * 0.1
     chain_obj = Pipeline.parse(chain)
-    real_read = sparse.read_positions
-    calls: list[int] = []
+    calls: list[str] = []
+    for name in ("decode_mask", "decode_positions"):  # both position decoders (context and Golomb-Rice)
+        real = getattr(sparse, name)
 
-    def counting_read(*args: object, **kwargs: object) -> np.ndarray:
-        calls.append(1)
-        return real_read(*args, **kwargs)  # type: ignore[arg-type]
+        def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> np.ndarray:
+            calls.append(_name)
+            return _real(*args, **kwargs)  # type: ignore[operator,no-any-return]
 
-    monkeypatch.setattr(sparse, "read_positions", counting_read)
+        monkeypatch.setattr(sparse, name, counting)
     held = [id(entry) for entry in sparse.just_coded.recent]  # what earlier tests' stage-level encodes left
     enc = chain_obj.encode(x, LAYOUT)
     assert calls == [], "the sender decoded the positions it had just coded"
