@@ -22,9 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from .common import chain_label, downlink_label, replace_section
-from .fl_bench import CNN, MLP  # the benchmark's models
+from .fl_bench import CHAINS, CNN, MLP, Chain
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_chain(prefix: str) -> tuple[str, dict[str, Any], None, dict[str, Any] | None]:
+    """(uplink, downlink section, no prepass, server optimizer) of the fl_bench row whose name starts with `prefix`."""
+    row: Chain = next(c for c in CHAINS if c.name.startswith(prefix))
+    return row.up, {"chain": row.down, "prior": row.prior}, None, row.server_optimizer
+
 
 # (name, uplink chain, downlink section or chain, prepass section, server optimizer[, model: MLP if absent])
 CASES: list[tuple[Any, ...]] = [
@@ -35,14 +42,9 @@ CASES: list[tuple[Any, ...]] = [
     ("initial-model prior + catch-up downlink, FedAdam on the aggregator", "ef | stc:0.01 | entropy",
      {"chain": "residual | lattice:0.002 | entropy", "update_chain": "ef | topk:0.01", "prior": "initial"}, None,
      {"name": "adam", "lr": 0.03}),
-    ("FedAdam with a sparse uplink and a dense catch-up downlink from the prior (fl_bench's G rows)", "ef | stc:0.005 | entropy",
-     {"chain": "residual | lattice:0.03 | entropy", "prior": "initial"}, None, {"name": "adam", "lr": 0.03}),
-    ("the fewest-bytes recipe, positions coded with contexts (fl_bench's H3)", "ef:0.8 | stc:0.005,positions=context | entropy",
-     {"chain": "residual | lattice:0.1,positions=context | entropy", "prior": "initial"}, None,
-     {"name": "adam", "lr": 0.03, "beta1": 0.5}),
-    ("the same recipe on the 75k-parameter CNN (fl_bench's mnist1d-cnn settings: conv weights coded as matrices)",
-     "ef:0.8 | stc:0.005,positions=context | entropy", {"chain": "residual | lattice:0.1,positions=context | entropy", "prior": "initial"},
-     None, {"name": "adam", "lr": 0.03, "beta1": 0.5}, CNN),
+    ("FedAdam with a sparse uplink and a dense catch-up downlink from the prior (fl_bench's G rows)", *bench_chain("G2 ")),
+    ("the fewest-bytes recipe, positions coded with contexts (fl_bench's H3)", *bench_chain("H3 ")),
+    ("the same recipe on the 75k-parameter CNN (fl_bench's mnist1d-cnn settings: conv weights coded as matrices)", *bench_chain("H3 "), CNN),
     ("AE chunked, shared decoder (prepass, decoder upload and download)", "ae", "identity",
      {"enabled": True, "epochs": 2, "snapshot_every": "batch", "what": "update", "decoder": "shared", "variant": "chunked",
       "chunk": 1024, "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 5, "ae_lr": 0.001}, None),
