@@ -1,4 +1,4 @@
-"""Atomic aggregator checkpoints: one safetensors file per state directory.
+"""Atomic aggregator checkpoints: the one owner of their schema. One safetensors file per state directory.
 
 `DIR/checkpoint.safetensors`, rewritten after every round (temp file in DIR, fsync, rename,
 fsync of DIR), so a crash leaves either the previous checkpoint or the new one, never a torn file:
@@ -11,9 +11,9 @@ fsync of DIR), so a crash leaves either the previous checkpoint or the new one, 
   (`downlink.update_chain`: its error-feedback memory), when there is one;
 - tensor `server/optimizer`: uint8, the safetensors bytes of the server optimizer's moments
   (`aggregation.server_optimizer`: m and v), when it keeps any;
-- metadata `fedsqueeze`: JSON with the format version, the round number, the plan's sha256, the
-  membership (ids, tokens, names, shard index, ...), the prepass bookkeeping and the run report's
-  rounds so far.
+- metadata `fedsqueeze`: JSON with the format version, the round number, the plan's sha256,
+  `membership` (members: ids, tokens, names, shard index, ...; joins so far), `prepass` (its
+  bookkeeping), `report` (the run report's rounds, prepass bytes and extra fields so far).
 
 It holds the session tokens: the file is created with mode 0600. Nothing is pickled.
 """
@@ -34,7 +34,7 @@ from safetensors.numpy import save as st_save
 from fedsqueeze.codecs import Layout
 
 FILENAME = "checkpoint.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: CodecState slots are configured stages (1 counted the implicit raw stages)
 
 
 class CheckpointError(ValueError):
@@ -43,11 +43,13 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    round: int
+    round: int  # rounds completed; a restart resumes at round + 1
     plan_sha256: str
     global_model: np.ndarray
     states: dict[str, tuple[bytes, bytes]]  # collaborator id -> (up, down) CodecState bytes
-    meta: dict[str, Any] = field(default_factory=dict)  # members, joined, prepass, report
+    membership: dict[str, Any]  # Membership.to_json()
+    prepass: dict[str, Any] = field(default_factory=dict)  # Prepass.to_json()
+    report: dict[str, Any] = field(default_factory=dict)  # rounds, prepass_bytes, extra
     server_state: bytes = b""  # the aggregator's global-update CodecState (empty: none)
     optimizer_state: bytes = b""  # the server optimizer's moments (empty: none)
 
@@ -55,11 +57,8 @@ class Checkpoint:
 def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
-    offset = 0
-    for t in layout:
-        n = int(np.prod(t.shape)) if t.shape else 1
-        tensors[f"model/{t.name}"] = np.ascontiguousarray(ckpt.global_model[offset : offset + n].reshape(t.shape))
-        offset += n
+    for t, sl in layout.slices():
+        tensors[f"model/{t.name}"] = np.ascontiguousarray(ckpt.global_model[sl].reshape(t.shape))
     for cid, (up, down) in ckpt.states.items():
         tensors[f"state/{cid}/up"] = np.frombuffer(up, dtype=np.uint8)
         tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
@@ -67,7 +66,8 @@ def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
         tensors["server/update"] = np.frombuffer(ckpt.server_state, dtype=np.uint8)
     if ckpt.optimizer_state:
         tensors["server/optimizer"] = np.frombuffer(ckpt.optimizer_state, dtype=np.uint8)
-    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, **ckpt.meta}
+    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, "membership": ckpt.membership,
+            "prepass": ckpt.prepass, "report": ckpt.report}  # fmt: skip
     blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
     path = directory / FILENAME
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
@@ -115,14 +115,21 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
             raise CheckpointError(f"{path}: tensor model/{t.name} is missing or has the wrong shape/dtype")
         parts.append(arr.reshape(-1))
     model = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    states: dict[str, tuple[bytes, bytes]] = {}
-    for m in meta.get("members", []):
-        cid = m["id"]
-        up, down = tensors.get(f"state/{cid}/up"), tensors.get(f"state/{cid}/down")
-        if up is None or down is None:
-            raise CheckpointError(f"{path}: codec states of {cid} are missing")
-        states[cid] = (up.tobytes(), down.tobytes())
-    server, optimizer = tensors.get("server/update"), tensors.get("server/optimizer")
-    return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states, meta=meta,
-                      server_state=b"" if server is None else server.tobytes(),
-                      optimizer_state=b"" if optimizer is None else optimizer.tobytes())  # fmt: skip
+    try:
+        membership = meta["membership"]
+        states: dict[str, tuple[bytes, bytes]] = {}
+        for m in membership["members"]:
+            cid = m["id"]
+            up, down = tensors.get(f"state/{cid}/up"), tensors.get(f"state/{cid}/down")
+            if up is None or down is None:
+                raise CheckpointError(f"{path}: codec states of {cid} are missing")
+            states[cid] = (up.tobytes(), down.tobytes())
+        server, optimizer = tensors.get("server/update"), tensors.get("server/optimizer")
+        return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states,
+                          membership=membership, prepass=dict(meta.get("prepass", {})), report=dict(meta.get("report", {})),
+                          server_state=b"" if server is None else server.tobytes(),
+                          optimizer_state=b"" if optimizer is None else optimizer.tobytes())  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed checkpoint: {exc!r}") from exc

@@ -19,7 +19,7 @@ from fedsqueeze.tasks import DataError
 from fedsqueeze.tls import ServerTLS, TLSConfigError
 
 from .checkpoint import CheckpointError
-from .servicer import DEFAULT_MAX_CONCURRENT_UPLOADS
+from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsqueeze.codecs import CodecState, EncodeStats, Layout, Pipeline
+from fedsqueeze.codecs import Chain, CodecState, EncodeStats, Layout
 
 
 class GlobalUpdate:
-    def __init__(self, chain: Pipeline | None) -> None:
+    def __init__(self, chain: Chain | None) -> None:
         self.chain = chain
         self.state = CodecState()  # the aggregator's own: error-feedback memory of the global update
         self.last_stats: EncodeStats | None = None

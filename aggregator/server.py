@@ -5,7 +5,7 @@ service says NOT_SERVING until then and SERVING once `start` runs. With `tls` th
 (mutual TLS when the config has a CA).
 
 Memory stays O(model) however many collaborators upload at once: at most `max_concurrent_uploads`
-uploads are read and decoded at a time (`servicer.UploadSlots`), and the streams of the others stay
+uploads are read and decoded at a time (`upload_slots.UploadSlots`), and the streams of the others stay
 unread in gRPC with a small flow-control window each (`grpc_options`). Not `grpc.server(...,
 maximum_concurrent_rpcs=N)`: that counts every RPC, so it would refuse the long polls of a large
 federation's GetTask and health checks too. `aggregator serve` also caps glibc's malloc arenas
@@ -34,13 +34,8 @@ from fedsqueeze.report import RoundRecord
 from fedsqueeze.tls import ServerTLS
 
 from .federation import Federation
-from .servicer import (
-    DEFAULT_MAX_CONCURRENT_UPLOADS,
-    DEFAULT_UPLOAD_WAIT_S,
-    MAX_CHUNK,
-    FederationServicer,
-    add_to_server,
-)
+from .servicer import MAX_CHUNK, FederationServicer, add_to_server
+from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_UPLOAD_WAIT_S
 
 log = logging.getLogger("fedsqueeze.aggregator")
 SERVICE_NAME = "fedsqueeze.v1.Federation"

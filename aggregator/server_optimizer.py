@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fedsqueeze.plan import SERVER_OPTIMIZERS, ServerOptimizerSpec
+from fedsqueeze.plan import SERVER_OPTIMIZERS, PlanError, ServerOptimizerSpec, check_spec
 
 __all__ = ["SERVER_OPTIMIZERS", "ServerOptimizer", "ServerOptimizerError", "ServerOptimizerSpec"]
 
@@ -33,9 +33,10 @@ class ServerOptimizerError(ValueError):
 
 class ServerOptimizer:
     def __init__(self, spec: ServerOptimizerSpec) -> None:
-        problem = spec.problem()
-        if problem is not None:
-            raise ServerOptimizerError(problem)
+        try:
+            check_spec(spec, "aggregation.server_optimizer")
+        except PlanError as exc:
+            raise ServerOptimizerError(str(exc)) from exc
         self.spec = spec
         self.m: np.ndarray | None = None
         self.v: np.ndarray | None = None

@@ -19,12 +19,13 @@ import numpy as np
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from fedsqueeze.chains import LinkChains
     from fedsqueeze.codecs import CodecState
     from fedsqueeze.codecs.autoencoder import find_stage
     from fedsqueeze.collaborator.prepass import record_snapshots, train_autoencoder, training_set
     from fedsqueeze.models import build_model, model_layout, set_flat
     from fedsqueeze.plan import Plan
-    from fedsqueeze.tasks import partition
+    from fedsqueeze.tasks import load_plan_dataset, partition
     from fedsqueeze.training import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.load(args.plan)
     plan.prepass.what, plan.uplink.target = "weights", "weights"  # section 5.1 reconstructs weights
     plan.prepass.correction = 0.0
-    data = plan.load_data()
+    data = load_plan_dataset(plan)
     idx = partition(data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[0]
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, plan.seed)
     layout = model_layout(model)
     snaps = record_snapshots(model, data.x_train[idx], data.y_train[idx], plan, seed=plan.seed)
-    chain = plan.uplink_chain()
+    chain = LinkChains.from_plan(plan).uplink
     index, stage = find_stage(chain)
     enc, dec, losses = train_autoencoder(stage, training_set(snaps, plan, len(idx)), epochs=plan.prepass.ae_epochs,
                                          lr=plan.prepass.ae_lr, seed=plan.seed)  # fmt: skip

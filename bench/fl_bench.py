@@ -8,7 +8,7 @@ the kind of model the data set was made to reward (conv 32 and 64 channels, hidd
 parameters; the mnist1d-cnn settings). 100 collaborators, Dirichlet alpha = 0.5 (and 0.1), 10
 collaborators per round, 1 local epoch (batch 32, SGD lr 0.05, momentum 0.9), seeds 0, 1, 2.
 
-Every run drives the production `Federation` in-process (`bench.inprocess`): the same codec
+Every run drives the production `Federation` in-process (`fedsqueeze.simulation`): the same codec
 chains, CodecStates, training function and streaming FedAvg as `aggregator serve` with
 `collaborator join` processes, and byte counts that are the serialized `Payload` sizes (checked
 against a real gRPC run by `bench.grpc_check`).
@@ -270,8 +270,7 @@ def run_one(args: Job) -> dict[str, Any]:
     With a target, the run stops at the first round >= `cfg.rounds` by which the target has been reached
     (the round in progress is discarded), or at the horizon."""
     from fedsqueeze.plan import Plan
-
-    from .inprocess import run_plan
+    from fedsqueeze.simulation import run_plan
 
     setting, chain, seed, cfg, target = args
     plan = Plan.from_json(plan_json(setting, chain, seed, cfg))
@@ -624,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         "reaches the target, so slower chains still get a rounds-to-target (the accuracy column is at round "
         f"{cfg.rounds} for all). Downlink `{CATCH_UP}` with an `update` is the aggregator compressing its own global update "
         "(`downlink.update_chain`, server-side error feedback) and each collaborator catching up on the coordinates that moved. "
-        "Each run drives the production `Federation` in-process (`bench/inprocess.py`): same chains, CodecStates, training "
+        "Each run drives the production `Federation` in-process (`simulation/inprocess.py`): same chains, CodecStates, training "
         "function and streaming FedAvg as over gRPC, and bytes that are the serialized `Payload` sizes (see the gRPC check). "
         "Rounds and bytes to target are means over the seeds that reached it; bytes are totals over all collaborators, "
         "the AE's prepass model downloads and decoder uploads included (uplink column). "

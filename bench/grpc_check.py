@@ -3,7 +3,7 @@
     python -m bench.grpc_check [--collaborators 4] [--rounds 5] [--out docs/benchmarks.md]
 
 For each plan below, runs a real federation (`aggregator serve` and N `collaborator join` processes
-on loopback) and the same plan and seed through `bench.inprocess`, then compares round by round the
+on loopback) and the same plan and seed through `fedsqueeze.simulation`, then compares round by round the
 uplink and downlink wire bytes, the decoder upload bytes, the prepass bytes and the accuracy, and
 also each collaborator process's own report (what it sent and received) against the in-process
 collaborators'. Any difference fails the check (exit 1).
@@ -109,8 +109,7 @@ def run_grpc(plan: dict[str, Any], n: int, tmp: Path) -> tuple[dict[str, Any], l
 
 def compare(name: str, plan_json: dict[str, Any], n: int) -> tuple[bool, list[str], dict[str, Any]]:
     from fedsqueeze.plan import Plan
-
-    from .inprocess import run_plan
+    from fedsqueeze.simulation import run_plan
 
     with tempfile.TemporaryDirectory() as d:
         grpc_report, collab_reports, grpc_s = run_grpc(plan_json, n, Path(d))
@@ -131,14 +130,14 @@ def compare(name: str, plan_json: dict[str, Any], n: int) -> tuple[bool, list[st
     # Each collaborator process's own count of what it sent and received, by shard (= join order).
     by_index = {c["collaborator_id"].split("-")[0]: c for c in collab_reports}  # ids are c<join index>-<random>
     for c in sim.collaborators:
-        real = by_index.get(c.session.collaborator_id.split("-")[0])
+        real = by_index.get(c.id.split("-")[0])
         if real is None:
-            problems.append(f"no gRPC collaborator report for {c.session.collaborator_id}")
+            problems.append(f"no gRPC collaborator report for {c.id}")
             continue
         got = [(r["round"], r["up_wire"], r["down_wire"]) for r in real["rounds"]]
         want = [(r["round"], r["up_wire"], r["down_wire"]) for r in c.sent]
         if got != want:
-            problems.append(f"collaborator {c.session.collaborator_id[:5]}: gRPC {got} vs in-process {want}")
+            problems.append(f"collaborator {c.id[:5]}: gRPC {got} vs in-process {want}")
     totals = {k: sum(r["bytes"][k] for r in grpc_report["rounds"]) + grpc_report["prepass_bytes"][k] for k in keys}
     sim_totals = {k: sum(r["bytes"][k] for r in sim.rounds) + sim.prepass_bytes[k] for k in keys}
     info = {"grpc": totals, "sim": sim_totals, "grpc_s": grpc_s, "sim_s": sim.seconds, "rounds": len(sim.rounds)}

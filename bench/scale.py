@@ -153,12 +153,14 @@ def recorded_update(plan_json: dict[str, Any]) -> tuple[bytes, int]:
     """One real local-training delta, encoded with the plan's uplink chain, as a serialized Payload."""
     import torch
 
+    from fedsqueeze.chains import LinkChains
     from fedsqueeze.codecs import CodecState
     from fedsqueeze.models import build_model, get_flat, model_layout
+    from fedsqueeze.payload import Payload
     from fedsqueeze.plan import Plan
     from fedsqueeze.tasks import load_dataset, partition
     from fedsqueeze.training import train_local
-    from fedsqueeze.wire import WirePayload, payload_to_proto
+    from fedsqueeze.wire import payload_to_bytes
 
     torch.set_num_threads(1)
     plan = Plan.from_json(plan_json)
@@ -168,9 +170,9 @@ def recorded_update(plan_json: dict[str, Any]) -> tuple[bytes, int]:
     layout = model_layout(model)
     w0 = get_flat(model)
     train_local(model, data.x_train[idx], data.y_train[idx], epochs=1, batch_size=32, lr=0.05, momentum=0.9, seed=1)
-    chain = plan.uplink_chain()
+    chain = LinkChains.from_plan(plan).uplink
     enc = chain.encode(get_flat(model) - w0, layout, CodecState())
-    return payload_to_proto(WirePayload(data=enc.data, fingerprint=chain.fingerprint(layout))).SerializeToString(), len(idx)
+    return payload_to_bytes(Payload(data=enc.data, fingerprint=chain.fingerprint(layout))), len(idx)
 
 
 def run_case(n: int, model_key: str, up: str, rounds: int, workers: int, max_uploads: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ rate and the aggregator's egress on each pair to the downlink rate. The aggregat
 and collaborators (`collaborator join`) are the real processes, run with `ip netns exec`. The
 namespaces (and with them the veths) are deleted at the end, also on error or Ctrl-C.
 
-Target: the same plan with identity chains, simulated in-process first (`bench.inprocess`): the mean
+Target: the same plan with identity chains, simulated in-process first (`fedsqueeze.simulation`): the mean
 accuracy of its last 3 rounds minus 1 pp. Time to target: the sum of the aggregator's round durations
 (`seconds` in the run report: downlink transfer, decoding, training, encoding, uplink transfer, decoding,
 aggregation, evaluation) up to the first round at or above the target, plus the prepass when there is one.
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.slowlink needs root (ip netns, tc)", file=sys.stderr)
         return 2
     from fedsqueeze.plan import Plan
-
-    from .inprocess import run_plan
+    from fedsqueeze.simulation import run_plan
 
     ref = run_plan(Plan.from_json(make_plan("identity", "identity", args.collaborators, args.rounds, args.seed)))
     accs = [r["accuracy"] for r in ref.rounds]

@@ -25,7 +25,7 @@ Variants (`variant`):
 Wire format of the stage (side header | body; the stage emits bytes, nothing else is appended):
 
     side: alpha bf16 | lo bf16 | hi bf16 | k varint | rice u8 | magnitude bf16
-    body: latent (bits each, MSB first) | k Golomb-Rice coded gaps | k sign bits
+    body: latent (bits each, MSB first) | k Golomb-Rice code words (interleaved, positions.py) | k sign bits
 
 The networks run in numpy here (both sides run the same code); the torch training lives in the
 prepass. Decoders travel as safetensors only, with the tensor names and shapes of
@@ -34,11 +34,12 @@ prepass. Decoders travel as safetensors only, with the tensor names and shapes o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
@@ -54,71 +55,18 @@ from .base import (
     register_codec,
     require_array_spec,
 )
+from .cast import from_bf16, to_bf16
+from .ef import remember, with_memory
 from .errors import CodecError
+from .positions import decode_interleaved, encode_interleaved
+from .sparse import top_indices
 
-KINDS = ("dense", "chunked")  # the allow-list of decoder architectures
-WHAT = ("update", "weights")
+Variant = Literal["dense", "chunked"]
+What = Literal["update", "weights"]
+KINDS: tuple[str, ...] = get_args(Variant)  # the allow-list of decoder architectures
+WHAT: tuple[str, ...] = get_args(What)
 MAX_HIDDEN_LAYERS = 4
 MAX_WIDTH = 1 << 16
-MEMORY = "memory"
-
-
-# -- Golomb-Rice coding of sorted positions ---------------------------------------------------------
-def rice_parameter(k: int, n: int) -> int:
-    """The Rice parameter for k positions among n (mean gap ~ n / k)."""
-    if k <= 0:
-        return 0
-    target = max(n / k - 1.0, 1.0) * math.log(2)
-    return 0 if target < 1 else min(30, int(math.floor(math.log2(target))))
-
-
-def rice_encode(idx: np.ndarray, b: int) -> np.ndarray:
-    """Bits (uint8 0/1) of the gaps between sorted unique positions: unary quotient, then b remainder bits."""
-    idx = np.asarray(idx, dtype=np.int64)
-    if idx.size == 0:
-        return np.zeros(0, np.uint8)
-    gaps = np.diff(np.concatenate([[-1], idx])) - 1
-    q = gaps >> b
-    r = gaps & ((1 << b) - 1)
-    lengths = q + 1 + b
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    bits = np.zeros(int(lengths.sum()), np.uint8)
-    total_q = int(q.sum())
-    if total_q:
-        offsets = np.arange(total_q) - np.repeat(np.cumsum(q) - q, q)
-        bits[np.repeat(starts, q) + offsets] = 1
-    if b:
-        shifts = np.arange(b - 1, -1, -1)
-        rbits = ((r[:, None] >> shifts) & 1).astype(np.uint8)
-        pos = (starts + q + 1)[:, None] + np.arange(b)
-        bits[pos.reshape(-1)] = rbits.reshape(-1)
-    return bits
-
-
-def rice_decode(bits: np.ndarray, start: int, k: int, b: int, n: int) -> tuple[np.ndarray, int]:
-    """k positions in [0, n) from `bits` at `start`; returns (positions, end). CodecError on bad input."""
-    out = np.empty(k, np.int64)
-    pos, prev = start, -1
-    zeros = np.flatnonzero(bits[start:] == 0) + start
-    zi = 0
-    weights = 1 << np.arange(b - 1, -1, -1) if b else None
-    for i in range(k):
-        # The unary part ends at the next zero bit.
-        while zi < len(zeros) and zeros[zi] < pos:
-            zi += 1
-        if zi >= len(zeros):
-            raise CodecError("ae: position stream truncated")
-        q = int(zeros[zi] - pos)
-        pos = int(zeros[zi]) + 1
-        if pos + b > len(bits):
-            raise CodecError("ae: position stream truncated")
-        r = int(bits[pos : pos + b] @ weights) if b else 0
-        pos += b
-        prev = prev + 1 + (q << b) + r
-        if prev >= n:
-            raise CodecError(f"ae: correction position {prev} outside the model ({n})")
-        out[i] = prev
-    return out, pos
 
 
 # -- the networks, in numpy --------------------------------------------------------------------------
@@ -174,14 +122,12 @@ def _dequantize(q: np.ndarray, lo: float, hi: float, bits: int) -> np.ndarray:
 
 
 def _bf16(v: float) -> bytes:
-    """A float as bfloat16 (the top 16 bits of float32, rounded to nearest even), little-endian."""
-    bits = int(np.array([v], np.float32).view(np.uint32)[0])
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return struct.pack("<H", bits & 0xFFFF)
+    """A float as bfloat16 (rounded to nearest even), little-endian."""
+    return to_bf16(np.array([v], np.float32)).astype("<u2").tobytes()
 
 
 def _from_bf16(b: bytes) -> float:
-    return float(np.array([struct.unpack("<H", b)[0] << 16], np.uint32).view(np.float32)[0])
+    return float(from_bf16(np.frombuffer(b, dtype="<u2"))[0])
 
 
 def _round_bf16(v: float) -> float:
@@ -200,23 +146,22 @@ def _unpack(bits: np.ndarray, width: int) -> np.ndarray:
 
 
 # -- the codec ---------------------------------------------------------------------------------------
-@register_codec
 @dataclass
-class Autoencoder(Codec):
-    variant: str = "dense"  # dense | chunked
-    what: str = "update"  # update (hybrid, error feedback) | weights (the paper's literal method)
-    hidden: list[int] = field(default_factory=list)  # funnel hidden widths, encoder side
+class AutoencoderSettings:
+    """What the autoencoder is: the `ae` stage's parameters, and the same keys in a plan's `prepass` section.
+
+    The one definition of these settings: the codec takes them from its chain config, the plan's
+    `PrepassSpec` inherits them (fedsqueeze/plan.py), and `chain_with_prepass` merges one into the other.
+    """
+
+    variant: Variant = "dense"  # the paper's FC funnel | one small AE shared by fixed-size chunks
+    what: What = "update"  # update (hybrid, error feedback) | weights (the paper's literal method)
+    hidden: list[int] = field(default_factory=list)  # funnel hidden widths, encoder side (mirrored in the decoder)
     latent: int = 32  # latent size (per chunk for `chunked`)
     bits: int = 8  # bits per latent value on the wire (1..8)
     correction: float = 0.002  # fraction of entries of the residual sent as a sparse correction
     chunk: int = 1024  # chunk length for `chunked`
     refine: bool = True  # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
-
-    codec_id: ClassVar[str] = "ae"
-    stateful: ClassVar[bool] = True
-    output_kind: ClassVar[str] = "bytes"
-    #: Federation.upload_decoder looks for stages that take an uploaded decoder.
-    accepts_decoder: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.variant not in KINDS:
@@ -237,6 +182,17 @@ class Autoencoder(Codec):
             raise CodecError("ae: refine must be true or false")
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or not 1 <= self.chunk <= MAX_WIDTH:
             raise CodecError(f"ae: chunk must be an integer in [1, {MAX_WIDTH}]")
+
+
+
+@register_codec
+@dataclass
+class Autoencoder(AutoencoderSettings, Codec):
+    codec_id: ClassVar[str] = "ae"
+    stateful: ClassVar[bool] = True
+    output_kind: ClassVar[str] = "bytes"
+    #: The aggregator installs an uploaded decoder into this stage's state.
+    accepts_decoder: ClassVar[bool] = True
 
     # -- architecture ------------------------------------------------------------------------------
     def sizes(self, n: int) -> list[int]:
@@ -310,9 +266,7 @@ class Autoencoder(Codec):
         n = aspec.count
         self._require(state, self.encoder_shapes(n), "encoder")
         self._require(state, self.decoder_shapes(n), "decoder")
-        e = arr.astype(np.float32, copy=True)
-        if self.error_feedback and MEMORY in state:
-            e += state[MEMORY]
+        e = with_memory(arr, state) if self.error_feedback else arr
         if self.what == "update":
             rms = float(np.sqrt(np.mean(np.square(e, dtype=np.float64)))) if n else 0.0
             if rms == 0:
@@ -338,16 +292,12 @@ class Autoencoder(Codec):
             alpha = 1.0
         base = (np.float32(alpha) * d).astype(np.float32)
         resid = e - base
-        k = self.max_k(n)
-        if k:
-            idx = np.sort(np.argpartition(np.abs(resid), n - k)[n - k :])
-            mag = _round_bf16(np.mean(np.abs(resid[idx])))
-            signs = (np.asarray(resid[idx]) < 0).astype(np.uint8)
-        else:
-            idx, mag, signs = np.zeros(0, np.int64), 0.0, np.zeros(0, np.uint8)
-        b = rice_parameter(k, n)
-        side = SideWriter().raw(_bf16(alpha)).raw(_bf16(lo)).raw(_bf16(hi)).varint(k).u8(b).raw(_bf16(mag)).getvalue()
-        bits = np.concatenate([_pack(q, self.bits), rice_encode(idx, b), signs])
+        idx = top_indices(resid, self.max_k(n))
+        mag = _round_bf16(np.mean(np.abs(resid[idx]))) if idx.size else 0.0
+        signs = (np.asarray(resid[idx]) < 0).astype(np.uint8)
+        b, position_bits = encode_interleaved(idx, n)
+        side = SideWriter().raw(_bf16(alpha)).raw(_bf16(lo)).raw(_bf16(hi)).varint(idx.size).u8(b).raw(_bf16(mag)).getvalue()
+        bits = np.concatenate([_pack(q, self.bits), position_bits, signs])
         return side, np.packbits(bits).tobytes()
 
     def _parse_side(self, side: bytes, n: int) -> tuple[float, float, float, int, int, float]:
@@ -371,7 +321,7 @@ class Autoencoder(Codec):
         bits = self.latent_count(n) * self.bits + k * (b + 1) + (n >> b) + k
         return BytesSpec((bits + 7) // 8)
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         n = require_array_spec(spec, "ae").count
         self._require(state, self.decoder_shapes(n), "decoder")
         alpha, lo, hi, k, b, mag = self._parse_side(side, n)
@@ -380,7 +330,7 @@ class Autoencoder(Codec):
         if len(bits) < nz:
             raise CodecError("ae: latent truncated")
         q = _unpack(bits[:nz], self.bits)
-        idx, end = rice_decode(bits, nz, k, b, n)
+        idx, end = decode_interleaved(bits, nz, k, b, n, "ae: correction")
         if end + k > len(bits) or len(bits) - (end + k) >= 8:
             raise CodecError("ae: body length does not match the header")
         if k and np.any(np.diff(idx) <= 0):
@@ -398,19 +348,18 @@ class Autoencoder(Codec):
         if not self.error_feedback or event.x is None:
             return  # the receiver keeps no memory; weights mode keeps none
         assert isinstance(event.x, np.ndarray) and isinstance(event.x_hat, np.ndarray)
-        e = event.x.astype(np.float32, copy=True)
-        if MEMORY in state:
-            e += state[MEMORY]
-        state[MEMORY] = (e - event.x_hat).astype(np.float32)
+        remember(state, with_memory(event.x, state), event.x_hat)
 
 
 # -- decoders on the wire ----------------------------------------------------------------------------
 def find_stage(chain: Any) -> tuple[int, Autoencoder] | None:
-    """(index, stage) of the chain's autoencoder stage, or None."""
-    for i, stage in enumerate(chain.stages):
-        if isinstance(stage, Autoencoder):
-            return i, stage
-    return None
+    """(index, stage) of the chain's autoencoder stage, or None; `state.stage(index)` holds its networks."""
+    found = chain.find(Autoencoder)
+    if found is None:
+        return None
+    index, stage = found
+    assert isinstance(stage, Autoencoder)
+    return index, stage
 
 
 def decoder_to_bytes(tensors: dict[str, np.ndarray], collaborator_id: str = "") -> bytes:
@@ -473,12 +422,12 @@ def validate_decoder(blob: bytes, expected: dict[str, tuple[int, ...]], max_byte
 
 
 # -- the plan's prepass settings configure the `ae` stage -------------------------------------------
-AE_PLAN_KEYS = ("variant", "what", "hidden", "latent", "bits", "correction", "chunk")
+AE_PLAN_KEYS = tuple(f.name for f in dataclasses.fields(AutoencoderSettings))
 
 
-def chain_with_prepass(config: Any, prepass: dict[str, Any]) -> Any:
-    """The uplink chain config with every `ae` stage's unset parameters taken from the plan's prepass."""
-    from .pipeline import parse_stage
+def chain_with_prepass(config: Any, settings: AutoencoderSettings) -> Any:
+    """The uplink chain config with every `ae` stage's unset parameters taken from the plan's prepass settings."""
+    from .chain import parse_stage
 
     if isinstance(config, str):
         stages: Any = [parse_stage(p) for p in config.split("|") if p.strip()]
@@ -490,35 +439,5 @@ def chain_with_prepass(config: Any, prepass: dict[str, Any]) -> Any:
         stages = config
     if not isinstance(stages, list) or not any(isinstance(s, dict) and s.get("id") == "ae" for s in stages):
         return config
-    out = []
-    for s in stages:
-        if isinstance(s, dict) and s.get("id") == "ae":
-            s = {**{k: prepass[k] for k in AE_PLAN_KEYS if k in prepass}, **s}
-        out.append(s)
-    return out
-
-
-def check_plan(plan: Any) -> str | None:
-    """A message naming the problem with the plan's prepass / `ae` settings, or None."""
-    p = plan.prepass
-    if p.what not in WHAT:
-        return f"prepass.what must be one of {WHAT}, got {p.what!r}"
-    if p.decoder not in ("per_collaborator", "shared"):
-        return f"prepass.decoder must be 'per_collaborator' or 'shared', got {p.decoder!r}"
-    if p.variant not in KINDS:
-        return f"prepass.variant must be one of {KINDS}, got {p.variant!r}"
-    if not isinstance(p.hidden, list):
-        return "prepass.hidden must be a list of integers"
-    if p.span < 0 or p.ae_epochs < 1 or p.ae_lr <= 0:
-        return "prepass.span must be >= 0, prepass.ae_epochs >= 1 and prepass.ae_lr > 0"
-    found = find_stage(plan.uplink_chain())
-    if p.enabled and found is None:
-        return "prepass.enabled needs an `ae` stage in uplink.chain"
-    if found is not None:
-        stage = found[1]
-        if not p.enabled:
-            return "the uplink chain's `ae` stage needs prepass.enabled: true (the prepass trains the autoencoder)"
-        want = "delta" if stage.what == "update" else "weights"
-        if plan.uplink.target != want:
-            return f"the `ae` stage encodes {stage.what!r}: uplink.target must be {want!r}"
-    return None
+    defaults = {k: getattr(settings, k) for k in AE_PLAN_KEYS}
+    return [{**defaults, **s} if isinstance(s, dict) and s.get("id") == "ae" else s for s in stages]

@@ -1,6 +1,6 @@
 """The codec interface, the specs that flow between chain stages, and the registry.
 
-A chain (see `pipeline.py`) runs stages in order. Each stage takes its input `x`, described by a
+A chain (see `chain.py`) runs stages in order. Each stage takes its input `x`, described by a
 `Spec`, and returns `(side, y)`: `side` is the small header only this stage reads back
 (positions, scales, norms), `y` is what the next stage receives. Decoding runs the chain in
 reverse. Before any stage decodes, the receiver walks the side headers forward with
@@ -14,16 +14,25 @@ Specs:
 - `BytesSpec(max_size)`: opaque bytes of at most `max_size`.
 
 Codec memory across rounds (error feedback, predictors) lives in a `StageState`, never on the
-codec object, so one codec object serves every collaborator.
+codec object, so one codec object serves every collaborator. `update` assigns new arrays to its
+StageState and never writes into the arrays it holds, so a state can be forked cheaply (a new
+dict, the same arrays) and a message decoded into the fork, committed only if it is accepted.
+
+Registry: the built-in codecs register themselves when `fedsqueeze.codecs` is imported; other
+packages add codecs through the entry-point group `fedsqueeze.codecs` (name: the codec id, value:
+`module:Class`), loaded when a chain first names that id. Only installed packages can be loaded:
+a chain config (which may come over the network, in a plan) names a codec id, never a module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -33,6 +42,10 @@ from .layout import Layout
 
 Data = np.ndarray | bytes
 StageState = dict[str, np.ndarray]
+#: Entry-point group through which other packages register codecs (name = codec id).
+ENTRY_POINT_GROUP = "fedsqueeze.codecs"
+
+log = logging.getLogger("fedsqueeze.codecs")
 
 
 @dataclass(frozen=True)
@@ -116,16 +129,30 @@ class Codec(ABC):
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         """Return (side, y): this stage's header and the payload for the next stage."""
 
+    def encode_with_hint(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data, object]:
+        """`encode`, plus a hint the chain hands back to this stage's `decode` on the sender.
+
+        The sender rebuilds the receiver's view by decoding; a hint lets it skip re-deriving
+        what `encode` already knew (a sparsifier's kept positions). Default: no hint.
+        """
+        side, y = self.encode(x, spec, state)
+        return side, y, None
+
     @abstractmethod
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         """The spec of y, from the input spec and the header. Validates the header."""
 
     @abstractmethod
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
-        """Reconstruct x (exactly or approximately). Must not modify `state`."""
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
+        """Reconstruct x (exactly or approximately). Must not modify `state`.
+
+        `hint` is what `encode_with_hint` returned for this very message, on the sender only;
+        a receiver always decodes from the bytes alone (hint None)."""
 
     def update(self, state: StageState, event: StageUpdate) -> None:  # noqa: B027 - optional hook
-        """Advance the stage's memory after a message; runs on both sides. Default: stateless."""
+        """Advance the stage's memory after a message; runs on both sides. Default: stateless.
+
+        Assign new arrays to `state`; never write into the ones it holds (see the module docstring)."""
 
     # -- configuration -------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -152,12 +179,17 @@ class Codec(ABC):
 
 
 _REGISTRY: dict[str, type[Codec]] = {}
+_TRIED_ENTRY_POINTS: set[str] = set()
 
 
 def register_codec(cls: type[C]) -> type[C]:
     """Class decorator: make a codec constructible by its `codec_id`."""
+    if not (isinstance(cls, type) and issubclass(cls, Codec)):
+        raise TypeError(f"{cls!r} is not a Codec subclass")
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls.__name__} must be a dataclass")
+    if not isinstance(getattr(cls, "codec_id", None), str) or not cls.codec_id:
+        raise TypeError(f"{cls.__name__} needs a non-empty string codec_id")
     existing = _REGISTRY.get(cls.codec_id)
     if existing is not None and existing is not cls:
         raise TypeError(f"codec id {cls.codec_id!r} is already registered by {existing.__name__}")
@@ -165,8 +197,37 @@ def register_codec(cls: type[C]) -> type[C]:
     return cls
 
 
+def _load_entry_points(name: str | None = None) -> None:
+    """Register the codecs other packages declare in the `fedsqueeze.codecs` entry-point group.
+
+    `name`: only that codec id (a chain names it); None: all of them (listing). A broken plugin is
+    logged and skipped, so one bad package cannot take the built-in codecs down with it."""
+    found = entry_points(group=ENTRY_POINT_GROUP) if name is None else entry_points(group=ENTRY_POINT_GROUP, name=name)
+    for ep in found:
+        if ep.name in _TRIED_ENTRY_POINTS:
+            continue
+        _TRIED_ENTRY_POINTS.add(ep.name)
+        try:
+            cls = ep.load()
+            if getattr(cls, "codec_id", None) != ep.name:
+                raise TypeError(f"its codec_id is {getattr(cls, 'codec_id', None)!r}, not the entry point's name")
+            if _REGISTRY.get(ep.name) is not cls:
+                register_codec(cls)
+        except Exception as exc:  # noqa: BLE001 - a third-party package may raise anything on import
+            log.warning("codec entry point %s = %s could not be loaded: %s", ep.name, ep.value, exc)
+
+
 def registered_codecs() -> dict[str, type[Codec]]:
+    """Every codec: the built-in ones and those of installed packages (entry points)."""
+    _load_entry_points()
     return dict(sorted(_REGISTRY.items()))
+
+
+def codec_class(codec_id: str) -> type[Codec] | None:
+    """The class registered under `codec_id`, looking in the entry points once if it is not built in."""
+    if codec_id not in _REGISTRY:
+        _load_entry_points(codec_id)
+    return _REGISTRY.get(codec_id)
 
 
 def get_codec(config: dict[str, Any] | str) -> Codec:
@@ -175,9 +236,9 @@ def get_codec(config: dict[str, Any] | str) -> Codec:
         config = {"id": config}
     if not isinstance(config, dict) or not isinstance(config.get("id"), str):
         raise CodecError(f"a codec config is a JSON object with a string 'id', got {config!r}")
-    cls = _REGISTRY.get(config["id"])
+    cls = codec_class(config["id"])
     if cls is None:
-        raise CodecError(f"unknown codec {config['id']!r}; known codecs: {', '.join(sorted(_REGISTRY))}")
+        raise CodecError(f"unknown codec {config['id']!r}; known codecs: {', '.join(registered_codecs())}")
     return cls.from_config(config)
 
 

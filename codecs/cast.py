@@ -17,6 +17,18 @@ from .errors import CodecError
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
+def to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (uint16): the top 16 bits, rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bf16(patterns: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) back to float32 values."""
+    return (np.asarray(patterns).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 @register_codec
 @dataclass
 class Float16(Codec):
@@ -33,7 +45,7 @@ class Float16(Codec):
             raise CodecError("fp16: unexpected header bytes")
         return ArraySpec(np.float16, require_array_spec(spec, "fp16").count)
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         assert isinstance(y, np.ndarray)
         return y.astype(require_array_spec(spec, "fp16").dtype)
 
@@ -44,18 +56,13 @@ class BFloat16(Codec):
     codec_id: ClassVar[str] = "bf16"
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
-        arr = require_array_spec(spec, "bf16").check(x, "bf16 input").astype(np.float32, copy=False)
-        bits = arr.view(np.uint32)
-        # Round to nearest, ties to even, on the 16 bits that are dropped.
-        rounding = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
-        return b"", ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
+        return b"", to_bf16(require_array_spec(spec, "bf16").check(x, "bf16 input"))
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         if side:
             raise CodecError("bf16: unexpected header bytes")
         return ArraySpec(np.uint16, require_array_spec(spec, "bf16").count)
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         assert isinstance(y, np.ndarray)
-        out = (y.astype(np.uint32) << np.uint32(16)).view(np.float32)
-        return out.astype(require_array_spec(spec, "bf16").dtype)
+        return from_bf16(y).astype(require_array_spec(spec, "bf16").dtype)

@@ -7,6 +7,8 @@ quantizer drops is lost: it is delayed. `ef | topk:0.01` is top-k with error fee
 `ef | sign` is EF-signSGD, `ef | powersgd:2` is PowerSGD with error feedback.
 
 State (sender only): `memory`, float32 of the input size. The receiver keeps nothing.
+`with_memory` and `remember` are the two halves of the method, also used by stages that do error
+feedback internally (`ae`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ import numpy as np
 
 from .base import Codec, Data, Spec, StageState, StageUpdate, register_codec, require_array_spec
 from .errors import CodecError
+
+MEMORY = "memory"
+
+
+def with_memory(x: np.ndarray, state: StageState) -> np.ndarray:
+    """x plus what the sender has not transmitted yet (a new array; x itself when there is no memory)."""
+    memory = state.get(MEMORY)
+    if memory is None or memory.shape != x.shape:
+        return x
+    return (x + memory).astype(x.dtype)
+
+
+def remember(state: StageState, sent: np.ndarray, received: np.ndarray, decay: float = 1.0) -> None:
+    """Keep what the receiver did not get of `sent` (it reconstructs `received`), faded by `decay`."""
+    memory = (np.asarray(sent) - np.asarray(received)).astype(np.float32)
+    state[MEMORY] = memory * np.float32(decay) if decay != 1.0 else memory
 
 
 @register_codec
@@ -34,24 +52,18 @@ class ErrorFeedback(Codec):
             raise CodecError(f"ef: decay must be in [0, 1], got {self.decay!r}")
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
-        s = require_array_spec(spec, "ef")
-        arr = s.check(x, "ef input")
-        memory = state.get("memory")
-        if memory is None or memory.shape != arr.shape:
-            return b"", arr
-        return b"", (arr + memory).astype(s.dtype)
+        return b"", with_memory(require_array_spec(spec, "ef").check(x, "ef input"), state)
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         if side:
             raise CodecError("ef: unexpected header bytes")
         return require_array_spec(spec, "ef")
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         return y  # the receiver sees the corrected update as it is
 
     def update(self, state: StageState, event: StageUpdate) -> None:
         if event.y is None:  # receiver
             return
-        y, y_hat = np.asarray(event.y), np.asarray(event.y_hat)
-        memory = (y - y_hat).astype(np.float32)
-        state["memory"] = memory * np.float32(self.decay) if self.decay != 1.0 else memory
+        assert isinstance(event.y, np.ndarray) and isinstance(event.y_hat, np.ndarray)
+        remember(state, event.y, event.y_hat, self.decay)

@@ -177,7 +177,7 @@ class Entropy(Codec):
             return BytesSpec(4 * header.words)
         return BytesSpec(limit)
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s = _symbol_spec(spec)
         assert s.symbols is not None
         data = BytesSpec(Raw.serialized_size(s)).check(y, "entropy body")

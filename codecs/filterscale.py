@@ -37,7 +37,7 @@ from .base import (
 from .errors import CodecError
 from .positions import decode_positions, encode_positions
 from .quantize import group_bounds
-from .sparse import kept_count
+from .sparse import scatter, select_top
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -55,23 +55,10 @@ class FilterScale(Codec):
         if isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= f <= 1.0:
             raise CodecError(f"filterscale: fraction must be in [0, 1], got {f!r}")
 
-    def _select(self, arr: np.ndarray, spec: ArraySpec) -> np.ndarray:
-        """Sorted indices of the top `fraction` entries by magnitude within each layer."""
-        assert spec.layout is not None
-        parts = [np.zeros(0, dtype=np.int64)]
-        for t, sl in spec.layout.slices():
-            k = kept_count(t.numel, self.fraction)
-            if k == 0:
-                continue
-            mag = np.abs(arr[sl])
-            top = np.arange(t.numel) if k >= t.numel else np.argpartition(mag, t.numel - k)[t.numel - k :]
-            parts.append(sl.start + np.sort(top).astype(np.int64))
-        return np.concatenate(parts)
-
-    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+    def encode_with_hint(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data, object]:
         s = require_array_spec(spec, "filterscale", dense_model=True)
         arr = s.check(x, "filterscale input")
-        idx = self._select(arr, s)
+        idx = select_top(arr, s, self.fraction, None, "layer", "filterscale")
         bounds = group_bounds(s, "channel", "filterscale")
         filters = len(bounds) - 1
         owner = np.searchsorted(bounds, idx, side="right") - 1
@@ -81,16 +68,21 @@ class FilterScale(Codec):
         scales = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
         scales = np.minimum(scales, FP16_MAX).astype(np.float16)
         side = SideWriter().varint(idx.size).varint(len(pos := encode_positions(idx, arr.size))).raw(pos).array(scales).getvalue()
-        return side, (arr[idx] > 0).astype(np.int8)
+        return side, (arr[idx] > 0).astype(np.int8), idx
 
-    def _read(self, spec: Spec, side: bytes) -> tuple[ArraySpec, np.ndarray, np.ndarray, np.ndarray]:
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        side, y, _ = self.encode_with_hint(x, spec, state)
+        return side, y
+
+    def _read(self, spec: Spec, side: bytes, hint: object = None) -> tuple[ArraySpec, np.ndarray, np.ndarray, np.ndarray]:
         s = require_array_spec(spec, "filterscale", dense_model=True)
         bounds = group_bounds(s, "channel", "filterscale")
         r = SideReader(side, "filterscale")
         k = r.varint()
         if k > s.count:
             raise CodecError(f"filterscale: {k} kept entries out of {s.count}")
-        idx = decode_positions(r.raw(r.varint()), s.count, k)
+        coded = r.raw(r.varint())
+        idx = hint if isinstance(hint, np.ndarray) else decode_positions(coded, s.count, k)
         scales = r.array(np.float16, len(bounds) - 1).astype(np.float32)
         r.finish()
         if not np.isfinite(scales).all() or (scales < 0).any():
@@ -98,12 +90,14 @@ class FilterScale(Codec):
         return s, bounds, idx, scales
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        _, _, idx, _ = self._read(spec, side)
-        return ArraySpec(np.int8, int(idx.size), symbols=(0, 1))
+        # The count is all the spec needs; `decode` reads (and checks) the positions and scales once.
+        s = require_array_spec(spec, "filterscale", dense_model=True)
+        k = SideReader(side, "filterscale").varint()
+        if k > s.count:
+            raise CodecError(f"filterscale: {k} kept entries out of {s.count}")
+        return ArraySpec(np.int8, k, symbols=(0, 1))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
-        s, bounds, idx, scales = self._read(spec, side)
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
+        s, bounds, idx, scales = self._read(spec, side, hint)
         owner = np.searchsorted(bounds, idx, side="right") - 1
-        out = np.zeros(s.count, dtype=s.dtype)
-        out[idx] = np.where(np.asarray(y) > 0, 1.0, -1.0).astype(np.float32) * scales[owner]
-        return out
+        return scatter(idx, np.where(np.asarray(y) > 0, 1.0, -1.0).astype(np.float32) * scales[owner], s)

@@ -26,21 +26,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import ArraySpec, Codec, Data, Spec, StageState, register_codec, require_array_spec
+from .base import ArraySpec, register_codec
 from .errors import CodecError
 from .sigmap import check_positions_mode
-from .sparse import kept_in_side, positions_side, read_positions_side
+from .sparse import SparseCodec
 
 MAX_LEVELS = 32767  # int16 symbols; `entropy` codes alphabets of up to 65,536
 
 
 @register_codec
 @dataclass
-class Lattice(Codec):
+class Lattice(SparseCodec):
     step: float = 2.0**-12
     levels: int = MAX_LEVELS
     positions: str = "rice"  # how the non-zero positions are coded: "rice" (gaps) or "context" (sigmap.py)
@@ -60,24 +60,19 @@ class Lattice(Codec):
     def _step32(self) -> np.float32:
         return np.float32(self.step)
 
-    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
-        s = require_array_spec(spec, "lattice")
-        arr = s.check(x, "lattice input")
+    def _levels(self, x: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # |x| / step beyond float range: clipped below
-            scaled = np.rint(arr.astype(np.float64) / float(self._step32))
-        q = np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16)
-        idx = np.flatnonzero(q).astype(np.int64)
-        return positions_side(idx, s, self.positions), q[idx]
+            scaled = np.rint(x.astype(np.float64) / float(self._step32))
+        return np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16)
 
-    def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
-        return read_positions_side(side, require_array_spec(spec, "lattice"), "lattice", self.positions)
+    def select(self, x: np.ndarray, spec: ArraySpec) -> np.ndarray:
+        return np.flatnonzero(self._levels(x)).astype(np.int64)
 
-    def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        return ArraySpec(np.int16, kept_in_side(side, spec, "lattice"), symbols=(-self.levels, self.levels))
+    def kept_values(self, x: np.ndarray, idx: np.ndarray) -> tuple[bytes, np.ndarray]:
+        return b"", self._levels(x[idx])
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
-        s = require_array_spec(spec, "lattice")
-        idx = self._positions(spec, side)
-        out = np.zeros(s.count, dtype=s.dtype)
-        out[idx] = np.asarray(y).astype(np.float32) * self._step32
-        return out
+    def kept_spec(self, k: int) -> ArraySpec:
+        return ArraySpec(np.int16, k, symbols=(-self.levels, self.levels))
+
+    def dense_values(self, y: np.ndarray, fields: Any) -> np.ndarray:
+        return y.astype(np.float32) * self._step32

@@ -68,7 +68,7 @@ class DeepCABAC(Codec):
         s = require_array_spec(spec, "deepcabac", dense_model=True)
         return BytesSpec(2 * s.nbytes + 4096)
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         nnc = _nnc()
         s = require_array_spec(spec, "deepcabac", dense_model=True)
         assert s.layout is not None

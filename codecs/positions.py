@@ -6,10 +6,16 @@ its neighbours and keeps the shortest (the decoder reads b from the first byte).
 half of the positions are kept, the complement (the n - k positions *not* kept) is coded instead,
 flagged by the top bit of the first byte, so dense masks cost about n * H(k/n) bits, not n.
 
-The unary quotients and the b-bit remainders are stored as two separate bit sections so that
-both encoding and decoding are vectorised (no per-position Python loop):
+Two layouts of the same code, both encoded and decoded without a per-position Python loop:
+
+- sectioned (`encode_positions`, the sparse codecs' side headers): the unary quotients and the
+  b-bit remainders in two separate bit sections,
 
     flags|b (u8) | unary section: q_i ones then a zero, per gap, padded to a byte | remainders (b bits each), padded
+
+- interleaved (`encode_interleaved`, inside the `ae` stage's bit stream): per gap its unary
+  quotient, a zero, then its b remainder bits; the caller stores b. Decoding finds where each
+  code word starts by pointer doubling over "the code word starting at bit p ends at bit e(p)".
 
 Measured (tests/codecs/test_positions.py): 0.5-3 % above log2 C(n, k) for n = 1e5..1e6 and
 k/n = 0.1 %..90 %; the absolute overhead is the header byte plus up to two padding bytes.
@@ -33,6 +39,14 @@ def rice_parameter(n: int, k: int) -> int:
         return 0
     mean_gap = (n - k) / k
     return max(0, min(MAX_RICE, int(round(math.log2(max(mean_gap * math.log(2), 1.0))))))
+
+
+def best_rice_parameter(gaps: np.ndarray, n: int) -> int:
+    """The Rice parameter that codes these gaps in the fewest bits: the uniform guess or a neighbour."""
+    k = gaps.size
+    guess = rice_parameter(n, k)
+    candidates = range(max(0, guess - 1), min(MAX_RICE, guess + 1) + 1)
+    return min(candidates, key=lambda c: k * c + int((gaps >> c).sum()))  # unary + remainder bits, exact
 
 
 def _gaps(idx: np.ndarray, n: int) -> np.ndarray:
@@ -70,9 +84,7 @@ def encode_positions(idx: np.ndarray, n: int) -> bytes:
     if k == 0:
         return bytes([flags])
     gaps = _gaps(idx, n)
-    guess = rice_parameter(n, k)
-    candidates = range(max(0, guess - 1), min(MAX_RICE, guess + 1) + 1)
-    b = min(candidates, key=lambda c: k * c + int((gaps >> c).sum()))  # unary + remainder bits, exact
+    b = best_rice_parameter(gaps, n)
     return b"".join([bytes([flags | b]), *_rice(gaps, b)])
 
 
@@ -121,3 +133,60 @@ def decode_positions(data: bytes, n: int, k: int) -> np.ndarray:
     mask = np.ones(n, dtype=bool)
     mask[idx] = False
     return np.flatnonzero(mask).astype(np.int64)
+
+
+# -- the interleaved layout -------------------------------------------------------------------------
+def encode_interleaved(idx: np.ndarray, n: int) -> tuple[int, np.ndarray]:
+    """(b, bits): strictly increasing positions in [0, n) as interleaved Rice code words (uint8 0/1)."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    gaps = _gaps(idx, n)
+    if idx.size == 0:
+        return 0, np.zeros(0, np.uint8)
+    b = best_rice_parameter(gaps, n)
+    q = gaps >> b
+    lengths = q + 1 + b
+    starts = np.cumsum(lengths) - lengths
+    bits = np.zeros(int(lengths.sum()), np.uint8)
+    total_q = int(q.sum())
+    if total_q:
+        offsets = np.arange(total_q) - np.repeat(np.cumsum(q) - q, q)
+        bits[np.repeat(starts, q) + offsets] = 1
+    if b:
+        shifts = np.arange(b - 1, -1, -1)
+        rem = ((gaps[:, None] >> shifts) & 1).astype(np.uint8)
+        bits[((starts + q + 1)[:, None] + np.arange(b)).reshape(-1)] = rem.reshape(-1)
+    return b, bits
+
+
+def decode_interleaved(bits: np.ndarray, start: int, k: int, b: int, n: int, who: str) -> tuple[np.ndarray, int]:
+    """k positions in [0, n) from the interleaved code words at bits[start:]; returns (positions, end).
+
+    CodecError when the code words run past the bits or a position falls outside [0, n)."""
+    if b > MAX_RICE:
+        raise CodecError(f"{who}: Rice parameter {b} out of range")
+    if k == 0:
+        return np.zeros(0, dtype=np.int64), start
+    seg = np.asarray(bits[start:], dtype=np.uint8)
+    length = seg.size
+    zeros = np.flatnonzero(seg == 0)
+    # For every bit p (and the sentinel p = length): the first zero at or after it, and so where a
+    # code word starting at p ends. The sentinel maps to itself, so a walk that runs out stays there.
+    next_zero = np.append(zeros, length)[np.searchsorted(zeros, np.arange(length + 1))]
+    ends = next_zero + 1 + b
+    jump = np.minimum(ends, length)
+    word_starts = np.zeros(1, dtype=np.int64)
+    while word_starts.size < k:  # pointer doubling: starts at distances 0..2m-1 from the first
+        word_starts = np.concatenate([word_starts, jump[word_starts]])
+        jump = jump[jump]
+    word_starts = word_starts[:k]
+    if int(word_starts[-1]) >= length or int(ends[word_starts[-1]]) > length:
+        raise CodecError(f"{who}: position stream truncated")
+    q = next_zero[word_starts] - word_starts
+    gaps = q << b
+    if b:
+        rem = seg[(next_zero[word_starts] + 1)[:, None] + np.arange(b)].astype(np.int64)
+        gaps += rem @ (np.int64(1) << np.arange(b - 1, -1, -1, dtype=np.int64))
+    positions = np.cumsum(gaps + 1) - 1
+    if int(positions[-1]) >= n:
+        raise CodecError(f"{who}: position {int(positions[-1])} outside [0, {n})")
+    return positions, start + int(ends[word_starts[-1]])

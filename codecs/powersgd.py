@@ -148,7 +148,7 @@ class PowerSGD(Codec):
             raise CodecError("powersgd: unexpected header bytes")
         return ArraySpec(np.float32, _output_count(self._layout(spec), self.rank))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         layout = self._layout(spec)
         s = require_array_spec(spec, "powersgd")
         flat = np.asarray(y, dtype=np.float32)

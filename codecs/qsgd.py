@@ -105,7 +105,7 @@ class QSGD(Codec):
         s, _, _ = self._read(spec, side)
         return ArraySpec(self._dtype, s.count, symbols=(-self.levels, self.levels))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s, bounds, norms = self._read(spec, side)
         scale = norms / np.float32(self.levels)  # float32 arithmetic: |x_hat| <= norm, no overflow
         return (np.asarray(y).astype(np.float32) * scale[segment_ids(bounds)]).astype(s.dtype)

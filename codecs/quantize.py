@@ -175,7 +175,7 @@ class Quantize(Codec):
         s, *_ = self._read(spec, side)
         return ArraySpec(np.uint8, s.count, symbols=(0, self.levels))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s, bounds, lo, step = self._read(spec, side)
         seg = segment_ids(bounds)
         # float32, as in every release: the ranges were checked above, so nothing overflows.

@@ -79,7 +79,7 @@ class Raw(Codec):
             raise CodecError("raw needs an array input")
         return BytesSpec(self.serialized_size(spec))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         if not isinstance(spec, ArraySpec) or not isinstance(y, bytes | bytearray | memoryview):
             raise CodecError("raw: expected bytes for an array spec")
         if spec.symbols is not None:

@@ -81,7 +81,7 @@ class Residual(Codec):
         r.finish()
         return require_array_spec(spec, "residual")
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s = require_array_spec(spec, "residual")
         pred = self.prediction(state, s.count)
         r = SideReader(side, "residual")

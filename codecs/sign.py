@@ -71,7 +71,7 @@ class Sign(Codec):
         s, _, _ = self._read(spec, side)
         return ArraySpec(np.int8, s.count, symbols=(0, 1))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s, bounds, scales = self._read(spec, side)
         signs = np.asarray(y).astype(np.float32) * 2 - 1
         return (signs * scales[segment_ids(bounds)]).astype(s.dtype)

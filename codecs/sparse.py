@@ -9,15 +9,18 @@ sends signs only, with one shared magnitude. Decoding yields the dense vector, z
 
 `scope="layer"` selects per tensor (needs the dense model, so the stage must come before other
 sparsifiers); `scope="global"` selects over the whole vector.
+
+`SparseCodec` is the shared machinery of every codec whose message is "k positions and their
+values" (here, and `lattice`); `top_indices`, `select_top` and `scatter` are the helpers other
+codecs (`filterscale`, `ae`) use for the same jobs.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import deque
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -52,10 +55,8 @@ def kept_count(n: int, fraction: float, count: int | None = None) -> int:
     return max(0, min(n, int(k)))
 
 
-_count = kept_count
-
-
-def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
+def top_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Sorted indices of the k entries of largest magnitude."""
     if k == 0:
         return np.zeros(0, dtype=np.int64)
     if k >= x.size:
@@ -64,14 +65,21 @@ def _top_indices(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(idx).astype(np.int64)
 
 
-def _select(x: np.ndarray, spec: ArraySpec, keep: float, count: int | None, scope: str, who: str) -> np.ndarray:
-    """Indices of the entries to keep: by magnitude, globally or per layer."""
+def select_top(x: np.ndarray, spec: ArraySpec, keep: float, count: int | None, scope: str, who: str) -> np.ndarray:
+    """Sorted indices of the entries to keep by magnitude: over the whole vector, or `keep` of each layer."""
     if scope == "global":
-        return _top_indices(x, _count(x.size, keep, count))
+        return top_indices(x, kept_count(x.size, keep, count))
     s = require_array_spec(spec, who, dense_model=True)
     assert s.layout is not None
-    parts = [sl.start + _top_indices(x[sl], _count(t.numel, keep, None)) for t, sl in s.layout.slices()]
+    parts = [sl.start + top_indices(x[sl], kept_count(t.numel, keep, None)) for t, sl in s.layout.slices()]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def scatter(idx: np.ndarray, values: np.ndarray, spec: ArraySpec) -> np.ndarray:
+    """The dense vector of `spec` with `values` at `idx` and zeros elsewhere."""
+    out = np.zeros(spec.count, dtype=spec.dtype)
+    out[idx] = values
+    return out
 
 
 def _check_params(who: str, fraction: float, count: int | None, scope: str) -> None:
@@ -95,18 +103,10 @@ def code_positions(idx: np.ndarray, spec: ArraySpec, mode: str) -> bytes:
     return b"\x01" + context if len(context) < len(rice) else b"\x00" + rice
 
 
-def _check_kept(k: int, spec: ArraySpec, who: str) -> int:
+def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str) -> np.ndarray:
+    """The k positions that `code_positions` coded in `data`."""
     if k > spec.count:
         raise CodecError(f"{who}: {k} kept entries out of {spec.count}")
-    return k
-
-
-def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str, side: bytes | None = None) -> np.ndarray:
-    """The k positions coded in `data`, the tail of `side`: from the memo if this thread just coded that side."""
-    _check_kept(k, spec, who)
-    known = None if side is None else just_coded.recall(side, spec.count)
-    if known is not None:
-        return known
     if mode != "context":
         return decode_positions(data, spec.count, k)
     if not data or data[0] > 1:
@@ -114,83 +114,92 @@ def read_positions(data: bytes, spec: ArraySpec, k: int, mode: str, who: str, si
     return decode_mask(data[1:], spec, k, who) if data[0] else decode_positions(data[1:], spec.count, k)
 
 
-class _JustCoded(threading.local):
-    """The positions behind the sides this thread coded last, until their first recall.
+class SparseCodec(Codec):
+    """A message of k kept positions and k values: side = varint k | fields | coded positions; y = the values.
 
-    `Pipeline.encode` rebuilds the receiver's view by decoding each lossy stage, so a sender would
-    decode the positions it has just coded; with `positions=context` that costs a third of the
-    encode. Keyed by identity: the memo holds each side object, so no other object can share its id.
-    A recall pops the entry, so a server's worker threads hold no positions between messages.
+    Subclasses choose the positions (`select`), what travels for them (`kept_values`, with any
+    fixed-size header `fields`) and what they decode to (`dense_values`). Decoding yields the dense
+    vector, zeros elsewhere. On the sender the chain hands the positions back as the decode hint,
+    so a sender never decodes the positions it has just coded.
     """
 
-    def __init__(self) -> None:
-        self.recent: deque[tuple[bytes, int, np.ndarray]] = deque(maxlen=4)  # a chain has few position stages
+    positions: str  # how the kept positions are coded: "rice" (gaps) or "context" (sigmap.py)
 
-    def remember(self, side: bytes, idx: np.ndarray, n: int) -> bytes:
-        self.recent.append((side, n, idx))
-        return side
+    @abstractmethod
+    def select(self, x: np.ndarray, spec: ArraySpec) -> np.ndarray:
+        """Sorted indices of the entries to keep."""
 
-    def recall(self, side: bytes, n: int) -> np.ndarray | None:
-        for i, (coded, count, idx) in enumerate(self.recent):
-            if coded is side and count == n:
-                del self.recent[i]  # by index: remove() would compare the position arrays
-                return idx
+    @abstractmethod
+    def kept_values(self, x: np.ndarray, idx: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """(fields, y): the header fields between k and the positions, and what travels for the kept entries."""
+
+    def read_fields(self, reader: SideReader) -> Any:
+        """Parse (and check) the header fields that `kept_values` wrote; default: none."""
         return None
 
+    @abstractmethod
+    def kept_spec(self, k: int) -> ArraySpec:
+        """The spec of y for k kept entries."""
 
-just_coded = _JustCoded()
+    @abstractmethod
+    def dense_values(self, y: np.ndarray, fields: Any) -> np.ndarray:
+        """The decoded value of each kept entry."""
+
+    def encode_with_hint(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data, object]:
+        s = require_array_spec(spec, self.codec_id)
+        arr = s.check(x, f"{self.codec_id} input")
+        idx = self.select(arr, s)
+        fields, y = self.kept_values(arr, idx)
+        side = SideWriter().varint(idx.size).raw(fields).raw(code_positions(idx, s, self.positions)).getvalue()
+        return side, y, idx
+
+    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
+        side, y, _ = self.encode_with_hint(x, spec, state)
+        return side, y
+
+    def output_spec(self, spec: Spec, side: bytes) -> Spec:
+        # The header's leading count is all the spec needs: the positions are decoded (and checked) once, by `decode`.
+        s = require_array_spec(spec, self.codec_id)
+        k = SideReader(side, self.codec_id).varint()
+        if k > s.count:
+            raise CodecError(f"{self.codec_id}: {k} kept entries out of {s.count}")
+        return self.kept_spec(k)
+
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
+        s = require_array_spec(spec, self.codec_id)
+        r = SideReader(side, self.codec_id)
+        k = r.varint()
+        fields = self.read_fields(r)
+        if isinstance(hint, np.ndarray):
+            idx = hint
+        else:
+            idx = read_positions(r.rest(), s, k, self.positions, self.codec_id)
+        return scatter(idx, self.dense_values(np.asarray(y), fields), s)
 
 
-def kept_in_side(side: bytes, spec: Spec, who: str) -> int:
-    """k, the header's leading count, checked against n. `output_spec` needs no more: the positions
-    are decoded (and checked) once, by `decode`."""
-    return _check_kept(SideReader(side, who).varint(), require_array_spec(spec, who), who)
-
-
-def positions_side(idx: np.ndarray, spec: ArraySpec, mode: str = "rice") -> bytes:
-    """The side header `varint k | coded positions` of k sorted positions among spec.count."""
-    return just_coded.remember(SideWriter().varint(idx.size).raw(code_positions(idx, spec, mode)).getvalue(), idx, spec.count)
-
-
-def read_positions_side(side: bytes, spec: ArraySpec, who: str, mode: str = "rice") -> np.ndarray:
-    """The positions in a `positions_side` header, checked against spec.count."""
-    r = SideReader(side, who)
-    k = r.varint()
-    return read_positions(r.rest(), spec, k, mode, who, side)
-
-
-class _PositionSparsifier(Codec):
-    """Shared machinery: side = varint k | coded positions; y = the k kept values (float32)."""
-
-    positions: str  # how the kept positions are coded: "rice" (gaps) or "context" (sigmap.py)
+class _MagnitudeSparsifier(SparseCodec):
+    """Keeps the largest entries and sends their values as float32."""
 
     def _keep(self) -> tuple[float, int | None, str]:
         raise NotImplementedError
 
-    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
-        s = require_array_spec(spec, self.codec_id)
-        arr = s.check(x, f"{self.codec_id} input")
+    def select(self, x: np.ndarray, spec: ArraySpec) -> np.ndarray:
         keep, count, scope = self._keep()
-        idx = _select(arr, s, keep, count, scope, self.codec_id)
-        return positions_side(idx, s, self.positions), arr[idx].astype(np.float32)
+        return select_top(x, spec, keep, count, scope, self.codec_id)
 
-    def _positions(self, spec: Spec, side: bytes) -> np.ndarray:
-        return read_positions_side(side, require_array_spec(spec, self.codec_id), self.codec_id, self.positions)
+    def kept_values(self, x: np.ndarray, idx: np.ndarray) -> tuple[bytes, np.ndarray]:
+        return b"", x[idx].astype(np.float32)
 
-    def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        return ArraySpec(np.float32, kept_in_side(side, spec, self.codec_id))
+    def kept_spec(self, k: int) -> ArraySpec:
+        return ArraySpec(np.float32, k)
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
-        s = require_array_spec(spec, self.codec_id)
-        idx = self._positions(spec, side)
-        out = np.zeros(s.count, dtype=s.dtype)
-        out[idx] = np.asarray(y, dtype=np.float32)
-        return out
+    def dense_values(self, y: np.ndarray, fields: Any) -> np.ndarray:
+        return y.astype(np.float32, copy=False)
 
 
 @register_codec
 @dataclass
-class TopK(_PositionSparsifier):
+class TopK(_MagnitudeSparsifier):
     """Keep the k entries of largest magnitude (`fraction` of n, or `count`)."""
 
     fraction: float = 0.01
@@ -211,7 +220,7 @@ class TopK(_PositionSparsifier):
 
 @register_codec
 @dataclass
-class Prune(_PositionSparsifier):
+class Prune(_MagnitudeSparsifier):
     """Magnitude pruning (seed 003): zero the `rate` fraction of smallest-magnitude entries."""
 
     rate: float = 0.9
@@ -259,7 +268,7 @@ class RandK(Codec):
         arr = s.check(x, "randk input")
         counter = int(state.get("counter", np.zeros(1, np.int64))[0])
         message_seed = (self.seed * 1_000_003 + counter) & 0xFFFFFFFF
-        k = _count(arr.size, self.fraction, self.count)
+        k = kept_count(arr.size, self.fraction, self.count)
         idx = self._draw(arr.size, k, message_seed)
         values = arr[idx].astype(np.float32)
         if self.unbiased and k:
@@ -278,7 +287,7 @@ class RandK(Codec):
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         return ArraySpec(np.float32, self._read(spec, side)[1])
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s = require_array_spec(spec, "randk")
         message_seed, k = self._read(spec, side)
         out = np.zeros(s.count, dtype=s.dtype)
@@ -292,7 +301,7 @@ class RandK(Codec):
 
 @register_codec
 @dataclass
-class STC(Codec):
+class STC(SparseCodec):
     """Sparse Ternary Compression (Sattler et al. 2019): top-k, then +-mu with mu the mean |kept|.
 
     side: varint k | f32 mu | coded positions; y: k sign symbols in {0: negative, 1: positive}.
@@ -309,30 +318,23 @@ class STC(Codec):
         _check_params("stc", self.fraction, self.count, "global")
         check_positions_mode("stc", self.positions)
 
-    def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
-        s = require_array_spec(spec, "stc")
-        arr = s.check(x, "stc input")
-        idx = _top_indices(arr, _count(arr.size, self.fraction, self.count))
-        kept = arr[idx]
-        mu = float(np.mean(np.abs(kept))) if kept.size else 0.0
-        side = SideWriter().varint(idx.size).f32(mu).raw(code_positions(idx, s, self.positions)).getvalue()
-        return just_coded.remember(side, idx, s.count), (kept > 0).astype(np.int8)
+    def select(self, x: np.ndarray, spec: ArraySpec) -> np.ndarray:
+        return top_indices(x, kept_count(x.size, self.fraction, self.count))
 
-    def _read(self, spec: Spec, side: bytes) -> tuple[float, np.ndarray]:
-        s = require_array_spec(spec, "stc")
-        r = SideReader(side, "stc")
-        k = r.varint()
-        mu = r.f32()
+    def kept_values(self, x: np.ndarray, idx: np.ndarray) -> tuple[bytes, np.ndarray]:
+        kept = x[idx]
+        mu = float(np.mean(np.abs(kept))) if kept.size else 0.0
+        return SideWriter().f32(mu).getvalue(), (kept > 0).astype(np.int8)
+
+    def read_fields(self, reader: SideReader) -> float:
+        mu = reader.f32()
         if not math.isfinite(mu) or mu < 0:
             raise CodecError("stc: magnitude is not a finite non-negative number")
-        return mu, read_positions(r.rest(), s, k, self.positions, "stc", side)
+        return mu
 
-    def output_spec(self, spec: Spec, side: bytes) -> Spec:
-        return ArraySpec(np.int8, kept_in_side(side, spec, "stc"), symbols=(0, 1))
+    def kept_spec(self, k: int) -> ArraySpec:
+        return ArraySpec(np.int8, k, symbols=(0, 1))
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
-        s = require_array_spec(spec, "stc")
-        mu, idx = self._read(spec, side)
-        out = np.zeros(s.count, dtype=s.dtype)
-        out[idx] = np.where(np.asarray(y) > 0, np.float32(mu), np.float32(-mu))
-        return out
+    def dense_values(self, y: np.ndarray, fields: Any) -> np.ndarray:
+        mu = np.float32(fields)
+        return np.where(y > 0, mu, -mu)

@@ -1,7 +1,8 @@
 """CodecState: the memory of one codec chain for one (collaborator, direction) pair.
 
-Each side of a link keeps its own CodecState for each direction. Stage `i` of the chain owns
-`state.stage(i)`, a dict of named numpy arrays, for example:
+Each side of a link keeps its own CodecState for each direction. Stage `i` of the chain as
+configured (`Chain.configured`: the stages as written, not counting the implicit `raw`
+serializers) owns `state.stage(i)`, a dict of named numpy arrays, for example:
 
 - error feedback (sender only): `memory`, the part of past inputs not yet transmitted;
 - residual prediction (both sides): `history`, the last reconstructed models, and `count`;
@@ -33,6 +34,14 @@ class CodecState:
 
     def stage(self, index: int) -> StageState:
         return self._stages.setdefault(index, {})
+
+    def fork(self) -> CodecState:
+        """A copy to encode or decode into, committed by keeping it (or dropped). Cheap: new dicts over
+        the same arrays, which is safe because stages assign new arrays and never write into them."""
+        out = CodecState()
+        out._stages = {i: dict(s) for i, s in self._stages.items()}
+        out.messages = self.messages
+        return out
 
     def __bool__(self) -> bool:
         return any(self._stages.values())

@@ -46,7 +46,7 @@ class Zstd(Codec):
         n = _bytes_spec(spec).max_size
         return BytesSpec(n + (n >> 7) + 256)  # above ZSTD_COMPRESSBOUND
 
-    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState) -> Data:
+    def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         limit = _bytes_spec(spec).max_size
         frame = bytes(y)
         try:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from fedsqueeze.codecs import CodecError
 from fedsqueeze.console import die
+from fedsqueeze.errors import FederationError, Unreachable
 from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.models import ModelError
 from fedsqueeze.plan import PlanError
 from fedsqueeze.tasks import DataError
 from fedsqueeze.tls import ClientTLS, TLSConfigError
-
-from .transport import ConnectError, RemoteError
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -85,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except ConnectError as exc:
+    except Unreachable as exc:
         die(str(exc), 1)
-    except RemoteError as exc:
-        die(f"the aggregator refused: {exc}", 1)
+    except FederationError as exc:
+        die(f"the aggregator refused: {exc.status}: {exc}", 1)
     except (DataError, PlanError, ModelError, CodecError, TLSConfigError, OSError) as exc:
         die(str(exc))
     except KeyboardInterrupt:

@@ -18,16 +18,20 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs import CodecError, Layout
 from fedsqueeze.codecs.autoencoder import Autoencoder, decoder_to_bytes, find_stage, validate_decoder
+from fedsqueeze.messages import Task
 from fedsqueeze.models import get_flat, set_flat
 from fedsqueeze.plan import Plan
 from fedsqueeze.training import train_local
+
+from .round_step import LinkStates, RoundStep, prepass_seed
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
@@ -158,29 +162,35 @@ def train_autoencoder(
 class PrepassContext:
     """What the collaborator loop hands to the prepass, and what the prepass leaves behind."""
 
-    client: Any
-    session: Any
-    model: Any
+    upload_decoder: Callable[[dict[str, Any], bytes], int]  # (architecture, safetensors bytes) -> bytes accepted
+    member_id: str
+    shard_index: int
+    plan: Plan
+    step: RoundStep  # its chains, layout and link states; its download decoding
+    model: Any  # torch.nn.Module
     x: np.ndarray
     y: np.ndarray
-    layout: Layout
-    up_chain: Pipeline
-    up_state: CodecState
-    down_chain: Pipeline
-    down_state: CodecState
     samples: np.ndarray | None = None
     record: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def layout(self) -> Layout:
+        return self.step.layout
 
-def handle_task(ctx: PrepassContext, task: Any) -> dict[str, Any]:
+    @property
+    def states(self) -> LinkStates:
+        return self.step.states
+
+
+def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
     """Run one PREPASS task: the local prepass (and AE training, upload), or fit an encoder to the shared decoder."""
-    found = find_stage(ctx.up_chain)
+    found = find_stage(ctx.step.chains.uplink)
     if found is None:
         raise CodecError("the aggregator sent a PREPASS task, but the uplink chain has no `ae` stage")
     index, stage = found
-    plan: Plan = ctx.session.plan
+    plan = ctx.plan
     spec = plan.prepass
-    state = ctx.up_state.stage(index)
+    state = ctx.states.up.stage(index)
     n = ctx.layout.numel
     rec = ctx.record
     t0 = time.perf_counter()
@@ -188,7 +198,7 @@ def handle_task(ctx: PrepassContext, task: Any) -> dict[str, Any]:
         if task.model is None or zlib.crc32(task.model.data) != task.model.fingerprint:
             raise CodecError("shared decoder: missing or corrupt")
         tensors, _ = validate_decoder(task.model.data, stage.decoder_shapes(n), stage.decoder_nbytes(n) + (1 << 16))
-        rec["down_wire"] = rec.get("down_wire", 0) + task.wire_bytes
+        rec["down_wire"] = rec.get("down_wire", 0) + task.model.wire_size
         rec["down_raw"] = rec.get("down_raw", 0) + len(task.model.data)
         if ctx.samples is None:
             raise CodecError("shared decoder arrived before this collaborator's prepass")
@@ -200,21 +210,20 @@ def handle_task(ctx: PrepassContext, task: Any) -> dict[str, Any]:
         return rec
     if task.model is None:
         raise CodecError("PREPASS task without a model")
-    chain, _ = task.model.resolve(ctx.down_chain, ctx.layout)
-    start = chain.decode(task.model.data, ctx.layout, ctx.down_state)
+    start = ctx.step.decode_download(task.model)
     set_flat(ctx.model, start)
-    snaps = record_snapshots(ctx.model, ctx.x, ctx.y, plan, seed=plan.seed * 100_003 + 7919 + ctx.session.shard_index)
+    snaps = record_snapshots(ctx.model, ctx.x, ctx.y, plan, seed=prepass_seed(plan, ctx.shard_index))
     ctx.samples = training_set(snaps, plan, len(ctx.y))
     set_flat(ctx.model, start)
-    rec.update(down_raw=ctx.layout.raw_bytes, down_wire=task.wire_bytes, snapshots=len(snaps), samples=len(ctx.samples))
+    rec.update(down_raw=ctx.layout.raw_bytes, down_wire=task.model.wire_size, snapshots=len(snaps), samples=len(ctx.samples))
     if task.message == ROLE_ENCODER:
         rec["role"] = ROLE_ENCODER
         return rec  # the shared decoder comes with a later PREPASS task
     enc, dec, losses = train_autoencoder(stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed)
     state.update(enc)
     state.update(dec)
-    blob = decoder_to_bytes(dec, ctx.session.collaborator_id)
-    sent = ctx.client.upload_decoder(stage.architecture(n), blob)
+    blob = decoder_to_bytes(dec, ctx.member_id)
+    sent = ctx.upload_decoder(stage.architecture(n), blob)
     rec.update(role=ROLE_TRAIN, decoder=sent, ae_loss=losses[-1], ae_seconds=time.perf_counter() - t0)
     log.info("prepass: %d snapshots, AE loss %.4g, decoder %d bytes uploaded", len(snaps), losses[-1], sent)
     return rec

@@ -1,11 +1,14 @@
-"""The collaborator's gRPC client: retries, chunked uploads, protobuf kept at this edge.
+"""The collaborator's gRPC client: retries, chunked uploads; protobuf and gRPC stay at this edge.
 
-Every call retries UNAVAILABLE and DEADLINE_EXCEEDED with capped exponential backoff and full
-jitter: before Join for `connect_timeout` seconds, afterwards (the aggregator restarting, say) for
-`reconnect_timeout`. RESOURCE_EXHAUSTED is retried the same way (an aggregator with all its upload
-slots taken, `--max-concurrent-uploads`), except gRPC's own "message larger than max", which no
-retry can cure. An update is identified by (collaborator, round), so a resent upload is safe:
-ALREADY_EXISTS means an earlier attempt was accepted, and counts as success.
+It speaks domain objects (`Admission`, `Task`, `Payload`) and raises domain errors
+(`fedsqueeze.errors`, mapped from the status by `fedsqueeze/wire.py`), so the collaborator's code
+never sees a status code. Every call retries UNAVAILABLE and DEADLINE_EXCEEDED with capped
+exponential backoff and jitter: before Join for `connect_timeout` seconds, afterwards (the
+aggregator restarting, say) for `reconnect_timeout`, then raises `Unreachable`. RESOURCE_EXHAUSTED
+is retried the same way (an aggregator with all its upload slots taken, `--max-concurrent-uploads`),
+except gRPC's own "message larger than max", which no retry can cure. An update is identified by
+(collaborator, round), so a resent upload is safe: ALREADY_EXISTS means an earlier attempt was
+accepted, and counts as success.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fedsqueeze.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unreachable
+from fedsqueeze.messages import Task
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.tls import ClientTLS
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
-from fedsqueeze.wire import WirePayload, payload_from_proto, payload_to_proto
+from fedsqueeze.wire import error_from_status, payload_from_proto, payload_to_bytes
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
@@ -52,35 +58,15 @@ def retryable(code: grpc.StatusCode, details: str) -> bool:
 T = TypeVar("T")
 
 
-class ConnectError(RuntimeError):
-    """The aggregator could not be reached in time."""
-
-
-class RemoteError(RuntimeError):
-    """The aggregator answered with an error status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
 @dataclass
 class Session:
+    """This collaborator's membership, from Join."""
+
     collaborator_id: str
     token: str
     plan: Plan
     shard_index: int
     num_shards: int
-
-
-@dataclass
-class TaskMessage:
-    kind: str
-    round: int
-    model: WirePayload | None
-    wire_bytes: int
-    message: str
 
 
 class FederationClient:
@@ -110,7 +96,8 @@ class FederationClient:
         self.channel.close()
 
     def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """Run `fn`, retrying UNAVAILABLE with capped exponential backoff and jitter."""
+        """Run `fn`, retrying transient statuses with capped exponential backoff and jitter; other
+        statuses raise their domain error."""
         if timeout is not None:
             budget = timeout
         else:
@@ -124,11 +111,11 @@ class FederationClient:
                 code = exc.code()  # type: ignore[attr-defined]
                 details = exc.details() or ""  # type: ignore[attr-defined]
                 if not retryable(code, details):
-                    raise RemoteError(code, details) from None
+                    raise error_from_status(code, details) from None
                 delay = next(delays)
                 if time.monotonic() + delay > deadline:
                     problem = "the aggregator stayed busy at" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "could not reach the aggregator at"
-                    raise ConnectError(f"{problem} {self.address} for {budget:.0f} s ({what}: {code.name})") from None
+                    raise Unreachable(f"{problem} {self.address} for {budget:.0f} s ({what}: {code.name})") from None
                 log.info("%s: %s, retrying in %.1f s", what, code.name, delay)
                 time.sleep(delay)
 
@@ -144,11 +131,10 @@ class FederationClient:
         )
         plan = Plan.from_json(json.loads(resp.plan.json))
         if plan.sha256 != resp.plan.sha256:
-            raise RemoteError(grpc.StatusCode.DATA_LOSS, "plan digest mismatch")
+            raise InvalidArgument("the plan's digest does not match the plan the aggregator sent")
         if self.session is not None and plan.sha256 != self.session.plan.sha256:
-            raise RemoteError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"the aggregator now runs another plan ({plan.sha256[:12]}…, joined {self.session.plan.sha256[:12]}…): not resuming",
+            raise FailedPrecondition(
+                f"the aggregator now runs another plan ({plan.sha256[:12]}…, joined {self.session.plan.sha256[:12]}…): not resuming"
             )
         self.name, self.num_samples = name, num_samples
         self.session = Session(resp.collaborator_id, resp.token, plan, resp.shard_index, resp.num_shards)
@@ -161,17 +147,18 @@ class FederationClient:
         log.warning("re-joined as %s (was %s)", session.collaborator_id, old.collaborator_id if old else None)
         return session
 
-    def get_task(self, wait_s: float = 10.0) -> TaskMessage:
+    def get_task(self, wait_s: float = 10.0) -> Task:
         req = pb.GetTaskRequest(credentials=self._credentials(), wait_ms=int(wait_s * 1000))
         resp = self._call("get task", lambda: self.stub.GetTask(req, timeout=wait_s + 30))
         kind = pb.GetTaskResponse.Kind.Name(resp.kind)
+        if kind not in ("WAIT", "TRAIN", "PREPASS", "DONE"):
+            raise InvalidArgument(f"the aggregator sent a task of unknown kind {kind}")
         model = payload_from_proto(resp.model) if resp.HasField("model") else None
-        wire = resp.model.ByteSize() if resp.HasField("model") else 0
-        return TaskMessage(kind, resp.round, model, wire, resp.message)
+        return Task(kind, resp.round, model, resp.message)  # type: ignore[arg-type]
 
-    def submit_update(self, round_number: int, num_samples: int, payload: WirePayload, metrics: dict[str, float]) -> int:
+    def submit_update(self, round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
         """Stream the serialized Payload in chunks; returns the wire bytes (its serialized size)."""
-        blob = payload_to_proto(payload).SerializeToString()
+        blob = payload_to_bytes(payload)
         header = pb.UpdateHeader(
             credentials=self._credentials(),
             round=round_number,
@@ -187,9 +174,7 @@ class FederationClient:
 
         try:
             self._call("submit update", lambda: self.stub.SubmitUpdate(requests(), timeout=300))
-        except RemoteError as exc:
-            if exc.code != grpc.StatusCode.ALREADY_EXISTS:
-                raise
+        except AlreadyExists:
             log.info("round %d: the update was already accepted (a resend)", round_number)
         return len(blob)
 

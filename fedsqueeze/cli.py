@@ -120,23 +120,26 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _is_uncompressed(plan: Plan) -> bool:
-    return (str(plan.uplink_chain()) == "identity" and str(plan.downlink_chain()) == "identity"
-            and plan.downlink.update_chain is None and not plan.prepass.enabled)  # fmt: skip
+    from fedsqueeze.chains import LinkChains
+
+    chains = LinkChains.from_plan(plan)
+    return str(chains.uplink) == "identity" and str(chains.downlink) == "identity" and chains.global_update is None and not plan.prepass.enabled
 
 
 def _add_baseline(plan: Plan, report_path: Path) -> None:
     """Run the same plan uncompressed (identity chains, no prepass, same seed and shards) in-process; record it."""
     from fedsqueeze.console import human_bytes
-    from fedsqueeze.simulate import simulate, uncompressed
+    from fedsqueeze.simulation import run_plan, uncompressed
 
     print("baseline: the same federation uncompressed (identity codec, same seed and shards), in-process ...", flush=True)
-    base = simulate(uncompressed(plan))
+    base = run_plan(uncompressed(plan))
+    base_accuracy = base.final_accuracy or 0.0
     report = json.loads(report_path.read_text())
-    report["baseline_accuracy"] = base["final_accuracy"]
-    report["baseline"] = {"how": "fedsqueeze.simulate: in-process, identity chains, same plan (server optimizer included) and seed",
-                          "accuracy": [r["accuracy"] for r in base["rounds"]]}  # fmt: skip
+    report["baseline_accuracy"] = base_accuracy
+    report["baseline"] = {"how": "fedsqueeze.simulation: the Federation in-process, identity chains, same plan (server optimizer "
+                          "included) and seed", "accuracy": [r["accuracy"] for r in base.rounds]}  # fmt: skip
     s = report["summary"]
-    s["baseline_accuracy"] = base["final_accuracy"]
+    s["baseline_accuracy"] = base_accuracy
     messages = sum(r["participants"] for r in report["rounds"]) or 1
     s["up_wire_per_message"] = s["up_wire"] / messages
     s["up_ratio_per_message"] = report["model"]["raw_bytes"] / s["up_wire_per_message"]
@@ -146,8 +149,8 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
     acc = s["final_accuracy"]
     opt = plan.aggregation.server_optimizer
     baseline = "FedAvg baseline (same seed)" if opt.is_plain else f"baseline (same seed, server {opt.name} lr {opt.lr})"
-    print(f"accuracy         : {acc:.2%}   uncompressed {baseline}: {base['final_accuracy']:.2%}   "
-          f"difference {100 * (acc - base['final_accuracy']):+.2f} pp")  # fmt: skip
+    print(f"accuracy         : {acc:.2%}   uncompressed {baseline}: {base_accuracy:.2%}   "
+          f"difference {100 * (acc - base_accuracy):+.2f} pp")  # fmt: skip
     decoders = f"; decoders uploaded: {human_bytes(s['decoder'])}" if s["decoder"] else ""
     print(f"uplink / message : {s['up_wire_per_message']:.1f} wire bytes of {report['model']['raw_bytes']:,} "
           f"({s['up_ratio_per_message']:.0f}x){decoders}")  # fmt: skip

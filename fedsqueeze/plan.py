@@ -1,7 +1,11 @@
-"""The federation plan: what every collaborator receives at Join.
+"""The federation plan: what every collaborator receives at Join. Pure data: no chains, models or data sets.
 
-A plan is JSON. Every field has a default, unknown fields are refused, and each value is
-checked, so a malformed plan fails at start-up with a message naming the field. Example:
+A plan is JSON. Every field is declared once, here, with its type, its default and (for numbers)
+its range (`Range` in the field's `Annotated` type). Parsing is driven by those declarations:
+unknown fields are refused, every value is checked against its declared type (lists element by
+element, `Literal` choices by value) and range, so a malformed plan fails at start-up with a
+message naming the field. The autoencoder's settings are the codec's own (`AutoencoderSettings`,
+inherited by `PrepassSpec`). Example:
 
     {
       "task": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5},
@@ -12,6 +16,9 @@ checked, so a malformed plan fails at start-up with a message naming the field. 
       "uplink": {"chain": "ef | topk:0.01 | qsgd:4 | entropy", "target": "delta"},
       "downlink": {"chain": "identity"}
     }
+
+What a plan means at run time (the codec chains it names, the data set, the model) is built by
+`fedsqueeze.chains`, `fedsqueeze.tasks` and `fedsqueeze.models`.
 """
 
 from __future__ import annotations
@@ -20,141 +27,167 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-import numpy as np
-
-from fedsqueeze.codecs import CodecError, CodecState, Pipeline
-
-if TYPE_CHECKING:
-    from fedsqueeze.tasks import Dataset
+from fedsqueeze.codecs import Chain, CodecError
+from fedsqueeze.codecs.autoencoder import AutoencoderSettings, chain_with_prepass
 
 DEFAULT_UPLINK = "ef | topk:0.01 | quantize:4 | entropy"
 DEFAULT_DOWNLINK = "residual | topk:0.05 | quantize:8 | entropy"
+
+#: A codec chain as a plan writes it: a string (`"fp16 | zstd:3"`) or a list of codec configs.
+ChainConfig = str | list[dict[str, Any]]
 
 
 class PlanError(ValueError):
     """The plan is malformed; the message names the field."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed interval of a numeric plan field (None: unbounded on that side)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("must be in [0, 1)"), or None."""
+        ok = (
+            math.isfinite(value)
+            and (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+        return None if ok else f"must be {self.describe()}"
+
+    def describe(self) -> str:
+        low = f"[{_fmt(self.ge)}" if self.ge is not None else f"({_fmt(self.gt)}" if self.gt is not None else None
+        high = f"{_fmt(self.le)}]" if self.le is not None else f"{_fmt(self.lt)})" if self.lt is not None else None
+        if low is not None and high is not None:
+            return f"in {low}, {high}"
+        if low is not None:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        if high is not None:
+            return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        return "finite"
+
+
+def _fmt(v: float | None) -> str:
+    assert v is not None
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+Positive = Range(gt=0)
+NonNegative = Range(ge=0)
+AtLeastOne = Range(ge=1)
+Fraction = Range(ge=0, le=1)
+
+
 @dataclass
 class TaskSpec:
-    dataset: str = "digits"  # digits | mnist1d | npz | mnist | cifar10
+    dataset: str = "digits"  # one of fedsqueeze.tasks.DATASETS: digits | mnist1d | npz | mnist | cifar10
     data_path: str | None = None  # for npz/mnist/cifar10: where the aggregator's test set lives
-    partition: str = "iid"  # iid | dirichlet
-    alpha: float = 0.5  # Dirichlet concentration for label-skewed shards
-    num_shards: int = 0  # built-in data sets are cut into this many shards (0: collaborators.min)
-    num_samples: int = 0  # mnist1d only: samples to generate, 80 % train / 20 % test (0: the standard 5,000)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: Annotated[float, Positive] = 0.5  # Dirichlet concentration for label-skewed shards
+    num_shards: Annotated[int, NonNegative] = 0  # built-in data sets are cut into this many shards (0: collaborators.min)
+    # mnist1d only: samples to generate, 80 % train / 20 % test (0: the standard 5,000)
+    num_samples: Annotated[int, Range(ge=0, le=2_000_000)] = 0
 
 
 @dataclass
 class ModelSpec:
-    name: str = "mlp"
+    name: str = "mlp"  # one of fedsqueeze.models.MODELS
     args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class CollaboratorsSpec:
-    min: int = 2  # collaborators that must join before round 1
-    fraction: float = 1.0  # fraction of active collaborators selected per round
-    min_per_round: int = 1  # at least this many per round
-    join_timeout_s: float = 600.0  # give up if `min` have not joined by then
+    min: Annotated[int, AtLeastOne] = 2  # collaborators that must join before round 1
+    fraction: Annotated[float, Range(gt=0, le=1)] = 1.0  # fraction of active collaborators selected per round
+    min_per_round: Annotated[int, AtLeastOne] = 1  # at least this many per round
+    join_timeout_s: Annotated[float, Positive] = 600.0  # give up if `min` have not joined by then
 
 
 @dataclass
 class TrainingSpec:
-    local_epochs: int = 2
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    local_epochs: Annotated[int, NonNegative] = 2
+    batch_size: Annotated[int, AtLeastOne] = 32
+    lr: Annotated[float, Positive] = 0.05
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, NonNegative] = 0.0
 
 
 @dataclass
 class UplinkSpec:
-    # chain string or list of codec configs; the default: top-1 % with error feedback, 4-bit, range coded
-    chain: Any = DEFAULT_UPLINK
-    target: str = "delta"  # what is encoded: "delta" (local - global) or "weights" (the local model)
+    # the default: top-1 % with error feedback, 4-bit, range coded
+    chain: ChainConfig = DEFAULT_UPLINK
+    target: Literal["delta", "weights"] = "delta"  # what is encoded: local - global, or the local model
 
 
 @dataclass
 class DownlinkSpec:
     # encodes the global model; the default sends the sparsified, quantized change against the model
     # the collaborator already has (ResFed), which also corrects last round's downlink error
-    chain: Any = DEFAULT_DOWNLINK
+    chain: ChainConfig = DEFAULT_DOWNLINK
     # null, or a chain the aggregator passes each round's global update through before applying it
     # (server-side compression, e.g. "ef | topk:0.002"): the global model then moves only by what
     # this chain reconstructs, so a collaborator that missed rounds has few coordinates to catch up on
-    update_chain: Any = None
-    # "none" | "initial": a chain that starts with `residual` predicts a collaborator's first download
-    # from the initial model, which both sides build from the plan's model and seed, so the first
-    # download is the change since round 0 instead of the whole model (both need the same torch build)
-    prior: str = "none"
+    update_chain: ChainConfig | None = None
+    # "initial": a chain that starts with `residual` predicts a collaborator's first download from the
+    # initial model, which both sides build from the plan's model and seed, so the first download is
+    # the change since round 0 instead of the whole model (both need the same torch build)
+    prior: Literal["none", "initial"] = "none"
 
 
 @dataclass
-class PrepassSpec:
-    """The autoencoder prepass (seed 001 section 3); the AE fields also configure the chain's `ae` stage."""
+class PrepassSpec(AutoencoderSettings):
+    """The autoencoder prepass (seed 001 section 3). The AE's own settings (variant, what, hidden,
+    latent, bits, correction, chunk, refine) are inherited from the codec and configure the `ae` stage."""
 
     enabled: bool = False
-    epochs: int = 5  # local epochs without aggregation
-    snapshot_every: str = "epoch"  # epoch | batch
-    what: str = "update"  # update: AE on deltas, with error feedback (hybrid) | weights: the paper's literal method
-    span: int = 0  # update mode: snapshots between the two ends of a training delta (0: one round of local training)
-    decoder: str = "per_collaborator"  # per_collaborator (case b) | shared (case a: trained by the first collaborator)
-    variant: str = "dense"  # dense (the paper's FC AE) | chunked (one small AE shared by fixed-size chunks)
-    hidden: list[int] = field(default_factory=list)  # funnel hidden widths (encoder side, mirrored)
-    latent: int = 32  # latent size (per chunk when chunked)
-    bits: int = 8  # bits per latent value on the wire
-    correction: float = 0.002  # fraction of entries sent as a sparse correction of the AE's error
-    chunk: int = 1024  # chunk length of the chunked variant
-    ae_epochs: int = 300  # autoencoder training (eq. 3, MSE, Adam)
-    ae_lr: float = 0.001
+    epochs: Annotated[int, AtLeastOne] = 5  # local epochs without aggregation
+    snapshot_every: Literal["epoch", "batch"] = "epoch"
+    span: Annotated[int, NonNegative] = 0  # update mode: snapshots between the two ends of a delta (0: one round)
+    decoder: Literal["per_collaborator", "shared"] = "per_collaborator"  # case b | case a (trained by the first to join)
+    ae_epochs: Annotated[int, AtLeastOne] = 300  # autoencoder training (eq. 3, MSE, Adam)
+    ae_lr: Annotated[float, Positive] = 0.001
     allow_retrain: bool = False  # accept a second decoder upload from the same collaborator
 
 
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
+ServerOptimizerName = Literal["sgd", "momentum", "adam", "yogi"]
+SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 
 
 @dataclass
 class ServerOptimizerSpec:
     """How the aggregate step moves the global model (aggregator/server_optimizer.py)."""
 
-    name: str = "sgd"  # sgd (FedAvg: lr 1) | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi)
-    lr: float = 1.0  # server learning rate
-    beta1: float = 0.9  # momentum / first-moment decay
-    beta2: float = 0.99  # adam, yogi: second-moment decay
-    tau: float = 1e-3  # adam, yogi: added to sqrt(v), bounds the step of coordinates that rarely move
+    name: ServerOptimizerName = "sgd"  # sgd (FedAvg: lr 1) | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi)
+    lr: Annotated[float, Positive] = 1.0  # server learning rate
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # momentum / first-moment decay
+    beta2: Annotated[float, Range(gt=0, lt=1)] = 0.99  # adam, yogi: second-moment decay
+    tau: Annotated[float, Positive] = 1e-3  # adam, yogi: added to sqrt(v), bounds the step of coordinates that rarely move
 
     @property
     def is_plain(self) -> bool:
         """FedAvg's own rule: the strategy's proposal is applied unchanged."""
         return self.name == "sgd" and self.lr == 1.0
 
-    def problem(self) -> str | None:
-        """What is wrong with these values, or None."""
-        if self.name not in SERVER_OPTIMIZERS:
-            return f"aggregation.server_optimizer.name must be one of {list(SERVER_OPTIMIZERS)}, got {self.name!r}"
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            return f"aggregation.server_optimizer.lr must be > 0, got {self.lr}"
-        if not 0 <= self.beta1 < 1:
-            return f"aggregation.server_optimizer.beta1 must be in [0, 1), got {self.beta1}"
-        if not 0 < self.beta2 < 1:
-            return f"aggregation.server_optimizer.beta2 must be in (0, 1), got {self.beta2}"
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            return f"aggregation.server_optimizer.tau must be > 0, got {self.tau}"
-        return None
-
 
 @dataclass
 class AggregationSpec:
     """How the updates of a round are combined (aggregator/strategy.py) and applied (aggregator/server_optimizer.py)."""
 
-    clip_norm: float | None = None  # clip each update's L2 norm (of the delta from the global model) to this
-    robust: str | None = None  # null: FedAvg (streaming) | "median" | "trimmed_mean" (keep every update of a round)
-    trim_fraction: float = 0.1  # trimmed_mean: fraction cut at each end per coordinate
+    clip_norm: Annotated[float | None, Positive] = None  # clip each update's L2 norm (of the delta) to this
+    robust: Literal["median", "trimmed_mean"] | None = None  # null: FedAvg (streaming); robust rules keep every update
+    trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = 0.1  # trimmed_mean: fraction cut at each end per coordinate
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
 
 
@@ -162,7 +195,7 @@ class AggregationSpec:
 class Plan:
     task: TaskSpec = field(default_factory=TaskSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
-    rounds: int = 20
+    rounds: Annotated[int, Range(ge=1, le=1_000_000)] = 20
     seed: int = 0
     collaborators: CollaboratorsSpec = field(default_factory=CollaboratorsSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
@@ -170,9 +203,9 @@ class Plan:
     downlink: DownlinkSpec = field(default_factory=DownlinkSpec)
     prepass: PrepassSpec = field(default_factory=PrepassSpec)
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
-    round_timeout_s: float = 300.0  # the round's deadline: updates after it are refused, missing ones dropped
-    quorum: int = 1  # accepted updates a round needs; fewer by the deadline: retry or fail
-    round_retries: int = 0  # a round that misses quorum is re-opened this many times (keeping its updates)
+    round_timeout_s: Annotated[float, Positive] = 300.0  # the round's deadline: later updates are refused, missing ones dropped
+    quorum: Annotated[int, AtLeastOne] = 1  # accepted updates a round needs; fewer by the deadline: retry or fail
+    round_retries: Annotated[int, Range(ge=0, le=1000)] = 0  # a round that misses quorum is re-opened this many times
     keep_serving: bool = False
 
     # -- (de)serialisation ---------------------------------------------------------------------
@@ -188,7 +221,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: Any) -> Plan:
-        plan = _build(cls, data, "plan")
+        plan = build_spec(cls, data, "plan")
         plan.validate()
         return plan
 
@@ -208,87 +241,47 @@ class Plan:
             raise PlanError(f"cannot read plan {path}: {exc.strerror}") from exc
         return cls.from_text(text)
 
-    # -- checks ---------------------------------------------------------------------------------
-    def uplink_chain(self) -> Pipeline:
-        from fedsqueeze.codecs.autoencoder import chain_with_prepass
-
-        return Pipeline.from_config(chain_with_prepass(self.uplink.chain, dataclasses.asdict(self.prepass)))
-
-    def downlink_chain(self) -> Pipeline:
-        return Pipeline.from_config(self.downlink.chain)
-
-    def downlink_update_chain(self) -> Pipeline | None:
-        return None if self.downlink.update_chain is None else Pipeline.from_config(self.downlink.update_chain)
-
-    def downlink_state(self, chain: Pipeline, initial_model: np.ndarray | None) -> CodecState:
-        """A new downlink CodecState for one collaborator (either side), primed when `downlink.prior` is "initial"."""
-        state = CodecState()
-        if self.downlink.prior == "initial":
-            if initial_model is None:
-                raise ValueError("downlink.prior is 'initial' but no initial model was given")
-            chain.prime(state, initial_model)
-        return state
-
-    def load_data(self) -> Dataset:
-        """The plan's data set, as every process of the federation loads it."""
-        from fedsqueeze.tasks import load_dataset
-
-        return load_dataset(self.task.dataset, self.task.data_path, self.seed, self.task.num_samples)
-
     @property
     def num_shards(self) -> int:
         return self.task.num_shards or self.collaborators.min
 
+    @property
+    def uplink_chain_config(self) -> Any:
+        """The uplink chain as configured, with an `ae` stage's unset settings taken from `prepass`."""
+        return chain_with_prepass(self.uplink.chain, self.prepass)
+
+    # -- checks ---------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Check every field against its declaration, then what involves several fields."""
+        check_spec(self, "plan")
         from fedsqueeze.models import MODELS
         from fedsqueeze.tasks import DATASETS
 
         _check(self.task.dataset in DATASETS, f"task.dataset must be one of {sorted(DATASETS)}, got {self.task.dataset!r}")
-        _check(self.task.partition in ("iid", "dirichlet"), f"task.partition must be 'iid' or 'dirichlet', got {self.task.partition!r}")
-        _check(self.task.alpha > 0, "task.alpha must be > 0")
-        _check(self.task.num_shards >= 0, "task.num_shards must be >= 0")
-        _check(self.task.num_samples == 0 or self.task.dataset == "mnist1d", "task.num_samples applies to the mnist1d data set only")
-        _check(self.task.num_samples == 0 or 100 <= self.task.num_samples <= 2_000_000, "task.num_samples must be 0 or in [100, 2000000]")
         _check(self.model.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.model.name!r}")
-        _check(1 <= self.rounds <= 1_000_000, f"rounds must be in [1, 1000000], got {self.rounds}")
-        c = self.collaborators
-        _check(c.min >= 1, "collaborators.min must be >= 1")
-        _check(0 < c.fraction <= 1, "collaborators.fraction must be in (0, 1]")
-        _check(c.min_per_round >= 1, "collaborators.min_per_round must be >= 1")
-        _check(c.join_timeout_s > 0, "collaborators.join_timeout_s must be > 0")
-        t = self.training
-        _check(t.local_epochs >= 0, "training.local_epochs must be >= 0")
-        _check(t.batch_size >= 1, "training.batch_size must be >= 1")
-        _check(t.lr > 0, "training.lr must be > 0")
-        _check(self.uplink.target in ("delta", "weights"), f"uplink.target must be 'delta' or 'weights', got {self.uplink.target!r}")
-        _check(self.prepass.snapshot_every in ("epoch", "batch"), "prepass.snapshot_every must be 'epoch' or 'batch'")
-        _check(self.prepass.epochs >= 1, "prepass.epochs must be >= 1")
-        _check(self.round_timeout_s > 0, "round_timeout_s must be > 0")
-        _check(self.quorum >= 1, "quorum must be >= 1")
-        _check(0 <= self.round_retries <= 1000, "round_retries must be in [0, 1000]")
-        a = self.aggregation
-        _check(a.clip_norm is None or a.clip_norm > 0, "aggregation.clip_norm must be > 0 or null")
-        _check(a.robust in (None, "median", "trimmed_mean"), f"aggregation.robust must be null, 'median' or 'trimmed_mean', got {a.robust!r}")
-        _check(0 <= a.trim_fraction < 0.5, "aggregation.trim_fraction must be in [0, 0.5)")
-        optimizer_problem = a.server_optimizer.problem()
-        _check(optimizer_problem is None, optimizer_problem or "")
-        _check(self.downlink.prior in ("none", "initial"), f"downlink.prior must be 'none' or 'initial', got {self.downlink.prior!r}")
-        if self.downlink.prior == "initial":
+        _check(self.task.num_samples == 0 or self.task.dataset == "mnist1d", "task.num_samples applies to the mnist1d data set only")
+        _check(self.task.num_samples == 0 or self.task.num_samples >= 100, "task.num_samples must be 0 or in [100, 2000000]")
+        chains: dict[str, Chain | None] = {}
+        for name, config in (("uplink.chain", self.uplink_chain_config), ("downlink.chain", self.downlink.chain),
+                             ("downlink.update_chain", self.downlink.update_chain)):  # fmt: skip
             try:
-                chain = self.downlink_chain()
-            except CodecError:
-                chain = None  # reported below
-            _check(chain is None or chain.primable, f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got '{chain}'")
-        for name, build in (("uplink.chain", self.uplink_chain), ("downlink.chain", self.downlink_chain),
-                            ("downlink.update_chain", self.downlink_update_chain)):  # fmt: skip
-            try:
-                build()
+                chains[name] = None if config is None else Chain.from_config(config)
             except CodecError as exc:
                 raise PlanError(f"{name}: {exc}") from exc
-        from fedsqueeze.codecs.autoencoder import check_plan
+        down = chains["downlink.chain"]
+        if self.downlink.prior == "initial":
+            _check(down is not None and down.primable, f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got '{down}'")
+        uplink = chains["uplink.chain"]
+        assert uplink is not None
+        from fedsqueeze.codecs.autoencoder import find_stage
 
-        problem = check_plan(self)
-        _check(problem is None, problem or "")
+        found = find_stage(uplink)
+        if self.prepass.enabled:
+            _check(found is not None, "prepass.enabled needs an `ae` stage in uplink.chain")
+        if found is not None:
+            _check(self.prepass.enabled, "the uplink chain's `ae` stage needs prepass.enabled: true (the prepass trains the autoencoder)")
+            want = "delta" if found[1].what == "update" else "weights"
+            _check(self.uplink.target == want, f"the `ae` stage encodes {found[1].what!r}: uplink.target must be {want!r}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -296,64 +289,133 @@ def _check(ok: bool, message: str) -> None:
         raise PlanError(message)
 
 
+# -- declaration-driven parsing and checking -----------------------------------------------------
 T = TypeVar("T")
 
 
-def _build(cls: type[T], data: Any, where: str) -> T:
-    """Build a dataclass from JSON, refusing unknown keys and wrong types."""
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _unwrap(tp: Any) -> tuple[Any, Range | None]:
+    """(type, range) of a possibly `Annotated` declaration."""
+    if get_origin(tp) is Annotated:
+        base, *extras = get_args(tp)
+        return base, next((e for e in extras if isinstance(e, Range)), None)
+    return tp, None
+
+
+def _where(parent: str, name: str) -> str:
+    return name if parent == "plan" else f"{parent}.{name}"
+
+
+def build_spec(cls: type[T], data: Any, where: str) -> T:
+    """A spec dataclass from JSON: unknown keys refused, every value checked against its declaration."""
     if not isinstance(data, dict):
         raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - set(fields)
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = set(data) - set(names)
     if unknown:
-        raise PlanError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
-    kwargs: dict[str, Any] = {}
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for name, value in data.items():
-        hint = str(hints[name])
-        nested = _NESTED.get(hint)
-        if nested is not None:
-            kwargs[name] = _build(nested, value, f"{where}.{name}" if where != "plan" else name)
-        else:
-            kwargs[name] = _coerce(value, hint, f"{where}.{name}" if where != "plan" else name)
-    return cls(**kwargs)
+        raise PlanError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {name: coerce(value, hints[name], _where(where, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except CodecError as exc:  # the autoencoder settings check themselves
+        raise PlanError(f"{where}: {exc}") from exc
 
 
-def _coerce(value: Any, hint: str, where: str) -> Any:
-    if hint == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PlanError(f"{where} must be an integer, got {value!r}")
-    elif hint == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PlanError(f"{where} must be a number, got {value!r}")
-        value = float(value)
-    elif hint == "bool":
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` (parsed JSON) as declared by `tp`, or PlanError naming `where`."""
+    base, bounds = _unwrap(tp)
+    out = _coerce_type(value, base, where)
+    if bounds is not None and isinstance(out, int | float) and not isinstance(out, bool):
+        problem = bounds.problem(out)
+        if problem is not None:
+            raise PlanError(f"{where} {problem}, got {value!r}")
+    return out
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is Literal:
+        return f"one of {list(get_args(tp))}"
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if get_origin(tp) is dict or tp is dict:
+        return "a JSON object"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce_type(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return build_spec(tp, value, where)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise PlanError(f"{where} must be {_describe(tp)}, got null")
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce_type(value, option, where)
+            except PlanError:
+                continue
+        raise PlanError(f"{where} must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp) or isinstance(value, bool):
+            raise PlanError(f"{where} must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanError(f"{where} must be {_describe(tp)}, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise PlanError(f"{where} must be a JSON object, got {value!r}")
+        args = get_args(tp)
+        return {k: _coerce_type(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+    if tp is bool:
         if not isinstance(value, bool):
             raise PlanError(f"{where} must be true or false, got {value!r}")
-    elif hint == "str":
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PlanError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PlanError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
         if not isinstance(value, str):
             raise PlanError(f"{where} must be a string, got {value!r}")
-    elif hint == "float | None":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise PlanError(f"{where} must be a number or null, got {value!r}")
-        value = None if value is None else float(value)
-    elif hint == "str | None":
-        if value is not None and not isinstance(value, str):
-            raise PlanError(f"{where} must be a string or null, got {value!r}")
-    elif hint.startswith("dict"):
-        if not isinstance(value, dict):
-            raise PlanError(f"{where} must be a JSON object, got {value!r}")
-    return value
+        return value
+    raise TypeError(f"plan field {where}: unsupported declaration {tp!r}")  # a bug in this module, not bad input
 
 
-_NESTED: dict[str, type] = {
-    "TaskSpec": TaskSpec,
-    "ModelSpec": ModelSpec,
-    "CollaboratorsSpec": CollaboratorsSpec,
-    "TrainingSpec": TrainingSpec,
-    "UplinkSpec": UplinkSpec,
-    "DownlinkSpec": DownlinkSpec,
-    "PrepassSpec": PrepassSpec,
-    "AggregationSpec": AggregationSpec,
-    "ServerOptimizerSpec": ServerOptimizerSpec,
-}
+def check_spec(spec: Any, where: str) -> None:
+    """Check a spec built in code (not parsed) against its declarations, recursively."""
+    for f in dataclasses.fields(spec):
+        tp = _hints(type(spec))[f.name]
+        value = getattr(spec, f.name)
+        name = _where(where, f.name)
+        if dataclasses.is_dataclass(value):
+            check_spec(value, name)
+        else:
+            coerce(json.loads(json.dumps(value)), tp, name)
+    if isinstance(spec, AutoencoderSettings):
+        try:
+            AutoencoderSettings.__post_init__(spec)
+        except CodecError as exc:
+            raise PlanError(f"{where}: {exc}") from exc

@@ -14,8 +14,12 @@ import os
 import pickle  # only for local CIFAR-10 python batches, through an allow-listing unpickler
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedsqueeze.plan import Plan
 
 
 class DataError(ValueError):
@@ -236,6 +240,11 @@ def load_dataset(name: str, path: str | None = None, seed: int = 0, num_samples:
     if name == "cifar10":
         return load_cifar10(path)
     raise DataError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+
+
+def load_plan_dataset(plan: Plan) -> Dataset:
+    """The plan's data set, as every process of the federation loads it."""
+    return load_dataset(plan.task.dataset, plan.task.data_path, plan.seed, plan.task.num_samples)
 
 
 def partition(labels: np.ndarray, num_shards: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:

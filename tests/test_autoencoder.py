@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 
 from fedsqueeze.aggregator import savings as sv
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.chains import LinkChains
+from fedsqueeze.codecs import Chain, CodecError, CodecState, Layout
 from fedsqueeze.codecs.autoencoder import (
     Autoencoder,
     decoder_to_bytes,
     find_stage,
-    rice_decode,
-    rice_encode,
-    rice_parameter,
     validate_decoder,
 )
+from fedsqueeze.codecs.positions import decode_interleaved, encode_interleaved
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan, PlanError
-from fedsqueeze.wire import WirePayload, payload_wire_size
 
 N = 15_010  # the digits MLP
 LAYOUT = Layout.of({"w": np.zeros((200, 64)), "b": np.zeros(200), "w2": np.zeros((10, 200)), "b2": np.zeros(10)})
@@ -32,7 +31,7 @@ def random_ae(stage: Autoencoder, n: int, seed: int = 0) -> tuple[dict, dict]:
     return enc, dec
 
 
-def states(chain: Pipeline, n: int, seed: int = 0) -> tuple[CodecState, CodecState, int]:
+def states(chain: Chain, n: int, seed: int = 0) -> tuple[CodecState, CodecState, int]:
     index, stage = find_stage(chain)
     enc, dec = random_ae(stage, n, seed)
     tx, rx = CodecState(), CodecState()
@@ -56,7 +55,7 @@ def test_layout_is_the_digits_mlp() -> None:
     ],
 )
 def test_round_trip_keeps_sender_and_receiver_in_sync(chain: str) -> None:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     tx, rx, index = states(p, N)
     stage = find_stage(p)[1]
     rng = np.random.default_rng(1)
@@ -83,17 +82,17 @@ def test_round_trip_keeps_sender_and_receiver_in_sync(chain: str) -> None:
 
 
 def test_default_message_fits_the_500x_budget() -> None:
-    p = Pipeline.parse("ae")
+    p = Chain.parse("ae")
     tx, _, _ = states(p, N)
     fp = p.fingerprint(LAYOUT)
     x = (np.random.default_rng(2).standard_normal(N) * 0.01).astype(np.float32)
     for _ in range(3):
-        wire = payload_wire_size(WirePayload(data=p.encode(x, LAYOUT, tx).data, fingerprint=fp))
+        wire = Payload(data=p.encode(x, LAYOUT, tx).data, fingerprint=fp).wire_size
         assert wire <= LAYOUT.raw_bytes / 500, wire
 
 
 def test_lstsq_latent_beats_a_bad_encoder_and_never_hurts() -> None:
-    p = Pipeline.parse("ae:correction=0")
+    p = Chain.parse("ae:correction=0")
     tx, rx, index = states(p, N)
     # x lies in the decoder's span: the least-squares latent recovers it almost exactly.
     rng = np.random.default_rng(3)
@@ -108,7 +107,7 @@ def test_lstsq_latent_beats_a_bad_encoder_and_never_hurts() -> None:
 
 
 def test_missing_decoder_and_bad_messages_are_codec_errors() -> None:
-    p = Pipeline.parse("ae")
+    p = Chain.parse("ae")
     with pytest.raises(CodecError, match="prepass"):
         p.encode(np.zeros(N, np.float32), LAYOUT, CodecState())
     tx, rx, _ = states(p, N)
@@ -120,16 +119,22 @@ def test_missing_decoder_and_bad_messages_are_codec_errors() -> None:
             p.decode(bad, LAYOUT, rx)
 
 
-def test_rice_positions_round_trip() -> None:
+def test_interleaved_rice_positions_round_trip() -> None:
     rng = np.random.default_rng(4)
-    for n, k in ((15010, 30), (100, 100), (1000, 1), (5, 0), (1 << 20, 2000)):
+    for n, k in ((15010, 30), (100, 100), (1000, 1), (5, 0), (1 << 20, 2000), (7, 3)):
         idx = np.sort(rng.choice(n, size=k, replace=False))
-        b = rice_parameter(k, n)
-        bits = rice_encode(idx, b)
-        out, end = rice_decode(np.concatenate([bits, np.ones(3, np.uint8)]), 0, k, b, n)
-        assert np.array_equal(out, idx) and end == len(bits)
-    with pytest.raises(CodecError):
-        rice_decode(rice_encode(np.array([3, 9]), 1), 0, 2, 1, 9)  # position 9 outside a model of 9
+        b, bits = encode_interleaved(idx, n)
+        for start, pad in ((0, np.zeros(0, np.uint8)), (5, np.ones(5, np.uint8))):  # at an offset, with bits after
+            stream = np.concatenate([np.zeros(start, np.uint8), bits, pad, np.ones(3, np.uint8)])
+            out, end = decode_interleaved(stream, start, k, b, n, "test")
+            assert np.array_equal(out, idx) and end == start + len(bits)
+    b, bits = encode_interleaved(np.array([3, 8]), 9)
+    with pytest.raises(CodecError, match="outside"):
+        decode_interleaved(bits, 0, 2, b, 8, "test")  # position 8 outside a model of 8
+    with pytest.raises(CodecError, match="truncated"):
+        decode_interleaved(bits[:-1], 0, 2, b, 9, "test")
+    with pytest.raises(CodecError, match="truncated"):
+        decode_interleaved(np.ones(40, np.uint8), 0, 3, 2, 1000, "test")  # no code word ever ends
 
 
 def test_decoder_validation() -> None:
@@ -164,7 +169,7 @@ def test_decoder_validation() -> None:
 
 def test_plan_fills_the_stage_from_prepass_and_checks_consistency() -> None:
     plan = Plan.from_json({"uplink": {"chain": "ae:bits=4"}, "prepass": {"enabled": True, "latent": 16, "correction": 0.001}})
-    stage = find_stage(plan.uplink_chain())[1]
+    stage = find_stage(LinkChains.from_plan(plan).uplink)[1]
     assert (stage.latent, stage.bits, stage.correction, stage.what) == (16, 4, 0.001, "update")
     with pytest.raises(PlanError, match="prepass.enabled"):
         Plan.from_json({"uplink": {"chain": "ae"}})

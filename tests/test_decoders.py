@@ -12,10 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedsqueeze.aggregator.server import AggregatorServer
 from fedsqueeze.codecs import CodecState
 from fedsqueeze.codecs.autoencoder import decoder_to_bytes, find_stage
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
-from fedsqueeze.wire import WirePayload, payload_to_proto
+from fedsqueeze.wire import payload_to_bytes
 
 PLAN = {
     "rounds": 2,
@@ -92,9 +93,8 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
     good = decoder_to_bytes(dec, a.collaborator_id)
     assert upload(stub, a, good, arch).bytes_received == len(good)
     assert code_of(lambda: upload(stub, a, good, arch)) == grpc.StatusCode.ALREADY_EXISTS  # no re-training in this plan
-    collab = fed._collaborators[a.collaborator_id]
-    assert np.array_equal(collab.up_state.stage(index)["dec.0.weight"], dec["dec.0.weight"])
-    assert "dec.0.weight" not in fed._collaborators[b.collaborator_id].up_state.stage(index)
+    assert np.array_equal(fed.links.link(a.collaborator_id).up.stage(index)["dec.0.weight"], dec["dec.0.weight"])
+    assert "dec.0.weight" not in fed.links.link(b.collaborator_id).up.stage(index)
 
     # Still serving.
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -111,7 +111,7 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
     tx = CodecState()
     tx.stage(index).update({**enc, **dec})
     data = fed.up_chain.encode((rng.standard_normal(n) * 0.01).astype(np.float32), fed.layout, tx).data
-    blob = payload_to_proto(WirePayload(data=data, fingerprint=fed.up_fingerprint)).SerializeToString()
+    blob = payload_to_bytes(Payload(data=data, fingerprint=fed.up_fingerprint))
     hdr = pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=a, round=1, num_samples=10, payload_size=len(blob)))
     resp = stub.SubmitUpdate(iter([hdr, pb.SubmitUpdateRequest(chunk=blob)]), timeout=10)
     assert resp.accepted and resp.bytes_received == len(blob) < 130

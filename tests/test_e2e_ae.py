@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedsqueeze.plan import Plan
-from fedsqueeze.simulate import simulate, uncompressed
+from fedsqueeze.simulation import run_plan, uncompressed
 
 from .conftest import ROOT, start_federation
 
@@ -41,5 +41,5 @@ def test_ae_federation_matches_uncompressed_at_500x(tmp_path, procs, decoder_mod
     assert sum(r["up_wire"] for c in sent for r in c["rounds"]) == s["up_wire"]
     assert sum(c["prepass"].get("decoder", 0) for c in sent) == s["decoder"]
     assert sum(c["prepass"]["down_wire"] for c in sent) == data["prepass_bytes"]["down_wire"]
-    base = simulate(uncompressed(Plan.from_json(plan)))["final_accuracy"]
+    base = run_plan(uncompressed(Plan.from_json(plan))).final_accuracy
     assert s["final_accuracy"] >= base - 0.01, (s["final_accuracy"], base)

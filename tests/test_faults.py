@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fedsqueeze.plan import Plan
-from fedsqueeze.simulate import simulate
+from fedsqueeze.simulation import run_plan
 
 from .conftest import free_port, spawn
 
@@ -88,9 +88,9 @@ def test_kill_aggregator_and_restart_on_the_same_state_dir(tmp_path, procs) -> N
     assert [r["round"] for r in data["rounds"]] == [1, 2, 3, 4, 5]
     assert data["resumed_after_round"] and data["resumed_after_round"][0] >= 2
     assert all(r["status"] == "ok" and r["participants"] == 2 for r in data["rounds"])
-    # The uninterrupted run with the same seed: fedsqueeze.simulate, the same shards, seeds and codecs in-process.
-    reference = simulate(Plan.from_json(plan))
-    got, want = data["summary"]["final_accuracy"], reference["final_accuracy"]
+    # The uninterrupted run with the same seed: fedsqueeze.simulation, the same shards, seeds and codecs in-process.
+    reference = run_plan(Plan.from_json(plan))
+    got, want = data["summary"]["final_accuracy"], reference.final_accuracy
     print(f"\nresumed run final accuracy {got:.4f}, uninterrupted {want:.4f}")
     assert abs(got - want) <= 0.005
     # A different plan on the same state dir is refused with a clear error.

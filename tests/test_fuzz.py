@@ -20,10 +20,11 @@ from fedsqueeze.aggregator.federation import Federation
 from fedsqueeze.aggregator.server import AggregatorServer
 from fedsqueeze.aggregator.servicer import FederationServicer, _safe
 from fedsqueeze.codecs.base import decode_varint
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
-from fedsqueeze.wire import WirePayload, payload_to_proto
+from fedsqueeze.wire import payload_to_proto
 
 REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -91,7 +92,7 @@ class Cases:
         self.pickles = [pickle.dumps(o) for o in ({"w": [1.0] * 10}, np.zeros(10), list(range(50)), "x" * 100, (1, 2, {3: 4}))]
 
     def payload(self, data: bytes, fingerprint: int | None = None, codec: str = "") -> bytes:
-        msg = payload_to_proto(WirePayload(data=data, fingerprint=self.fp if fingerprint is None else fingerprint))
+        msg = payload_to_proto(Payload(data=data, fingerprint=self.fp if fingerprint is None else fingerprint))
         if codec:
             msg.codec = codec
         return msg.SerializeToString()

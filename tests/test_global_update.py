@@ -13,7 +13,8 @@ import pytest
 
 from fedsqueeze.aggregator.federation import Federation
 from fedsqueeze.aggregator.global_update import GlobalUpdate
-from fedsqueeze.codecs import Layout, Pipeline
+from fedsqueeze.chains import LinkChains
+from fedsqueeze.codecs import Chain, Layout
 from fedsqueeze.plan import Plan, PlanError
 
 from .test_reliability import make_plan, run_federation
@@ -24,7 +25,7 @@ STEP = 0.0005
 def test_global_update_moves_sparsely_and_delays_nothing() -> None:
     layout = Layout.of({"w": np.zeros((30, 20)), "b": np.zeros(30)})
     n = layout.numel
-    update = GlobalUpdate(Pipeline.parse("ef | topk:0.02"))
+    update = GlobalUpdate(Chain.parse("ef | topk:0.02"))
     rng = np.random.default_rng(0)
     model = np.zeros(n, np.float32)
     proposed_total = np.zeros(n, np.float64)
@@ -48,9 +49,9 @@ def test_without_a_chain_the_proposal_is_applied_as_is() -> None:
 
 def test_plan_field_is_checked_and_hashed() -> None:
     plan = make_plan(downlink={"chain": "residual | lattice:0.001 | entropy", "update_chain": "ef | topk:0.01"})
-    assert str(plan.downlink_update_chain()) == "ef:decay=1.0 | topk:fraction=0.01,count=null,scope=\"global\",positions=\"rice\""
+    assert str(LinkChains.from_plan(plan).global_update) == "ef:decay=1.0 | topk:fraction=0.01,count=null,scope=\"global\",positions=\"rice\""
     assert plan.sha256 != make_plan(downlink={"chain": "residual | lattice:0.001 | entropy"}).sha256
-    assert make_plan().downlink_update_chain() is None
+    assert LinkChains.from_plan(make_plan()).global_update is None
     with pytest.raises(PlanError, match="downlink.update_chain: unknown codec"):
         Plan.from_json({"downlink": {"update_chain": "topq"}})
 
@@ -67,19 +68,19 @@ def test_partial_participation_catch_up_keeps_every_collaborator_within_half_a_s
     )
     fed = Federation(plan)
     seen: dict[str, list[np.ndarray]] = {}
-    original = fed._encode_downlink
+    original = fed.links.encode_download
 
-    def encode_and_remember(collab, round_number):  # the global model each collaborator was sent
-        seen.setdefault(collab.id, []).append(fed.global_model.copy())
-        return original(collab, round_number)
+    def encode_and_remember(member_id, round_number, model):  # the global model each collaborator was sent
+        seen.setdefault(member_id, []).append(model.copy())
+        return original(member_id, round_number, model)
 
-    fed._encode_downlink = encode_and_remember  # type: ignore[method-assign]
+    fed.links.encode_download = encode_and_remember  # type: ignore[method-assign]
     sim = run_federation(fed, 4)
     rounds = fed.report.rounds
     assert len(rounds) == 6 and all(r.status == "ok" for r in rounds)
-    for member, receiver in zip(sim.members, sim.down, strict=True):
-        collab = fed._collaborators[member.collaborator_id]
-        assert receiver.fingerprint() == collab.down_state.fingerprint()  # both sides hold the same copy
+    for member, step in zip(sim.members, sim.steps, strict=True):
+        receiver = step.states.down
+        assert receiver.fingerprint() == fed.links.link(member.collaborator_id).down.fingerprint()  # both sides hold the same copy
         copy = receiver.stage(0)["history"][-1]
         assert np.abs(copy.astype(np.float64) - seen[member.collaborator_id][-1]).max() <= STEP / 2 * 1.001
     later = [r for r in rounds[1:] if r.bytes["down_raw"]]

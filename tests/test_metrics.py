@@ -10,14 +10,15 @@ import pytest
 
 from fedsqueeze.aggregator.server import AggregatorServer
 from fedsqueeze.cli import main as fedsqueeze_main
-from fedsqueeze.codecs import Pipeline
+from fedsqueeze.codecs import Chain
 from fedsqueeze.codecs.layout import Layout
 from fedsqueeze.metrics import Metrics, start_metrics_server
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
-from fedsqueeze.wire import WirePayload, payload_to_proto
+from fedsqueeze.wire import payload_to_proto
 
 
 def test_registries_are_separate_and_the_collaborator_label_is_optional() -> None:
@@ -47,7 +48,7 @@ def test_round_gauges_and_codec_histograms() -> None:
     assert get("fedsqueeze_cumulative_compression_ratio", {"direction": "total"}) == 2.0  # 2000 / (750 + 250)
     assert get("fedsqueeze_cumulative_savings_ratio") == 0.5
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-    chain = Pipeline.parse("fp16 | zstd")
+    chain = Chain.parse("fp16 | zstd")
     encoded = chain.encode(x, _layout(x.size))
     codec = str(chain)
     m.record_encode("up", codec, encoded.stats)
@@ -96,7 +97,7 @@ def test_messages_are_counted_by_status_and_health_answers(server, capsys) -> No
     cred = pb.Credentials(collaborator_id=joined.collaborator_id, token=joined.token)
     task = stub.GetTask(pb.GetTaskRequest(credentials=cred, wait_ms=10_000))
     fed = server.federation
-    good = payload_to_proto(WirePayload(data=b"\x01\x00" + np.zeros(fed.layout.numel, np.float32).tobytes(), fingerprint=fed.up_fingerprint)).SerializeToString()
+    good = payload_to_proto(Payload(data=b"\x01\x00" + np.zeros(fed.layout.numel, np.float32).tobytes(), fingerprint=fed.up_fingerprint)).SerializeToString()
 
     def submit(round_number: int, blob: bytes) -> None:
         hdr = pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=round_number, num_samples=10, payload_size=len(blob)))

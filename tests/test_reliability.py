@@ -1,8 +1,9 @@
 """Reliability in-process: quorum and retries, idempotent updates, checkpoints, robust aggregation.
 
-The federations here run `Federation.run` in a thread and drive the collaborators from the test
-thread by calling the Federation's methods directly (what the servicer calls), which is fast and
-deterministic; tests/test_faults.py does the same with real processes and kill -9.
+The federations here run `Federation.run` in a thread and drive the collaborators (the
+collaborator's own RoundStep) from the test thread, calling the Federation's methods directly
+(what the servicer calls), which is fast and deterministic; tests/test_faults.py does the same with
+real processes and kill -9.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import pytest
 from fedsqueeze.aggregator.checkpoint import FILENAME, CheckpointError
 from fedsqueeze.aggregator.federation import Federation
 from fedsqueeze.aggregator.strategy import CoordinateMedian, FedAvg, TrimmedMean, build_strategy
+from fedsqueeze.chains import LinkChains
 from fedsqueeze.codecs import CodecState
+from fedsqueeze.collaborator.round_step import BuiltinTrainer, LinkStates, RoundStep
 from fedsqueeze.errors import AlreadyExists, FailedPrecondition, Unauthenticated
-from fedsqueeze.models import build_model, get_flat, set_flat
+from fedsqueeze.models import build_model, get_flat
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan, PlanError
-from fedsqueeze.tasks import load_dataset, partition
-from fedsqueeze.training import train_local
-from fedsqueeze.wire import WirePayload, payload_to_proto
+from fedsqueeze.tasks import load_plan_dataset, partition
+from fedsqueeze.wire import payload_to_bytes
 
 
 def make_plan(**over) -> Plan:
@@ -33,45 +36,60 @@ def make_plan(**over) -> Plan:
     return Plan.from_json(base)
 
 
+class Scaled:
+    """A trainer whose update is multiplied by `factor` (a Byzantine collaborator)."""
+
+    def __init__(self, inner: BuiltinTrainer, factor: float) -> None:
+        self.inner, self.factor = inner, factor
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
+        local, metrics = self.inner.train(weights, round_number)
+        return weights + (local - weights) * np.float32(self.factor), metrics
+
+
 class Sim:
-    """Collaborators of one in-process federation, trained like collaborator/runner.py does."""
+    """Collaborators of one in-process federation, each running the collaborator's RoundStep."""
 
     def __init__(self, fed: Federation, n: int, scale: dict[int, float] | None = None) -> None:
         self.fed, self.plan = fed, fed.plan
-        self.data = load_dataset(self.plan.task.dataset, None, self.plan.seed)
-        self.shards = partition(self.data.y_train, self.plan.num_shards, "iid", 0.5, self.plan.seed)
-        self.model = build_model(self.plan.model.name, self.data.input_shape, self.data.num_classes, {}, self.plan.seed)
+        data = load_plan_dataset(self.plan)
+        shards = partition(data.y_train, self.plan.num_shards, "iid", 0.5, self.plan.seed)
+        model = build_model(self.plan.model.name, data.input_shape, data.num_classes, {}, self.plan.seed)
+        chains = LinkChains.from_plan(self.plan)
+        initial = get_flat(model)
         self.members = [fed.join(f"sim{i}", 0) for i in range(n)]
-        self.up = [CodecState() for _ in range(n)]
-        initial = get_flat(self.model)
-        self.down = [self.plan.downlink_state(self.plan.downlink_chain(), initial) for _ in range(n)]
-        self.scale = scale or {}
-        self.snap: list[tuple[int, bytes, bytes] | None] = [None] * n  # like collaborator/runner.py
+        self.steps: list[RoundStep] = []
+        for i, m in enumerate(self.members):
+            idx = shards[m.shard_index]
+            trainer = Scaled(BuiltinTrainer(self.plan, model, data.x_train[idx], data.y_train[idx], m.shard_index), (scale or {}).get(i, 1.0))
+            states = LinkStates(up=CodecState(), down=chains.downlink_state(initial))
+            self.steps.append(RoundStep(self.plan, chains, fed.layout, trainer, states, self._submitter(i)))
 
-    def blob(self, i: int, task) -> tuple[bytes, int]:
-        m = self.members[i]
-        idx = self.shards[m.shard_index]
-        up, down = self.plan.uplink_chain(), self.plan.downlink_chain()
-        g = down.decode(task.model.data, self.fed.layout, self.down[i])
-        set_flat(self.model, g)
-        t = self.plan.training
-        train_local(self.model, self.data.x_train[idx], self.data.y_train[idx], epochs=t.local_epochs, batch_size=t.batch_size,
-                    lr=t.lr, seed=self.plan.seed * 100_003 + task.round * 1009 + m.shard_index)  # fmt: skip
-        x = (get_flat(self.model) - g) * self.scale.get(i, 1.0)
-        enc = up.encode(x, self.fed.layout, self.up[i])
-        return payload_to_proto(WirePayload(enc.data, up.fingerprint(self.fed.layout))).SerializeToString(), len(idx)
+    def _submitter(self, i: int):  # the federation may be replaced (a restart): look it up at each call
+        def submit(round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
+            m = self.members[i]
+            return self.fed.submit_update(m.collaborator_id, m.token, round_number, num_samples, payload, payload.wire_size, metrics)
+
+        return submit
+
+    def encode(self, i: int, task) -> tuple[Payload, int]:
+        """The update collaborator i would submit for `task`, not submitted."""
+        step = self.steps[i]
+        caught: list[Payload] = []
+        capture = RoundStep(step.plan, step.chains, step.layout, step.trainer, step.states,
+                            lambda r, n, p, m: caught.append(p) or p.wire_size)  # fmt: skip
+        capture.run(task)
+        return caught[0], step.trainer.num_samples
 
     def step(self, i: int, wait_s: float = 0.05) -> str:
         m = self.members[i]
         task = self.fed.get_task(m.collaborator_id, m.token, wait_s)
         if task.kind == "TRAIN":
-            snap = self.snap[i]
-            if snap is not None and snap[0] == task.round:  # the aggregator resumed from before this round
-                self.up[i], self.down[i] = CodecState.from_bytes(snap[1]), CodecState.from_bytes(snap[2])
-            else:
-                self.snap[i] = (task.round, self.up[i].to_bytes(), self.down[i].to_bytes())
-            blob, n = self.blob(i, task)
-            self.fed.submit_update(m.collaborator_id, m.token, task.round, n, blob)
+            self.steps[i].run(task)
         return task.kind
 
 
@@ -134,21 +152,22 @@ def test_duplicates_stale_rounds_and_other_ids_are_refused() -> None:
     a, b = sim.members
     task = fed.get_task(a.collaborator_id, a.token, 10)
     assert task.kind == "TRAIN" and task.round == 1
-    blob, n = sim.blob(0, task)
+    payload, n = sim.encode(0, task)
+    wire = payload.wire_size
     with pytest.raises(Unauthenticated):  # b's id with a's token: cannot submit for another id
-        fed.submit_update(b.collaborator_id, a.token, 1, n, blob)
+        fed.submit_update(b.collaborator_id, a.token, 1, n, payload, wire)
     with pytest.raises(Unauthenticated):
-        fed.submit_update(a.collaborator_id, "", 1, n, blob)
+        fed.submit_update(a.collaborator_id, "", 1, n, payload, wire)
     with pytest.raises(FailedPrecondition, match="round 2"):
-        fed.submit_update(a.collaborator_id, a.token, 2, n, blob)
-    assert fed.submit_update(a.collaborator_id, a.token, 1, n, blob) == len(blob)
+        fed.submit_update(a.collaborator_id, a.token, 2, n, payload, wire)
+    assert fed.submit_update(a.collaborator_id, a.token, 1, n, payload, wire) == wire == len(payload_to_bytes(payload))
     with pytest.raises(AlreadyExists):  # a resend of an accepted update
-        fed.submit_update(a.collaborator_id, a.token, 1, n, blob)
+        fed.submit_update(a.collaborator_id, a.token, 1, n, payload, wire)
     assert sim.step(1, 10) == "TRAIN"  # b completes round 1
     task = fed.get_task(a.collaborator_id, a.token, 10)
     assert task.round == 2
     with pytest.raises(AlreadyExists):  # still recognised after its round closed
-        fed.submit_update(a.collaborator_id, a.token, 1, n, blob)
+        fed.submit_update(a.collaborator_id, a.token, 1, n, payload, wire)
     fed.leave(b.collaborator_id, b.token)
     with pytest.raises(FailedPrecondition, match="left"):
         fed.get_task(b.collaborator_id, b.token, 0)
@@ -165,7 +184,8 @@ def test_quorum_retry_then_failure_are_reported() -> None:
     assert rounds[0].attempts == 2 and rounds[0].participants == 1 and "quorum not met (1 of 2" in rounds[0].status
     assert fed.report.summary()["final_accuracy"] is None
     # The silent ones were marked lost after round 1: round 2 selects only the live one (then tops up, in vain).
-    assert not sim.fed._collaborators[sim.members[1].collaborator_id].active or sim.fed._collaborators[sim.members[1].collaborator_id].lost
+    silent = sim.fed.membership.members[sim.members[1].collaborator_id]
+    assert not silent.active or silent.lost
 
 
 def test_quorum_met_after_a_retry() -> None:

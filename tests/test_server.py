@@ -11,10 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedsqueeze.aggregator.server import AggregatorServer
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
-from fedsqueeze.wire import WirePayload, payload_to_proto
+from fedsqueeze.wire import payload_to_proto
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_hostile_updates_are_refused_and_the_server_keeps_serving(server, stub) 
     n = fed.layout.numel
 
     def payload(data: bytes, fingerprint: int = fp) -> bytes:
-        return payload_to_proto(WirePayload(data=data, fingerprint=fingerprint)).SerializeToString()
+        return payload_to_proto(Payload(data=data, fingerprint=fingerprint)).SerializeToString()
 
     nan = np.zeros(n, np.float32)
     nan[5] = np.nan
@@ -111,10 +112,11 @@ def test_decoder_upload_envelope(server, stub) -> None:
         hdr = pb.UploadDecoderRequest(header=pb.DecoderHeader(credentials=cred, architecture=pb.DecoderArchitecture(kind="dense"), size=size))
         return stub.UploadDecoder(iter([hdr, pb.UploadDecoderRequest(chunk=chunk)]), timeout=10)
 
-    assert code_of(lambda: upload(1 << 40, b"x")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(lambda: upload(5, b"x" * 9)) == grpc.StatusCode.INVALID_ARGUMENT
-    # This plan has no autoencoder stage: a decoder is not expected.
-    assert code_of(lambda: upload(3, b"xyz")) == grpc.StatusCode.FAILED_PRECONDITION
+    # This plan has no autoencoder stage: no decoder is expected, whatever its size, and it is refused from
+    # its header, before a byte of it is read (tests/test_decoders.py: the size limits of a plan with one).
+    for size, chunk in ((1 << 40, b"x"), (5, b"x" * 9), (3, b"xyz")):
+        assert code_of(lambda size=size, chunk=chunk: upload(size, chunk)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert server.federation.max_decoder_bytes == 0
 
 
 def test_sigterm_style_stop_ends_rounds(server) -> None:

@@ -7,7 +7,8 @@ import pytest
 
 from fedsqueeze.aggregator.federation import Federation
 from fedsqueeze.aggregator.server_optimizer import ServerOptimizer, ServerOptimizerError
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.chains import LinkChains
+from fedsqueeze.codecs import Chain, CodecError, CodecState, Layout
 from fedsqueeze.plan import Plan, PlanError, ServerOptimizerSpec
 
 from .test_reliability import make_plan, run_federation
@@ -116,10 +117,10 @@ def test_prior_makes_the_first_download_a_change_not_the_whole_model() -> None:
     layout = Layout.of({"w": np.zeros((40, 25))})
     initial = RNG.standard_normal(layout.numel).astype(np.float32)
     current = initial + 0.001 * RNG.standard_normal(layout.numel).astype(np.float32)
-    chain = Pipeline.parse("residual | topk:0.05 | quantize:8 | entropy")
+    chain = Chain.parse("residual | topk:0.05 | quantize:8 | entropy")
     plain = chain.encode(current, layout, CodecState())
-    plan = make_plan(downlink={"chain": str(chain), "prior": "initial"})
-    sender, receiver = plan.downlink_state(chain, initial), plan.downlink_state(chain, initial)
+    chains = LinkChains.from_plan(make_plan(downlink={"chain": str(chain), "prior": "initial"}))
+    sender, receiver = chains.downlink_state(initial), chains.downlink_state(initial)
     primed = chain.encode(current, layout, sender)
     got = chain.decode(primed.data, layout, receiver)
     # Same size (top-k 5 %), but now it is the change since round 0 that is cut, not the weights.
@@ -129,18 +130,18 @@ def test_prior_makes_the_first_download_a_change_not_the_whole_model() -> None:
 
 def test_prior_mismatch_is_refused_naming_the_cause() -> None:
     layout = Layout.of({"w": np.zeros(100)})
-    chain = Pipeline.parse("residual | fp16")
-    plan = make_plan(downlink={"chain": "residual | fp16", "prior": "initial"})
+    chain = Chain.parse("residual | fp16")
+    chains = LinkChains.from_plan(make_plan(downlink={"chain": "residual | fp16", "prior": "initial"}))
     initial = np.ones(100, np.float32)
-    encoded = chain.encode(initial * 1.1, layout, plan.downlink_state(chain, initial))
+    encoded = chain.encode(initial * 1.1, layout, chains.downlink_state(initial))
     with pytest.raises(CodecError, match="predictor out of sync.*downlink.prior is 'initial'"):
-        chain.decode(encoded.data, layout, plan.downlink_state(chain, initial * 2))
+        chain.decode(encoded.data, layout, chains.downlink_state(initial * 2))
 
 
 def test_prior_needs_a_residual_chain() -> None:
     with pytest.raises(PlanError, match="needs a downlink chain that starts with 'residual', got 'topk:"):
         Plan.from_json({"downlink": {"chain": "topk:0.1", "prior": "initial"}})
-    with pytest.raises(PlanError, match="downlink.prior must be 'none' or 'initial'"):
+    with pytest.raises(PlanError, match="downlink.prior must be one of \\['none', 'initial'\\]"):
         Plan.from_json({"downlink": {"prior": "zeros"}})
     assert Plan.from_json({}).downlink.prior == "none"
 

@@ -22,8 +22,8 @@ from fedsqueeze.aggregator.server import AggregatorServer
 from fedsqueeze.codecs import CodecState
 from fedsqueeze.collaborator.transport import FederationClient, retryable
 from fedsqueeze.metrics import Metrics
+from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
-from fedsqueeze.wire import WirePayload
 
 
 def plan(collaborators: int) -> Plan:
@@ -89,7 +89,7 @@ def start_round(srv: AggregatorServer, n: int, clients: list[FederationClient]) 
 
 def upload_all(srv: AggregatorServer, clients: list[FederationClient], data: bytes) -> tuple[list[threading.Thread], dict[str, object]]:
     results: dict[str, object] = {}
-    payload = WirePayload(data=data, fingerprint=srv.federation.up_fingerprint)
+    payload = Payload(data=data, fingerprint=srv.federation.up_fingerprint)
 
     def send(client: FederationClient) -> None:
         try:

@@ -16,6 +16,8 @@ from fedsqueeze.codecs.entropy import Entropy
 from fedsqueeze.codecs.positions import decode_positions, encode_positions
 from fedsqueeze.codecs.sparse import kept_count
 
+from .contract import check_chain_contract
+
 LAYOUT = Layout.of({"conv": np.zeros((6, 3, 3, 3)), "fc": np.zeros((10, 24)), "bias": np.zeros(10)})
 N = LAYOUT.numel
 GOLDEN = Path(__file__).parent / "golden"
@@ -63,20 +65,7 @@ def test_every_registered_codec_is_covered() -> None:
 
 @pytest.mark.parametrize("chain", CHAINS)
 def test_round_trip_sync_and_exact_accounting(chain: str) -> None:
-    p = Pipeline.parse(chain)
-    sender, receiver = CodecState(), CodecState()
-    for t in range(4):
-        x = vec(t)
-        enc = p.encode(x, LAYOUT, sender)
-        out = p.decode(enc.data, LAYOUT, receiver)
-        # The receiver reconstructs exactly what the sender believes it sent.
-        assert np.array_equal(out, enc.reconstruction)
-        assert enc.stats.wire_bytes == len(enc.data)
-        assert out.dtype == np.float32 and np.isfinite(out).all()
-    # States used by both sides (predictors) stay identical.
-    for i, stage in enumerate(p.stages):
-        if stage.codec_id == "residual":
-            assert sender.fingerprint([i]) == receiver.fingerprint([i])
+    check_chain_contract(chain, LAYOUT)
 
 
 @pytest.mark.parametrize("chain", CHAINS)

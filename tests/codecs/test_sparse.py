@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs import Chain, CodecError, CodecState, Layout
 from fedsqueeze.codecs.sparse import kept_count
 
 LAYOUT = Layout.of({"conv": np.zeros((4, 3, 3, 3)), "fc": np.zeros((10, 30)), "bias": np.zeros(10)})
@@ -43,7 +43,7 @@ def vec(seed: int = 0, n: int = N, scale: float = 1.0) -> np.ndarray:
 
 
 def round_trip(chain: str, x: np.ndarray, layout: Layout = LAYOUT) -> np.ndarray:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     enc = p.encode(x, layout, CodecState())
     out = p.decode(enc.data, layout, CodecState())
     assert np.array_equal(out, enc.reconstruction)
@@ -115,14 +115,14 @@ def test_stc_is_ternary_with_the_mean_magnitude() -> None:
 def test_stc_signs_are_one_bit_each() -> None:
     layout = Layout.of({"v": np.zeros(100_000)})
     x = vec(8, 100_000)
-    enc = Pipeline.parse("stc:0.01").encode(x, layout)
+    enc = Chain.parse("stc:0.01").encode(x, layout)
     k = 1000
     positions_bits = 8.2 * k  # ~log2 C(1e5, 1e3) / k = 8.07 bits per position
     assert 8 * enc.stats.wire_bytes <= positions_bits + k + 16 * 8
 
 
 def test_randk_sends_a_seed_and_draws_new_positions_every_message() -> None:
-    p = Pipeline.parse("randk:0.1")
+    p = Chain.parse("randk:0.1")
     k = kept_count(N, 0.1)
     sender, receiver = CodecState(), CodecState()
     seen = []
@@ -147,7 +147,7 @@ def test_randk_unbiased_scales_by_n_over_k() -> None:
     kept = np.flatnonzero(out)
     assert np.allclose(out[kept], x[kept] * np.float32(N / k), rtol=1e-6)
     # Unbiased over many draws.
-    p = Pipeline.parse("randk:0.25,unbiased=true")
+    p = Chain.parse("randk:0.25,unbiased=true")
     state = CodecState()
     mean = np.mean([p.encode(x, LAYOUT, state).reconstruction for _ in range(800)], axis=0)
     assert np.abs(mean - x).mean() < 0.15 * np.abs(x).mean()
@@ -155,9 +155,9 @@ def test_randk_unbiased_scales_by_n_over_k() -> None:
 
 def test_layer_scope_needs_the_dense_model() -> None:
     with pytest.raises(CodecError, match="dense model"):
-        Pipeline.parse("topk:0.5 | topk:0.5,scope=layer").encode(vec(), LAYOUT)
+        Chain.parse("topk:0.5 | topk:0.5,scope=layer").encode(vec(), LAYOUT)
     with pytest.raises(CodecError, match="put a quantizer"):
-        Pipeline.parse("topk:0.1 | entropy").encode(vec(), LAYOUT)
+        Chain.parse("topk:0.1 | entropy").encode(vec(), LAYOUT)
 
 
 @pytest.mark.parametrize(
@@ -177,20 +177,20 @@ def test_layer_scope_needs_the_dense_model() -> None:
 )
 def test_bad_configs_are_refused(config: dict) -> None:
     with pytest.raises(CodecError):
-        Pipeline.from_config([config])
+        Chain.from_config([config])
 
 
 # -- every chain: sync, JSON config, NaN, hostile input ---------------------------------------------
 @pytest.mark.parametrize("chain", ROUND_TRIP_CHAINS)
 def test_chain_round_trip_and_config(chain: str) -> None:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     sender, receiver = CodecState(), CodecState()
     for t in range(3):
         enc = p.encode(vec(t), LAYOUT, sender)
         assert np.array_equal(p.decode(enc.data, LAYOUT, receiver), enc.reconstruction)
-    again = Pipeline.from_config(json.loads(json.dumps(p.get_config())))
+    again = Chain.from_config(json.loads(json.dumps(p.get_config())))
     assert again.get_config() == p.get_config()
-    assert Pipeline.parse(str(p)).get_config() == p.get_config()
+    assert Chain.parse(str(p)).get_config() == p.get_config()
 
 
 @pytest.mark.parametrize("chain", ROUND_TRIP_CHAINS)
@@ -198,12 +198,12 @@ def test_nan_is_refused(chain: str) -> None:
     x = vec()
     x[11] = np.inf if "randk" in chain else np.nan
     with pytest.raises(CodecError, match="NaN"):
-        Pipeline.parse(chain).encode(x, LAYOUT)
+        Chain.parse(chain).encode(x, LAYOUT)
 
 
 @pytest.mark.parametrize("chain", ROUND_TRIP_CHAINS)
 def test_truncated_padded_and_corrupt_messages(chain: str) -> None:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     data = p.encode(vec(1), LAYOUT, CodecState()).data
     for cut in range(len(data)):  # every length
         with pytest.raises(CodecError):
@@ -282,7 +282,7 @@ GOLDEN_CHAINS = {
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CHAINS))
 def test_golden_fixtures_decode_identically(name: str) -> None:
-    p = Pipeline.parse(GOLDEN_CHAINS[name])
+    p = Chain.parse(GOLDEN_CHAINS[name])
     blob, expected = GOLDEN / f"{name}.bin", GOLDEN / f"{name}.npy"
     if not blob.exists():  # written once, then committed
         GOLDEN.mkdir(exist_ok=True)
@@ -293,47 +293,28 @@ def test_golden_fixtures_decode_identically(name: str) -> None:
     assert np.array_equal(out, np.load(expected, allow_pickle=False))
 
 
-@pytest.mark.parametrize("chain", ["stc:0.1,positions=context | entropy", "topk:0.1,positions=context", "lattice:0.01,positions=context"])
+@pytest.mark.parametrize(
+    "chain",
+    ["stc:0.1,positions=context | entropy", "topk:0.1,positions=context", "lattice:0.01,positions=context", "ef | filterscale:0.1 | entropy"],
+)
 def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pipeline.encode rebuilds the receiver's view without decoding its own position map; the
-    receiver, given the same bytes as a new object, decodes them and gets the same vector."""
-    from fedsqueeze.codecs import sparse
+    """Chain.encode rebuilds the receiver's view without decoding its own position map (the stage
+    hands its positions back as the decode hint); the receiver, given only the bytes, decodes them
+    and gets the same vector."""
+    from fedsqueeze.codecs import filterscale, sparse
 
     x = np.random.default_rng(5).standard_normal(N).astype(np.float32) * 0.1
-    chain_obj = Pipeline.parse(chain)
+    chain_obj = Chain.parse(chain)
     calls: list[str] = []
-    for name in ("decode_mask", "decode_positions"):  # both position decoders (context and Golomb-Rice)
-        real = getattr(sparse, name)
+    for module, name in ((sparse, "decode_mask"), (sparse, "decode_positions"), (filterscale, "decode_positions")):
+        real = getattr(module, name)
 
         def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> np.ndarray:
             calls.append(_name)
             return _real(*args, **kwargs)  # type: ignore[operator,no-any-return]
 
-        monkeypatch.setattr(sparse, name, counting)
-    held = [id(entry) for entry in sparse.just_coded.recent]  # what earlier tests' stage-level encodes left
+        monkeypatch.setattr(module, name, counting)
     enc = chain_obj.encode(x, LAYOUT)
     assert calls == [], "the sender decoded the positions it had just coded"
-    assert [id(entry) for entry in sparse.just_coded.recent] == held, "the memo holds this message's positions after it was encoded"
-    assert np.array_equal(chain_obj.decode(bytes(bytearray(enc.data)), LAYOUT), enc.reconstruction)
+    assert np.array_equal(chain_obj.decode(enc.data, LAYOUT), enc.reconstruction)
     assert calls, "the receiver must decode the positions"
-
-
-def test_positions_memo_is_per_thread_and_by_identity() -> None:
-    import threading
-
-    from fedsqueeze.codecs.sparse import just_coded
-
-    side, idx = b"\x02\x05\x07", np.array([5, 7])
-    just_coded.remember(b"\x02\x01\x02", np.array([1, 2]), 10)  # an older entry that must not match
-    just_coded.remember(side, idx, 10)
-    assert just_coded.recall(side, 11) is None  # another tensor size: not the same message
-    assert just_coded.recall(bytes(bytearray(side)), 10) is None  # equal bytes, another object: decoded afresh
-    assert just_coded.recall(side, 10) is idx
-    assert just_coded.recall(side, 10) is None  # popped: nothing is held after the sender's one recall
-    just_coded.remember(side, idx, 10)
-    seen: list[object] = []
-    thread = threading.Thread(target=lambda: seen.append(just_coded.recall(side, 10)))
-    thread.start()
-    thread.join()
-    assert seen == [None]
-    assert just_coded.recall(side, 10) is idx

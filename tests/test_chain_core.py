@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline, registered_codecs
+from fedsqueeze.codecs import Chain, CodecError, CodecState, Layout, registered_codecs
 
 LAYOUT = Layout.of({"w": np.zeros((6, 5)), "b": np.zeros(6)})
 
@@ -20,7 +20,7 @@ def vec(seed: int = 0, n: int = LAYOUT.numel) -> np.ndarray:
 
 @pytest.mark.parametrize("chain", ["identity", "raw", "zstd", "identity | zstd:1", "fp16 | zstd"])
 def test_lossless_or_cast_round_trip(chain: str) -> None:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     x = vec()
     enc = p.encode(x, LAYOUT)
     out = p.decode(enc.data, LAYOUT)
@@ -31,7 +31,7 @@ def test_lossless_or_cast_round_trip(chain: str) -> None:
 
 
 def test_identity_is_fp32_plus_two_header_bytes() -> None:
-    enc = Pipeline.parse("identity").encode(vec(), LAYOUT)
+    enc = Chain.parse("identity").encode(vec(), LAYOUT)
     assert len(enc.data) == LAYOUT.raw_bytes + 2
 
 
@@ -40,14 +40,14 @@ def test_identity_is_fp32_plus_two_header_bytes() -> None:
 def test_fp16_and_bf16_error_bounds(x: np.ndarray) -> None:
     layout = Layout.of({"v": x})
     for chain, rel in (("fp16", 2**-11), ("bf16", 2**-8)):
-        out = Pipeline.parse(chain).decode(Pipeline.parse(chain).encode(x, layout).data, layout)
+        out = Chain.parse(chain).decode(Chain.parse(chain).encode(x, layout).data, layout)
         bound = np.maximum(np.abs(x) * rel, 6e-8 if chain == "fp16" else 1e-38)
         assert np.all(np.abs(out - x) <= bound * 1.0001)
 
 
 def test_fp16_refuses_out_of_range() -> None:
     with pytest.raises(CodecError, match="fp16"):
-        Pipeline.parse("fp16").encode(np.full(LAYOUT.numel, 1e6, np.float32), LAYOUT)
+        Chain.parse("fp16").encode(np.full(LAYOUT.numel, 1e6, np.float32), LAYOUT)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -55,14 +55,14 @@ def test_nan_and_inf_are_refused(bad: float) -> None:
     x = vec()
     x[3] = bad
     with pytest.raises(CodecError, match="NaN or Inf"):
-        Pipeline.parse("identity").encode(x, LAYOUT)
+        Chain.parse("identity").encode(x, LAYOUT)
 
 
 def test_configs_survive_json_and_strings() -> None:
-    p = Pipeline.parse("fp16 | zstd:7")
-    again = Pipeline.from_config(json.loads(json.dumps(p.get_config())))
+    p = Chain.parse("fp16 | zstd:7")
+    again = Chain.from_config(json.loads(json.dumps(p.get_config())))
     assert again.get_config() == p.get_config() == [{"id": "fp16"}, {"id": "zstd", "level": 7}]
-    assert str(Pipeline.parse(str(p))) == str(p)
+    assert str(Chain.parse(str(p))) == str(p)
 
 
 @pytest.mark.parametrize(
@@ -77,12 +77,12 @@ def test_configs_survive_json_and_strings() -> None:
 )
 def test_bad_chains(chain: str, message: str) -> None:
     with pytest.raises(CodecError, match=message):
-        Pipeline.parse(chain)
+        Chain.parse(chain)
 
 
 @pytest.mark.parametrize("chain", ["identity", "fp16", "zstd", "bf16 | zstd"])
 def test_truncated_corrupt_and_padded_messages_are_refused(chain: str) -> None:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     data = p.encode(vec(), LAYOUT).data
     for cut in range(len(data)):
         with pytest.raises(CodecError):
@@ -101,7 +101,7 @@ def test_truncated_corrupt_and_padded_messages_are_refused(chain: str) -> None:
 
 
 def test_zstd_bomb_is_refused_before_decompressing() -> None:
-    p = Pipeline.parse("zstd")
+    p = Chain.parse("zstd")
     big = Layout.of({"w": np.zeros(10_000)})
     bomb = zstandard.ZstdCompressor().compress(b"\x00" * (64 << 20))  # 2 KiB that claims 64 MiB
     with pytest.raises(CodecError, match="claims"):
@@ -114,7 +114,7 @@ def test_zstd_bomb_is_refused_before_decompressing() -> None:
 
 
 def test_wrong_layout_is_refused() -> None:
-    p = Pipeline.parse("identity")
+    p = Chain.parse("identity")
     data = p.encode(vec(), LAYOUT).data
     with pytest.raises(CodecError):
         p.decode(data, Layout.of({"w": np.zeros((6, 7))}))

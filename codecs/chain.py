@@ -1,4 +1,4 @@
-"""Codec chains: `residual | topk:0.01 | qsgd:4 | entropy`, one object built from config.
+"""Codec chains: `residual | topk:0.01 | qsgd:4 | entropy`, one `Chain` object built from config.
 
 Wire format of an encoded message (all of it counts as wire bytes):
 
@@ -9,7 +9,9 @@ serializes it (bit-packed when the array holds small integer symbols); an array 
 bytes-only stage (zstd) is serialized the same way first.
 
 After each message both sides call every stage's `update` with the same reconstructed values,
-so stateful stages (error feedback, predictors) evolve identically on sender and receiver.
+so stateful stages (error feedback, predictors) evolve identically on sender and receiver. Stage
+`i` of the configured chain (as written, without the implicit `raw` stages) keeps its memory in
+`state.stage(i)`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from .base import ArraySpec, Codec, Data, Spec, StageUpdate, decode_varint, encode_varint, get_codec
+from .base import (
+    ArraySpec,
+    Codec,
+    Data,
+    Spec,
+    StageState,
+    StageUpdate,
+    codec_class,
+    decode_varint,
+    encode_varint,
+    get_codec,
+)
 from .errors import CodecError
 from .layout import Layout
 from .raw import Raw
@@ -68,10 +81,10 @@ def parse_stage(text: str) -> dict[str, Any]:
     config: dict[str, Any] = {"id": name}
     if not args.strip():
         return config
-    from .base import registered_codecs
-
-    cls = registered_codecs().get(name)
+    cls = codec_class(name)
     if cls is None:
+        from .base import registered_codecs
+
         raise CodecError(f"unknown codec {name!r}; known codecs: {', '.join(registered_codecs())}")
     positional = list(cls.positional)
     for i, item in enumerate(a.strip() for a in args.split(",")):
@@ -85,7 +98,7 @@ def parse_stage(text: str) -> dict[str, Any]:
     return config
 
 
-class Pipeline:
+class Chain:
     """A chain of codecs, encoding a flat float32 model vector to bytes and back."""
 
     def __init__(self, stages: list[Codec]) -> None:
@@ -94,17 +107,34 @@ class Pipeline:
         self.configured = list(stages)
         # The stages as run: `raw` wherever an array meets a bytes stage, and at the end.
         self.stages: list[Codec] = []
+        # For each run stage, its index in `configured` (whose CodecState slot it uses); None: implicit raw.
+        self._slots: list[int | None] = []
         kind = "array"
-        for stage in self.configured:
+        for index, stage in enumerate(self.configured):
             if kind == "array" and stage.input_kind == "bytes" and not isinstance(stage, Raw):
                 self.stages.append(Raw())
+                self._slots.append(None)
                 kind = "bytes"
             elif kind == "bytes" and stage.input_kind == "array":
                 raise CodecError(f"{stage.codec_id} needs an array but follows a byte-level stage; reorder the chain")
             self.stages.append(stage)
+            self._slots.append(index)
             kind = stage.output_kind
         if kind == "array":
             self.stages.append(Raw())
+            self._slots.append(None)
+
+    def _stage_state(self, state: CodecState, run_index: int) -> StageState:
+        slot = self._slots[run_index]
+        return state.stage(slot) if slot is not None else {}  # implicit raw stages keep nothing
+
+    def find(self, cls: type[Codec]) -> tuple[int, Codec] | None:
+        """(configured index, stage) of the first stage of type `cls`, or None. The index is the
+        stage's slot in a CodecState: `state.stage(index)`."""
+        for index, stage in enumerate(self.configured):
+            if isinstance(stage, cls):
+                return index, stage
+        return None
 
     @property
     def primable(self) -> bool:
@@ -126,16 +156,16 @@ class Pipeline:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: str) -> Pipeline:
+    def parse(cls, text: str) -> Chain:
         parts = [p for p in (s.strip() for s in text.split("|")) if p]
         if not parts:
             raise CodecError("empty codec chain")
         return cls([get_codec(parse_stage(p)) for p in parts])
 
     @classmethod
-    def from_config(cls, config: Any) -> Pipeline:
+    def from_config(cls, config: Any) -> Chain:
         """From a chain string, a list of codec configs, or {"chain": [...]}."""
-        if isinstance(config, Pipeline):
+        if isinstance(config, Chain):
             return config
         if isinstance(config, str):
             return cls.parse(config)
@@ -178,14 +208,16 @@ class Pipeline:
         ios: list[Data] = [x]  # ios[i] is stage i's input, ios[i + 1] its output
         specs: list[Spec] = [spec]
         sides: list[bytes] = []
+        hints: list[object] = []
         stage_seconds: dict[str, float] = {}
         for i, stage in enumerate(self.stages):
             t0 = time.perf_counter()
-            side, y = stage.encode(ios[i], specs[i], state.stage(i))
+            side, y, hint = stage.encode_with_hint(ios[i], specs[i], self._stage_state(state, i))
             out_spec = stage.output_spec(specs[i], side)
             ios.append(out_spec.check(y, f"{stage.codec_id} output"))
             specs.append(out_spec)
             sides.append(side)
+            hints.append(hint)
             key = f"{i}:{stage.codec_id}"
             stage_seconds[key] = stage_seconds.get(key, 0.0) + time.perf_counter() - t0
         body = ios[-1]
@@ -193,7 +225,7 @@ class Pipeline:
         data = self._frame(sides, body)
 
         # The receiver's view, for stateful stages and for the reported error.
-        recon = self._reconstruct(sides, body, specs, state, known=ios)
+        recon = self._reconstruct(sides, body, specs, state, known=ios, hints=hints)
         self._update(state, specs, recon, ios)
         x_hat = np.asarray(recon[0], dtype=np.float32)
         err = x - x_hat
@@ -209,9 +241,18 @@ class Pipeline:
         return Encoded(data=data, reconstruction=x_hat, stats=stats)
 
     def _reconstruct(
-        self, sides: list[bytes], body: Data, specs: list[Spec], state: CodecState, known: list[Data] | None = None
+        self,
+        sides: list[bytes],
+        body: Data,
+        specs: list[Spec],
+        state: CodecState,
+        known: list[Data] | None = None,
+        hints: list[object] | None = None,
     ) -> list[Data]:
-        """Decode backwards from the body; returns every stage's reconstructed input, and the body last."""
+        """Decode backwards from the body; returns every stage's reconstructed input, and the body last.
+
+        On the sender, `known` (each stage's actual input) stands in for lossless stages' decoding
+        and `hints` (from `encode_with_hint`) spare the lossy ones re-deriving what they knew."""
         recon: list[Data] = [b""] * (len(self.stages) + 1)
         recon[-1] = body
         exact = True  # while every later stage was lossless, the sender's own inputs are the reconstruction
@@ -221,7 +262,8 @@ class Pipeline:
                 recon[i] = known[i]
                 continue
             exact = False
-            y = stage.decode(sides[i], recon[i + 1], specs[i], state.stage(i))
+            hint = None if hints is None else hints[i]
+            y = stage.decode(sides[i], recon[i + 1], specs[i], self._stage_state(state, i), hint)
             recon[i] = specs[i].check(y, f"{stage.codec_id} decode")
         return recon
 
@@ -235,7 +277,7 @@ class Pipeline:
                     x=None if ios is None else ios[i],
                     y=None if ios is None else ios[i + 1],
                 )
-                stage.update(state.stage(i), event)
+                stage.update(self._stage_state(state, i), event)
         state.messages += 1
 
     @staticmethod

@@ -1,0 +1,156 @@
+"""The aggregator's end of every collaborator's links: the plan's chains and each member's codec states.
+
+Each member has a `Link`: the receiver state of its uplink (predictors, an installed autoencoder
+decoder) and the sender state of its downlink (error feedback, the residual's copy of what it
+holds), guarded by the link's own lock. Encoding a download and decoding an upload run under that
+lock only, never under the federation's; both work on a fork of the state (`CodecState.fork`, cheap)
+that the caller commits once the federation has accepted the message, so a refused or interrupted
+message never moves a state. Lock order: a link's lock may be held while the federation's is
+taken, never the other way round.
+
+Uploads are decoded only with the plan's uplink chain (and, for an autoencoder, the decoder
+installed for that member): a payload that declares another chain or layout is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsqueeze.chains import LinkChains
+from fedsqueeze.codecs import CodecError, CodecState, Layout, StageState
+from fedsqueeze.errors import InvalidArgument
+from fedsqueeze.metrics import Metrics
+from fedsqueeze.payload import Payload
+
+
+@dataclass
+class Link:
+    up: CodecState  # receiver side of the member's uplink
+    down: CodecState  # sender side of its downlink
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # The download handed out for a round, kept so that a re-sent copy is the same bytes (the
+    # downlink state has already moved past it): (round, payload).
+    sent: tuple[int, Payload] | None = None
+
+
+@dataclass
+class Download:
+    """An encoded download, not yet committed: `commit()` moves the member's downlink state."""
+
+    payload: Payload
+    commit: Callable[[], None]
+    fresh: bool  # False: a re-send of the payload already handed out for this round
+
+
+@dataclass
+class Upload:
+    """A decoded update, not yet committed: `commit()` moves the member's uplink state."""
+
+    update: np.ndarray
+    commit: Callable[[], None]
+
+
+class Links:
+    def __init__(self, chains: LinkChains, layout: Layout, initial_model: np.ndarray, metrics: Metrics) -> None:
+        self.chains = chains
+        self.layout = layout
+        # downlink.prior "initial" primes every member's downlink with the initial model: kept only then.
+        self._initial = initial_model.copy() if chains.prior_initial else None
+        self.metrics = metrics
+        self.up_codec, self.down_codec = str(chains.uplink), str(chains.downlink)
+        self.up_fingerprint = chains.uplink.fingerprint(layout)
+        self.down_fingerprint = chains.downlink.fingerprint(layout)
+        self._links: dict[str, Link] = {}
+        self._shared: tuple[int, Payload] | None = None  # a stateless downlink encodes once per round, for everyone
+        self._shared_lock = threading.Lock()
+
+    # -- members ----------------------------------------------------------------------------------
+    def add(self, member_id: str) -> None:
+        self._links[member_id] = Link(up=CodecState(), down=self._fresh_down())
+
+    def link(self, member_id: str) -> Link:
+        return self._links[member_id]
+
+    def reset(self, member_id: str, keep_stage: int | None = None) -> None:
+        """Fresh states for a member that joined again; `keep_stage`: an uplink stage whose state stays
+        (an installed autoencoder decoder is not re-sent)."""
+        link = self._links[member_id]
+        with link.lock:
+            up = CodecState()
+            if keep_stage is not None and keep_stage >= 0:
+                up.stage(keep_stage).update(link.up.stage(keep_stage))
+            link.up, link.down, link.sent = up, self._fresh_down(), None
+
+    def _fresh_down(self) -> CodecState:
+        return self.chains.downlink_state(self._initial)
+
+    def install(self, member_id: str, stage: int, tensors: StageState) -> None:
+        """Put tensors (an autoencoder decoder) into a member's uplink state at `stage`."""
+        link = self._links[member_id]
+        with link.lock:
+            link.up.stage(stage).update(tensors)
+
+    # -- downloads ------------------------------------------------------------------------------
+    def encode_download(self, member_id: str, round_number: int, global_model: np.ndarray) -> Download:
+        """The global model for one member and round; call under the member's link lock, commit if it is handed out."""
+        link = self._links[member_id]
+        if link.sent is not None and link.sent[0] == round_number:
+            return Download(link.sent[1], lambda: None, fresh=False)
+        chain = self.chains.downlink
+        if not chain.stateful:
+            with self._shared_lock:
+                if self._shared is None or self._shared[0] != round_number:
+                    self._shared = (round_number, self._encode(global_model, CodecState()))
+                payload = self._shared[1]
+
+            def commit_stateless() -> None:
+                link.sent = (round_number, payload)
+
+            return Download(payload, commit_stateless, fresh=True)
+        state = link.down.fork()
+        payload = self._encode(global_model, state)
+
+        def commit() -> None:
+            link.down, link.sent = state, (round_number, payload)
+
+        return Download(payload, commit, fresh=True)
+
+    def _encode(self, global_model: np.ndarray, state: CodecState) -> Payload:
+        encoded = self.chains.downlink.encode(global_model, self.layout, state)
+        self.metrics.record_encode("down", self.down_codec, encoded.stats)
+        return Payload(data=encoded.data, fingerprint=self.down_fingerprint)
+
+    # -- uploads --------------------------------------------------------------------------------
+    def decode_upload(self, member_id: str, payload: Payload) -> Upload:
+        """Decode one update with the plan's uplink chain into a fork of the member's state; call under
+        the member's link lock. InvalidArgument for a payload of another chain or layout, or a corrupt one."""
+        link = self._links[member_id]
+        chain = self.chains.uplink
+        payload.check(chain, self.layout, "update rejected")
+        state = link.up.fork() if chain.stateful else link.up
+        t0 = time.perf_counter()
+        try:
+            update = chain.decode(payload.data, self.layout, state)
+        except CodecError as exc:
+            raise InvalidArgument(f"update rejected: {exc}") from exc
+        self.metrics.record_decode("up", self.up_codec, time.perf_counter() - t0)
+
+        def commit() -> None:
+            link.up = state
+
+        return Upload(update, commit)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def states(self, member_id: str) -> tuple[bytes, bytes]:
+        """(uplink, downlink) state bytes of one member, for the checkpoint."""
+        link = self._links[member_id]
+        with link.lock:
+            return link.up.to_bytes(), link.down.to_bytes()
+
+    def restore(self, member_id: str, up: bytes, down: bytes) -> None:
+        self._links[member_id] = Link(up=CodecState.from_bytes(up), down=CodecState.from_bytes(down))

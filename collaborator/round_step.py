@@ -1,0 +1,195 @@
+"""One collaborator round: decode the download, train, encode the update, submit it.
+
+The one implementation of a collaborator's work in a round, used by the `collaborator join`
+runner (over gRPC), the in-process simulation and the benchmarks (straight into a Federation):
+
+1. The download is checked against the plan's downlink chain and layout and decoded with this
+   collaborator's downlink state (the residual's copy of what it holds): the global model.
+2. The trainer trains from it (`BuiltinTrainer`: the plan's SGD on the local shard, seeded by
+   `training_seed`, so a round trained again gives the same update).
+3. The update (local - global, or the local model for `uplink.target: weights`) is encoded with
+   the uplink chain and this collaborator's uplink state (error feedback), and submitted.
+
+Resuming: the codec states are snapshotted before each round's model is decoded. A TRAIN task for
+the round just handled (the aggregator restarted from a checkpoint before it) restores that
+snapshot, so both sides' states match again. An update the aggregator refuses because its round
+closed or it was not ours (FAILED_PRECONDITION, PERMISSION_DENIED, UNAUTHENTICATED) rolls the
+uplink state back and is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedsqueeze.chains import LinkChains
+from fedsqueeze.codecs import CodecError, CodecState, EncodeStats, Layout
+from fedsqueeze.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from fedsqueeze.messages import Task
+from fedsqueeze.metrics import Metrics
+from fedsqueeze.payload import Payload
+from fedsqueeze.plan import Plan
+
+log = logging.getLogger("fedsqueeze.collaborator")
+
+#: (round, num_samples, payload, metrics) -> wire bytes accepted; raises the aggregator's domain errors.
+Submit = Callable[[int, int, Payload, dict[str, float]], int]
+
+
+def training_seed(plan: Plan, round_number: int, shard_index: int) -> int:
+    """The seed of a collaborator's local training in a round, the same on every run of the plan."""
+    return plan.seed * 100_003 + round_number * 1009 + shard_index
+
+
+def prepass_seed(plan: Plan, shard_index: int) -> int:
+    """The seed of a collaborator's prepass training (seed 001's local epochs without aggregation)."""
+    return plan.seed * 100_003 + 7919 + shard_index
+
+
+class Trainer(Protocol):
+    """Local training: from the global model's weights to the local model's, with metrics."""
+
+    @property
+    def num_samples(self) -> int:
+        """The FedAvg weight this collaborator declares."""
+
+    def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]: ...
+
+
+@dataclass
+class BuiltinTrainer:
+    """The plan's training (fedsqueeze/training.py: SGD, cross-entropy) of a torch model on local arrays."""
+
+    plan: Plan
+    model: Any  # torch.nn.Module
+    x: np.ndarray
+    y: np.ndarray
+    shard_index: int
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
+        from fedsqueeze.models import get_flat, set_flat
+        from fedsqueeze.training import train_local
+
+        t = self.plan.training
+        set_flat(self.model, weights)
+        metrics = train_local(self.model, self.x, self.y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                              weight_decay=t.weight_decay, seed=training_seed(self.plan, round_number, self.shard_index))  # fmt: skip
+        return get_flat(self.model), metrics
+
+
+@dataclass
+class LinkStates:
+    """The collaborator's end of its two links."""
+
+    up: CodecState  # sender side of the uplink: error feedback, predictors
+    down: CodecState  # receiver side of the downlink: the residual's copy of the global model
+
+    def snapshot(self) -> tuple[bytes, bytes]:
+        return self.up.to_bytes(), self.down.to_bytes()
+
+    def restore(self, snapshot: tuple[bytes, bytes]) -> None:
+        self.up, self.down = CodecState.from_bytes(snapshot[0]), CodecState.from_bytes(snapshot[1])
+
+
+@dataclass
+class RoundRecord:
+    """What one round sent and received, for the collaborator's report (it must add up to the aggregator's)."""
+
+    round: int
+    up_raw: int
+    up_wire: int
+    down_raw: int
+    down_wire: int
+    nmse: float  # the uplink's reconstruction error, as the aggregator decodes it
+    encode_seconds: float
+    seconds: float
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    encode_stats: EncodeStats | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "up_raw": self.up_raw, "up_wire": self.up_wire, "down_raw": self.down_raw,
+                "down_wire": self.down_wire, "nmse": self.nmse, "encode_seconds": self.encode_seconds, "seconds": self.seconds,
+                **{f"train_{k}": v for k, v in self.train_metrics.items()}}  # fmt: skip
+
+
+class RoundStep:
+    def __init__(
+        self,
+        plan: Plan,
+        chains: LinkChains,
+        layout: Layout,
+        trainer: Trainer,
+        states: LinkStates,
+        submit: Submit,
+        *,
+        member_id: str = "",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.plan, self.chains, self.layout = plan, chains, layout
+        self.trainer = trainer
+        self.states = states
+        self.submit = submit
+        self.member_id = member_id
+        self.metrics = metrics
+        self.up_fingerprint = chains.uplink.fingerprint(layout)
+        self.up_codec, self.down_codec = str(chains.uplink), str(chains.downlink)
+        self._snapshot: tuple[int, tuple[bytes, bytes]] | None = None  # (round, states before that round)
+
+    def decode_download(self, payload: Payload) -> np.ndarray:
+        """The global model from a download, advancing the downlink state."""
+        payload.check(self.chains.downlink, self.layout, "download refused")
+        try:
+            return self.chains.downlink.decode(payload.data, self.layout, self.states.down)
+        except CodecError as exc:
+            raise InvalidArgument(f"download refused: {exc}") from exc
+
+    def run(self, task: Task) -> RoundRecord | None:
+        """Handle one TRAIN task; None when the aggregator did not take the update (the round goes on without it)."""
+        assert task.kind == "TRAIN" and task.model is not None
+        if self._snapshot is not None and self._snapshot[0] == task.round:
+            log.warning("round %d again (the aggregator resumed from its checkpoint): restoring the codec states", task.round)
+            self.states.restore(self._snapshot[1])
+        else:
+            self._snapshot = (task.round, self.states.snapshot())
+        raw = self.layout.raw_bytes
+        t0 = time.perf_counter()
+        global_model = self.decode_download(task.model)
+        down_wire = task.model.wire_size
+        if self.metrics is not None:
+            self.metrics.record_decode("down", self.down_codec, time.perf_counter() - t0)
+            self.metrics.record_transfer("down", self.down_codec, self.member_id, raw=raw, wire=down_wire)
+        t_train = time.perf_counter()
+        local, train_metrics = self.trainer.train(global_model, task.round)
+        if self.metrics is not None:
+            self.metrics.record_training(task.round, time.perf_counter() - t_train, train_metrics.get("loss"))
+        x = local - global_model if self.plan.uplink.target == "delta" else local
+        encoded = self.chains.uplink.encode(x, self.layout, self.states.up)
+        if self.metrics is not None:
+            self.metrics.record_encode("up", self.up_codec, encoded.stats)
+        payload = Payload(data=encoded.data, fingerprint=self.up_fingerprint)
+        try:
+            wire = self.submit(task.round, self.trainer.num_samples, payload, _floats(train_metrics))
+        except (FailedPrecondition, PermissionDenied, Unauthenticated) as exc:
+            if self.metrics is not None:
+                self.metrics.record_message("up", "update", exc.status)
+            # Too late (the round closed) or no longer ours: drop it, undo its uplink state.
+            log.warning("round %d: update not accepted (%s); going on", task.round, exc)
+            self.states.up = CodecState.from_bytes(self._snapshot[1][0])
+            return None
+        if self.metrics is not None:
+            self.metrics.record_transfer("up", self.up_codec, self.member_id, raw=raw, wire=wire)
+        return RoundRecord(task.round, raw, wire, raw, down_wire, encoded.stats.nmse, encoded.stats.seconds,
+                           time.perf_counter() - t0, train_metrics, encoded.stats)  # fmt: skip
+
+
+def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
