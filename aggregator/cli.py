@@ -7,17 +7,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from fedsqueeze.console import ROUND_HEADER, die, round_row, summary_lines
+from fedsqueeze.console import ROUND_HEADER, die, round_row, setup_logging, summary_lines
 from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.plan import Plan, PlanError
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.tasks import DataError
 from fedsqueeze.tls import ServerTLS, TLSConfigError
 
+from .admission import AdmissionError, JoinPolicy
 from .checkpoint import CheckpointError
 from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS
 
@@ -45,10 +45,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     metrics = Metrics("aggregator", per_collaborator=args.metrics_per_collaborator)
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_ca)
+    policy = JoinPolicy.from_files(args.join_secret_file, args.enrollment_file)
     state_dir = Path(args.state_dir) if args.state_dir else None
     server = AggregatorServer(
         plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics, state_dir=state_dir, tls=tls,
-        max_concurrent_uploads=args.max_concurrent_uploads,
+        max_concurrent_uploads=args.max_concurrent_uploads, join_policy=policy,
     ).start()
     if args.metrics_port is not None:
         _, metrics_port = start_metrics_server(args.metrics_port, metrics, args.metrics_host)
@@ -65,6 +66,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"resumed from {state_dir} after round {f.resumed_from}", flush=True)
     if tls is not None:
         print("transport: " + ("mutual TLS (client certificate CN = collaborator id)" if tls.mutual else "TLS"), flush=True)
+    if not policy.open:
+        print("admission: " + ("enrollment tokens (one identity each)" if policy.enrolled else "join secret") +
+              f", at most {plan.max_members} members", flush=True)  # fmt: skip
     print(ROUND_HEADER, flush=True)
     try:
         server.wait(keep_serving=plan.keep_serving)
@@ -131,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     serve.add_argument("--tls-ca", help="mutual TLS: require client certificates signed by this CA; their CN is the collaborator id")
+    serve.add_argument("--join-secret-file", help="admission: collaborators must present the secret in this file to join")
+    serve.add_argument("--enrollment-file", help="admission: enrollment tokens, one per line; each admits one collaborator identity")
     serve.add_argument(
         "--max-concurrent-uploads",
         type=int,
@@ -162,14 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (PlanError, DataError, CheckpointError, TLSConfigError, OSError) as exc:
+    except (PlanError, DataError, CheckpointError, TLSConfigError, AdmissionError, OSError) as exc:
         die(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -39,10 +39,15 @@ class HeldOutEvaluator:
     """Loss and accuracy of the global model on the plan's data set's held-out split (torch)."""
 
     def __init__(self, plan: Plan) -> None:
-        from fedsqueeze.tasks import load_plan_dataset
+        from fedsqueeze.tasks import GENERATED, load_plan_dataset, partition
 
         self.data = load_plan_dataset(plan)
         self.initial, self._module = builtin_model(plan, self.data.input_shape, self.data.num_classes)
+        # A generated data set is cut into the plan's shards, the same on every machine: their sizes are known here.
+        self.shard_sizes: list[int] | None = None
+        if plan.task.dataset in GENERATED:
+            shards = partition(self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
+            self.shard_sizes = [len(s) for s in shards]
 
     def __call__(self, global_model: np.ndarray) -> dict[str, float]:
         from fedsqueeze.models import set_flat

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 
 from fedsqueeze.chains import LinkChains
 from fedsqueeze.codecs import CodecError, CodecState
-from fedsqueeze.errors import FailedPrecondition, FederationError, InvalidArgument
+from fedsqueeze.errors import FailedPrecondition, FederationError, InvalidArgument, ResourceExhausted
 from fedsqueeze.messages import Admission, Task
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
@@ -42,6 +43,7 @@ from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord, RunReport
 
 from . import checkpoint
+from .admission import JoinPolicy
 from .evaluation import Evaluator, HeldOutEvaluator, InitialModel
 from .global_update import GlobalUpdate
 from .links import Links
@@ -55,6 +57,9 @@ log = logging.getLogger("fedsqueeze.aggregator")
 
 MAX_POLL_S = 60.0  # the longest a GetTask long poll is held
 MAX_SAMPLES = 10**9
+MAX_RESENDS = 8  # a member may ask for a round's download again this often (a lost response), no more
+RECENT_NORMS = 64  # update norms remembered across rounds, the reference of a round's norm bound when alone
+RESUME_GRACE_S = 30.0  # after a restart, how long the rounds wait for every resumed member once quorum is back
 
 
 class Federation:
@@ -68,14 +73,18 @@ class Federation:
         on_round: Callable[[RoundRecord], None] | None = None,
         metrics: Metrics | None = None,
         state_dir: str | Path | None = None,
+        join_policy: JoinPolicy | None = None,
     ) -> None:
         """`model`: the layout and initial weights; None builds the plan's built-in model, which then
         also evaluates the global model on the data set's held-out split (unless `evaluator` is given)."""
         self.plan = plan
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.join_policy = join_policy or JoinPolicy()
+        self.shard_sizes: list[int] | None = None  # built-in data sets: each shard's size, the cap of its member's weight
         if model is None:
             held_out = HeldOutEvaluator(plan)
             model, evaluator = held_out.initial, evaluator or held_out
+            self.shard_sizes = held_out.shard_sizes
         if evaluator is None:
             raise ValueError("a Federation needs an evaluator")
         self.evaluate = evaluator
@@ -92,13 +101,18 @@ class Federation:
         # An encoded update is never legitimately much larger than the raw model.
         self.max_update_bytes = 2 * self.layout.raw_bytes + (1 << 20)
         self.max_decoder_bytes = self.prepass.max_bytes  # 0 without an autoencoder
+        self.max_poll_s = MAX_POLL_S
         self.on_round = on_round
 
         self._cond = threading.Condition()
-        self.membership = Membership(plan.num_shards)
-        self.rounds = RoundControl(plan, self._cond, self.membership.active_ids)
+        self._task_watchers: list[Callable[[], None]] = []
+        self.membership = Membership(plan.num_shards, plan.max_members)
+        self.rounds = RoundControl(plan, self._cond, self.membership.active_ids, self._announce)
         self._phase = "waiting"  # waiting | prepass | training | done
+        self._outcome = ""  # once done: "completed", or why the federation ended early
         self._resumed_members = 0  # active members restored from a checkpoint
+        self._recent_norms: deque[float] = deque(maxlen=RECENT_NORMS)
+        self._resends: dict[str, int] = {}  # this round: re-sent downloads per member
         self.metrics.track_active(self._active_count)
         self.report = RunReport(
             path=report_path,
@@ -130,10 +144,24 @@ class Federation:
         with self._cond:
             return self.membership.active_count()
 
-    def join(self, name: str, num_samples: int, *, identity: str | None = None) -> Admission:
-        """Register a collaborator. `identity` (the client certificate's common name under mTLS) is then
-        its id; joining again under a known identity re-issues its token and resets its codec states
-        (the collaborator restarted), keeping its shard and an installed autoencoder decoder."""
+    def watch_tasks(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from any thread, under the federation's lock: it must not block) whenever a
+        member may have a new task: a round opens or widens, the phase changes, a shared decoder arrives."""
+        self._task_watchers.append(callback)
+
+    def _announce(self) -> None:
+        """Under _cond: wake the threads waiting on it, and the watchers."""
+        self._cond.notify_all()
+        for callback in self._task_watchers:
+            callback()
+
+    def join(self, name: str, num_samples: int, identity: str | None = None, join_token: str = "") -> Admission:
+        """Register a collaborator, if the join policy admits it. Its id is `identity` (the client
+        certificate's common name under mTLS) or its enrollment token's; joining again under a known
+        identity re-issues its session token and resets its codec states (the collaborator restarted),
+        keeping its shard and an installed autoencoder decoder."""
+        enrolled = self.join_policy.admit(join_token)
+        identity = identity if identity is not None else enrolled
         with self._cond:
             if self._phase == "done":
                 raise FailedPrecondition("the federation has finished")
@@ -141,12 +169,15 @@ class Federation:
             if not rejoined:
                 self.links.add(member.id)
         if rejoined:
-            self.links.reset(member.id, keep_stage=self.prepass.index)
+            if self.links.has(member.id):
+                self.links.reset(member.id, keep_stage=self.prepass.index)
+            else:  # it had left: its states were freed
+                self.links.add(member.id)
             log.info("re-joined: %s", member.id)
         else:
             log.info("joined: %s (%s), shard %d", member.id, member.name, member.shard_index)
         with self._cond:
-            self._cond.notify_all()
+            self._announce()
         return Admission(member.id, member.token, self.plan.canonical(), self.plan.sha256, member.shard_index, self.plan.num_shards)
 
     def authenticate(self, member_id: str, token: str) -> Member:
@@ -161,10 +192,12 @@ class Federation:
         return member
 
     def leave(self, member_id: str, token: str) -> None:
+        """A member leaves: it is not selected again, and its codec states are freed."""
         member = self.authenticate(member_id, token)
         with self._cond:
             member.active = False
             self._cond.notify_all()
+        self.links.remove(member.id)
         log.info("left: %s", member.id)
 
     # -- downloads ------------------------------------------------------------------------------
@@ -176,7 +209,7 @@ class Federation:
             with self._cond:
                 while True:
                     if self._phase == "done":
-                        return Task("DONE", message="the federation has finished")
+                        return Task("DONE", message=self._outcome or "the federation has finished", completed=self._outcome == "completed")
                     pre = self.prepass.task_for(member.id, training=self._phase == "training")
                     rnd = self.rounds.current
                     if pre is not None or (rnd is not None and self._phase == "training" and rnd.wants_update_from(member.id)):
@@ -200,11 +233,22 @@ class Federation:
             with self._cond:
                 if self.rounds.current is not rnd or not rnd.wants_update_from(member.id):
                     return None
-                download.commit()
                 wire = download.payload.wire_size
-                rnd.bytes["down_raw"] += self.layout.raw_bytes
-                rnd.bytes["down_wire"] += wire
-        self.metrics.record_transfer("down", self.links.down_codec, member.id, raw=self.layout.raw_bytes, wire=wire)
+                if download.fresh:
+                    download.commit()
+                    rnd.bytes["down_raw"] += self.layout.raw_bytes
+                    rnd.bytes["down_wire"] += wire
+                else:  # it has this round's download already (a lost response): counted apart, and only so often
+                    resends = self._resends.get(member.id, 0)
+                    if resends >= MAX_RESENDS:
+                        raise ResourceExhausted(f"{member.id} asked for round {rnd.number}'s download {MAX_RESENDS + 1} times")
+                    self._resends[member.id] = resends + 1
+                    rnd.resent["messages"] += 1
+                    rnd.resent["wire"] += wire
+        if download.fresh:
+            self.metrics.record_transfer("down", self.links.down_codec, member.id, raw=self.layout.raw_bytes, wire=wire)
+        else:
+            self.metrics.record_resent("down", self.links.down_codec, member.id, wire)
         return Task("TRAIN", round=rnd.number, model=download.payload)
 
     def _prepass_task(self, member: Member, pre: PrepassTask, model: np.ndarray) -> Task:
@@ -259,7 +303,7 @@ class Federation:
                 with self._cond:
                     if self.rounds.current is not rnd:
                         raise FailedPrecondition(f"round {round_number} closed while the update was being decoded")
-                    rnd.strategy.accumulate(upload.update, float(num_samples))
+                    rnd.strategy.accumulate(upload.update, self._weight(member, num_samples))
                     upload.commit()
                     rnd.submitted.add(member.id)
                     member.last_round = round_number
@@ -290,6 +334,8 @@ class Federation:
         with self._cond:
             self.prepass.check_upload(member.id, architecture)  # again: another upload may have won meanwhile
             self.prepass.accepted(member.id, tensors, blob)
+            if self.prepass.shared:
+                self._announce()  # the others' PREPASS task with the shared decoder
             rnd = self.rounds.current
             target = rnd.bytes if (rnd is not None and not self.prepass.running) else self.report.prepass_bytes
             target["decoder"] += len(blob)
@@ -302,7 +348,26 @@ class Federation:
         return len(blob)
 
     # -- the round loop ---------------------------------------------------------------------------
+    def _weight(self, member: Member, num_samples: int) -> float:
+        """A member's FedAvg weight: its declared sample count, capped (plan `aggregation`), or 1."""
+        a = self.plan.aggregation
+        if a.weighting == "equal":
+            return 1.0
+        weight = num_samples if a.max_samples is None else min(num_samples, a.max_samples)
+        if self.shard_sizes is not None:  # the aggregator assigned this member's shard: it knows its size
+            weight = min(weight, max(1, self.shard_sizes[member.shard_index % len(self.shard_sizes)]))
+        return float(weight)
+
     def run(self, stop: threading.Event) -> None:
+        try:
+            self._run(stop)
+        except BaseException as exc:
+            self.shutdown(f"ended early: {exc}")
+            raise
+        self.shutdown("completed" if len(self.report.rounds) == self.plan.rounds else "ended early: stopped")
+        self.report.write()
+
+    def _run(self, stop: threading.Event) -> None:
         self._wait_for_members(stop)
         if not self.prepass.done:
             self._run_prepass(stop)
@@ -323,21 +388,31 @@ class Federation:
             self.metrics.record_round(record, self.report.summary())
             if self.on_round is not None:
                 self.on_round(record)
-        self.shutdown()
-        self.report.write()
 
     def _wait_for_members(self, stop: threading.Event) -> None:
-        need = self.plan.collaborators.min
-        if self.resumed_from is not None:
-            # After a restart: wait for the members that were active to call in again.
-            need = max(1, min(need, self._resumed_members))
-        deadline = time.monotonic() + self.plan.collaborators.join_timeout_s
+        """Before the first round, `collaborators.min` members. After a restart, the members that were
+        active, called in again; once enough are back for a round (quorum, min_per_round), at most
+        RESUME_GRACE_S more for the others, which can return later (they are lost until they do)."""
+        c = self.plan.collaborators
+        start = time.monotonic()
+        deadline = start + c.join_timeout_s
+        if self.resumed_from is None:
+            need_all = need = c.min
+        else:
+            need_all = max(1, self._resumed_members)
+            need = min(need_all, max(self.plan.quorum, c.min_per_round))
         with self._cond:
-            while self.membership.active_count() < need:
+            while (count := self.membership.active_count()) < need_all:
                 if stop.is_set():
                     return
-                if time.monotonic() > deadline:
-                    raise FederationError(f"only {self.membership.active_count()} of {need} collaborators joined within the join timeout")
+                now = time.monotonic()
+                if count >= need and self.resumed_from is not None and now > start + min(RESUME_GRACE_S, c.join_timeout_s):
+                    log.warning("resuming with %d of the %d members that were active; the others can return later", count, need_all)
+                    return
+                if now > deadline:
+                    if count >= need and self.resumed_from is not None:
+                        return
+                    raise FederationError(f"only {count} of {need} collaborators joined within the join timeout")
                 self._cond.wait(0.5)
 
     def _run_prepass(self, stop: threading.Event) -> None:
@@ -349,7 +424,7 @@ class Federation:
         with self._cond:
             self.prepass.begin(self.active_ids())
             self._phase = "prepass"
-            self._cond.notify_all()
+            self._announce()
             deadline = time.monotonic() + timeout
             while not stop.is_set() and time.monotonic() < deadline:
                 active = self.active_ids()
@@ -366,7 +441,7 @@ class Federation:
 
     def _new_strategy(self) -> Strategy:
         a = self.plan.aggregation
-        return build_strategy(self.plan.uplink.target, a.clip_norm, a.robust, a.trim_fraction)
+        return build_strategy(self.plan.uplink.target, a.clip_norm, a.robust, a.trim_fraction, a.norm_bound, list(self._recent_norms))
 
     def _run_round(self, number: int, stop: threading.Event) -> RoundRecord:
         quorum = self.plan.quorum
@@ -374,6 +449,7 @@ class Federation:
             strategy = self._new_strategy()
             strategy.begin(self.global_model)
             self._phase = "training"
+            self._resends = {}
             rnd = self.rounds.open(number, strategy)
             closed = self.rounds.run(rnd, stop)
             for mid in closed.missing:  # selected, alive or not, and silent until the deadline
@@ -381,6 +457,7 @@ class Federation:
                 if member is not None and member.active and not stop.is_set():
                     member.lost = True
             count = strategy.count
+        self._recent_norms.extend(getattr(strategy, "norms", []))
         if count >= quorum:
             status = "ok" if rnd.attempt == 0 else "retried"
             proposed = self.server_optimizer.apply(self.global_model, strategy.finish())
@@ -401,6 +478,8 @@ class Federation:
             bytes=dict(rnd.bytes),
             status=status,
             attempts=rnd.attempt + 1,
+            resent=dict(rnd.resent),
+            aggregation=strategy.summary(),
         )
 
     def wait_for_change(self, timeout: float) -> None:
@@ -408,11 +487,13 @@ class Federation:
         with self._cond:
             self._cond.wait(timeout)
 
-    def shutdown(self) -> None:
+    def shutdown(self, outcome: str = "ended early: the aggregator was stopped") -> None:
+        """End the federation: every poll gets DONE, saying whether it `completed` (the first outcome stays)."""
         with self._cond:
             self._phase = "done"
+            self._outcome = self._outcome or outcome
             self.rounds.current = None
-            self._cond.notify_all()
+            self._announce()
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
@@ -425,7 +506,7 @@ class Federation:
             report = {"rounds": [r.to_json() for r in self.report.rounds], "extra": dict(self.report.extra),
                       "prepass_bytes": dict(self.report.prepass_bytes)}  # fmt: skip
             model = self.global_model.copy()
-            ids = list(self.membership.members)
+            ids = [mid for mid in self.membership.members if self.links.has(mid)]  # those that left have no states
         states = {mid: self.links.states(mid) for mid in ids}  # link locks, never under _cond
         ckpt = checkpoint.Checkpoint(round=self.rounds.completed, plan_sha256=self.plan.sha256, global_model=model, states=states,
                                      membership=membership, prepass=prepass, report=report,
@@ -446,7 +527,8 @@ class Federation:
             self.server_optimizer.load_state(ckpt.optimizer_state, self.layout.numel)
             self.membership.restore(ckpt.membership)
             for mid in self.membership.members:
-                self.links.restore(mid, *ckpt.states[mid])
+                if mid in ckpt.states:
+                    self.links.restore(mid, *ckpt.states[mid])
             self.prepass.restore(ckpt.prepass)
             rep = ckpt.report
             self.report.rounds = [RoundRecord(**r) for r in rep.get("rounds", [])]

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedsqueeze.chains import LinkChains
 from fedsqueeze.codecs import CodecError, CodecState, Layout, StageState
-from fedsqueeze.errors import InvalidArgument
+from fedsqueeze.errors import FailedPrecondition, InvalidArgument
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
 
@@ -74,12 +74,25 @@ class Links:
         self._links[member_id] = Link(up=CodecState(), down=self._fresh_down())
 
     def link(self, member_id: str) -> Link:
-        return self._links[member_id]
+        link = self._links.get(member_id)
+        if link is None:
+            raise FailedPrecondition(f"{member_id} has left the federation")
+        return link
+
+    def has(self, member_id: str) -> bool:
+        return member_id in self._links
+
+    def remove(self, member_id: str) -> None:
+        """Free a member's states (it left): a model-sized downlink state each, so they must not pile up."""
+        link = self._links.pop(member_id, None)
+        if link is not None:
+            with link.lock:  # let an encode or decode in flight finish with it
+                link.sent = None
 
     def reset(self, member_id: str, keep_stage: int | None = None) -> None:
         """Fresh states for a member that joined again; `keep_stage`: an uplink stage whose state stays
         (an installed autoencoder decoder is not re-sent)."""
-        link = self._links[member_id]
+        link = self.link(member_id)
         with link.lock:
             up = CodecState()
             if keep_stage is not None and keep_stage >= 0:
@@ -91,14 +104,14 @@ class Links:
 
     def install(self, member_id: str, stage: int, tensors: StageState) -> None:
         """Put tensors (an autoencoder decoder) into a member's uplink state at `stage`."""
-        link = self._links[member_id]
+        link = self.link(member_id)
         with link.lock:
             link.up.stage(stage).update(tensors)
 
     # -- downloads ------------------------------------------------------------------------------
     def encode_download(self, member_id: str, round_number: int, global_model: np.ndarray) -> Download:
         """The global model for one member and round; call under the member's link lock, commit if it is handed out."""
-        link = self._links[member_id]
+        link = self.link(member_id)
         if link.sent is not None and link.sent[0] == round_number:
             return Download(link.sent[1], lambda: None, fresh=False)
         chain = self.chains.downlink
@@ -129,7 +142,7 @@ class Links:
     def decode_upload(self, member_id: str, payload: Payload) -> Upload:
         """Decode one update with the plan's uplink chain into a fork of the member's state; call under
         the member's link lock. InvalidArgument for a payload of another chain or layout, or a corrupt one."""
-        link = self._links[member_id]
+        link = self.link(member_id)
         chain = self.chains.uplink
         payload.check(chain, self.layout, "update rejected")
         state = link.up.fork() if chain.stateful else link.up
@@ -148,7 +161,7 @@ class Links:
     # -- checkpoints ----------------------------------------------------------------------------
     def states(self, member_id: str) -> tuple[bytes, bytes]:
         """(uplink, downlink) state bytes of one member, for the checkpoint."""
-        link = self._links[member_id]
+        link = self.link(member_id)
         with link.lock:
             return link.up.to_bytes(), link.down.to_bytes()
 

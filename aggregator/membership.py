@@ -11,7 +11,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from fedsqueeze.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from fedsqueeze.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 
 MAX_NAME_LEN = 128
 IDENTITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
@@ -43,14 +49,16 @@ class Member:
 
 
 class Membership:
-    def __init__(self, num_shards: int) -> None:
+    def __init__(self, num_shards: int, max_members: int) -> None:
         self.num_shards = num_shards
+        self.max_members = max_members  # members at once (joined and not left)
         self.members: dict[str, Member] = {}
         self.joined = 0  # joins ever (new members); the next one gets shard `joined % num_shards`
 
     def join(self, name: str, num_samples: int, identity: str | None) -> tuple[Member, bool]:
-        """(member, rejoined). `identity` (the client certificate's common name under mTLS) is then its
-        id; joining again under a known identity re-issues the token and keeps the shard."""
+        """(member, rejoined). `identity` (the client certificate's common name under mTLS, or an
+        enrollment token's) is then its id; joining again under a known identity re-issues the token
+        and keeps the shard."""
         if len(name) > MAX_NAME_LEN:
             raise InvalidArgument(f"name is longer than {MAX_NAME_LEN} characters")
         if num_samples < 0:
@@ -63,6 +71,8 @@ class Membership:
             known.active, known.lost = True, False
             known.num_samples = num_samples or known.num_samples
             return known, True
+        if sum(1 for m in self.members.values() if m.active) >= self.max_members:
+            raise ResourceExhausted(f"the federation is full: {self.max_members} members (collaborators.max)")
         index = self.joined
         self.joined += 1
         member = Member(

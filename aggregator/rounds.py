@@ -6,7 +6,8 @@ misses quorum is re-opened for another deadline up to `round_retries` times, ope
 member, keeping its updates. Updates are identified by (member, round): a repeat of an accepted
 update gets ALREADY_EXISTS, one for a closed or future round FAILED_PRECONDITION.
 
-`RoundControl` runs under the Federation's condition variable (`cond`), which it waits on.
+`RoundControl` runs under the Federation's condition variable (`cond`), which it waits on, and
+calls `announce` (under it) whenever members may have a new task: a round opens, or widens.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RoundState:
     submitted: set[str] = field(default_factory=set)  # accepted updates
     receiving: set[str] = field(default_factory=set)  # updates being decoded now
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
+    resent: dict[str, int] = field(default_factory=lambda: {"messages": 0, "wire": 0})  # downloads handed out again
 
     def wants_update_from(self, member_id: str) -> bool:
         return member_id in self.participants and member_id not in self.submitted
@@ -65,10 +67,11 @@ class ClosedRound:
 
 
 class RoundControl:
-    def __init__(self, plan: Plan, cond: threading.Condition, active_ids: Callable[[], set[str]]) -> None:
+    def __init__(self, plan: Plan, cond: threading.Condition, active_ids: Callable[[], set[str]], announce: Callable[[], None]) -> None:
         self.plan = plan
         self.cond = cond
         self.active_ids = active_ids
+        self.announce = announce
         self.current: RoundState | None = None
         self.completed = 0  # rounds finished (ok or failed); the next round is completed + 1
 
@@ -76,7 +79,7 @@ class RoundControl:
         """Open round `number` (under cond)."""
         rnd = RoundState(number, select(self.active_ids(), self.plan, number), time.monotonic() + self.plan.round_timeout_s, strategy)
         self.current = rnd
-        self.cond.notify_all()
+        self.announce()
         return rnd
 
     def run(self, rnd: RoundState, stop: threading.Event) -> ClosedRound:
@@ -92,7 +95,7 @@ class RoundControl:
             rnd.participants |= self.active_ids()
             rnd.deadline = time.monotonic() + self.plan.round_timeout_s
             log.warning("round %d: %d of %d updates by the deadline; retry %d of %d", rnd.number, rnd.strategy.count, quorum, rnd.attempt, retries)
-            self.cond.notify_all()
+            self.announce()
         grace = time.monotonic() + UPLOAD_GRACE_S
         while rnd.receiving and time.monotonic() < grace:
             self.cond.wait(0.05)
@@ -111,7 +114,7 @@ class RoundControl:
                 return
             if rnd.strategy.count + len(pending) < quorum and active - rnd.participants:
                 rnd.participants |= active
-                self.cond.notify_all()
+                self.announce()
             self.cond.wait(0.25)
 
     def check_upload(self, member: Member, round_number: int, phase: str) -> RoundState:

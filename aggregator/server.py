@@ -1,29 +1,30 @@
-"""`aggregator serve`: the gRPC server around a Federation, with health checks and SIGTERM.
+"""`aggregator serve`: the gRPC server (asyncio) around a Federation, with health checks and SIGTERM.
 
-With a state directory the Federation restores its checkpoint while it is constructed; the health
-service says NOT_SERVING until then and SERVING once `start` runs. With `tls` the port serves TLS
-(mutual TLS when the config has a CA).
+The gRPC server runs on an asyncio event loop in a thread of its own, so waiting (long polls, upload
+slots, slow or stalled streams) holds no thread; the Federation's work runs on the servicer's small
+thread pool, and its round loop on one more thread. With a state directory the Federation restores
+its checkpoint while it is constructed; the health service says NOT_SERVING until then and SERVING
+once `start` runs. With `tls` the port serves TLS (mutual TLS when the config has a CA).
 
 Memory stays O(model) however many collaborators upload at once: at most `max_concurrent_uploads`
-uploads are read and decoded at a time (`upload_slots.UploadSlots`), and the streams of the others stay
-unread in gRPC with a small flow-control window each (`grpc_options`). Not `grpc.server(...,
-maximum_concurrent_rpcs=N)`: that counts every RPC, so it would refuse the long polls of a large
-federation's GetTask and health checks too. `aggregator serve` also caps glibc's malloc arenas
-(`limit_malloc_arenas`): with one arena per busy worker thread, freed update buffers stayed
-resident in each of them (about 100 MB more at 1,000 uncompressed updates, bench/scale.py).
+uploads are read and decoded at a time (`upload_slots.UploadSlots`), the streams of the others stay
+unread in gRPC with a small flow-control window each (`grpc_options`), and no message larger than a
+chunk (1 MiB) is accepted, so what an unauthenticated stream can make the server buffer is bounded
+too. `aggregator serve` also caps glibc's malloc arenas (`limit_malloc_arenas`): with one arena per
+busy worker thread, freed update buffers stayed resident in each of them (bench/scale.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent import futures
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,25 +34,26 @@ from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.tls import ServerTLS
 
+from .admission import JoinPolicy
 from .federation import Federation
-from .servicer import MAX_CHUNK, FederationServicer, add_to_server
+from .servicer import MAX_CHUNK, SERVICE, FederationServicer, StreamLimits, add_to_server
 from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_UPLOAD_WAIT_S
 
 log = logging.getLogger("fedsqueeze.aggregator")
-SERVICE_NAME = "fedsqueeze.v1.Federation"
+SERVICE_NAME = SERVICE
 # Initial HTTP/2 flow-control window of every stream: what gRPC buffers of an upload nobody reads yet.
 STREAM_WINDOW = 16 << 10
+T = TypeVar("T")
 
 
-def grpc_options(max_message: int) -> list[tuple[str, Any]]:
+def grpc_options(max_send: int, max_receive: int = MAX_CHUNK + (64 << 10)) -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_send_message_length", max_message),
-        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_send),  # a download is one message: the whole encoded model
+        ("grpc.max_receive_message_length", max_receive),  # uploads come in chunks
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         # Without these, BDP probing grows every stream's window towards the whole upload, so gRPC
         # would buffer each waiting upload in full: 1,000 uncompressed 2.3 MB updates took 2.6 GB.
-        # A stream being read still gets a window of at least the message it waits for.
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", STREAM_WINDOW),
     ]
@@ -71,7 +73,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 class AggregatorServer:
-    """A running aggregator: the gRPC server plus the round thread."""
+    """A running aggregator: the gRPC server (its own event loop thread) plus the round thread."""
 
     def __init__(
         self,
@@ -81,44 +83,63 @@ class AggregatorServer:
         port: int = 0,
         report_path: Path | None = None,
         on_round: Callable[[RoundRecord], None] | None = None,
-        max_workers: int = 32,
         linger_s: float = 15.0,
         metrics: Metrics | None = None,
         state_dir: Path | None = None,
         tls: ServerTLS | None = None,
         max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
         upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S,
+        join_policy: JoinPolicy | None = None,
+        stream_limits: StreamLimits | None = None,
     ) -> None:
         if max_concurrent_uploads < 1:
             raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
         self.linger_s = linger_s
-        self.health = health.HealthServicer()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # Restores the checkpoint from state_dir, if there is one (CheckpointError for another plan's).
-        self.federation = Federation(plan, report_path=report_path, on_round=on_round, metrics=metrics, state_dir=state_dir)
-        # Messages: the downlink model in one response, uplink chunks of at most MAX_CHUNK.
-        max_message = max(MAX_CHUNK + (1 << 16), 2 * self.federation.layout.raw_bytes + (1 << 20))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=grpc_options(max_message))
+        self.federation = Federation(plan, report_path=report_path, on_round=on_round, metrics=metrics, state_dir=state_dir,
+                                     join_policy=join_policy)  # fmt: skip
         self.servicer = FederationServicer(
             self.federation, mutual_tls=tls is not None and tls.mutual,
-            max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s,
-        )
-        add_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+            max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s, limits=stream_limits,
+        )  # fmt: skip
         self.tls = tls
-        address = f"{host}:{port}"
-        self.port = self.server.add_secure_port(address, tls.credentials()) if tls else self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {host}:{port}")
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
+        self._loop_thread.start()
+        # A download is one message: the encoded model, or (shared autoencoder decoder mode) the decoder.
+        max_send = max(MAX_CHUNK, 2 * self.federation.layout.raw_bytes, self.federation.max_decoder_bytes) + (1 << 20)
+        try:
+            self.port = self._on_loop(self._create(f"{host}:{port}", max_send))
+        except BaseException:
+            self._stop_loop()
+            raise
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run_rounds, name="rounds", daemon=True)
 
-    def start(self) -> AggregatorServer:
-        self.server.start()
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _create(self, address: str, max_send: int) -> int:
+        self.server = grpc.aio.server(options=grpc_options(max_send))
+        self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer.bind(asyncio.get_running_loop())
+        add_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.server.add_secure_port(address, self.tls.credentials()) if self.tls else self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return int(port)
+
+    async def _serving(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def start(self) -> AggregatorServer:
+        self._on_loop(self.server.start())
+        self._on_loop(self._serving(health_pb2.HealthCheckResponse.SERVING))
         self._thread.start()
         log.info("aggregator listening on port %d", self.port)
         return self
@@ -128,7 +149,6 @@ class AggregatorServer:
             self.federation.run(self.stop_event)
         except BaseException as exc:  # reported by wait()
             self.error = exc
-            self.federation.shutdown()
 
     def wait(self, keep_serving: bool = False) -> None:
         """Block until the rounds are done (and, with keep_serving, until stopped)."""
@@ -143,12 +163,19 @@ class AggregatorServer:
 
     def stop(self, grace: float = 3.0) -> None:
         self.stop_event.set()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._loop_thread.is_alive():
+            self._on_loop(self._serving(health_pb2.HealthCheckResponse.NOT_SERVING))
         self.federation.shutdown()
         # Let collaborators that are polling learn that the federation is over.
-        self.server.stop(grace).wait()
+        if self._loop_thread.is_alive():
+            self._on_loop(self.server.stop(grace))
+        self._stop_loop()
+        self.servicer.executor.shutdown(wait=False, cancel_futures=True)
         self.federation.report.write()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join(10)
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: Any) -> None:

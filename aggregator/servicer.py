@@ -1,36 +1,43 @@
-"""Thin gRPC servicer: protobuf in, a Federation call, protobuf out; domain errors become statuses.
+"""Thin gRPC servicer (asyncio): protobuf in, a Federation call, protobuf out; domain errors become statuses.
 
 Each handler converts its request with the pure functions of `fedsqueeze/wire.py`, calls one
 Federation method, and converts the answer back; `_answer` maps the domain errors to their status
-codes (`wire.STATUS_CODES`), so the Federation never sees protobuf or gRPC. Requests that are not
-valid protobuf get INVALID_ARGUMENT (not gRPC's default INTERNAL): the handlers are registered with
-deserializers that turn a parse error into a `Malformed` marker. Under mutual TLS the client
-certificate's common name is the collaborator's identity: Join registers under it and every other
-RPC must carry credentials for that id (PERMISSION_DENIED).
+codes, so the Federation never sees protobuf or gRPC. Federation calls run on a small thread pool
+(they take its lock, and encoding or decoding is CPU work), never on the event loop; waiting
+(long polls, upload slots, slow streams) is asyncio and holds no thread, so hundreds of stalled or
+hostile streams cost the server a few KiB each, not its threads.
 
-Uploads (SubmitUpdate, UploadDecoder) are streams: a header, then chunks. The header is checked
-first (credentials, round, declared size against the plan's limits) before any chunk is read or an
-upload slot taken; then the upload takes one of `max_concurrent_uploads` slots while it is read and
-decoded (`upload_slots.py`), so the aggregator holds at most that many uploads in memory whatever
-the number of collaborators. GetTask, Join, Leave and health checks take none.
+Hostile peers (README "Hostile peers"):
+- requests that are not valid protobuf get INVALID_ARGUMENT (the deserializers never raise);
+- an upload stream is a header, then chunks. The header must arrive within `header_timeout_s`, and
+  its credentials, round and declared size are checked before a byte of the payload is read or an
+  upload slot taken; no decoder bytes at all are accepted from a plan without an autoencoder;
+- every later chunk must arrive within `idle_timeout_s`, the whole stream within a deadline that
+  grows with the declared size, and chunks must not be tiny (at least `MIN_CHUNK` but the last);
+- long polls end when the client cancels them; one identity may hold a few long polls and one
+  upload at once (`IdentityLimits`); a client-cancelled call is one INFO line, not an error.
+Under mutual TLS the client certificate's common name is the collaborator's identity: Join
+registers under it and every other RPC must carry credentials for that id (PERMISSION_DENIED).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from fedsqueeze.errors import FederationError, InvalidArgument, PermissionDenied, Unauthenticated
+from fedsqueeze.errors import FederationError, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
-from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
 from fedsqueeze.wire import payload_from_bytes, payload_to_proto, status_of
 
-from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_UPLOAD_WAIT_S, UploadSlots
+from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_UPLOAD_WAIT_S, IdentityLimits, UploadSlots
 
 if TYPE_CHECKING:  # the CLI imports this module for its defaults without loading torch
     from .federation import Federation
@@ -39,9 +46,22 @@ log = logging.getLogger("fedsqueeze.aggregator")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-MAX_CHUNK = 4 << 20
+MAX_CHUNK = 1 << 20  # the largest chunk message (and so the most gRPC buffers of a stream before it is authenticated)
+MIN_CHUNK = 4 << 10  # every chunk but the last carries at least this much: no floods of empty chunks
+SERVICE = "fedsqueeze.v1.Federation"
 # RPCs that carry a message counted in fedsqueeze_messages_total by status: (direction, type).
 _MESSAGES = {"SubmitUpdate": ("up", "update"), "UploadDecoder": ("up", "decoder")}
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    header_timeout_s: float = 10.0  # from the stream's start to its header
+    idle_timeout_s: float = 15.0  # between two chunks
+    base_deadline_s: float = 60.0  # the whole stream: this much, plus its declared size at `min_rate`
+    min_rate: float = 16 << 10  # bytes per second the slowest legitimate link sustains
+
+    def deadline(self, size: int) -> float:
+        return self.base_deadline_s + size / self.min_rate
 
 
 class Malformed:
@@ -67,8 +87,8 @@ def _well_formed(request: Any) -> Any:
     return request
 
 
-def add_to_server(servicer: FederationServicer, server: grpc.Server) -> None:
-    """Like the generated add_FederationServicer_to_server, with deserializers that never raise."""
+def add_to_server(servicer: FederationServicer, server: Any) -> None:
+    """Register the handlers, with deserializers that never raise (a grpc.aio server)."""
     unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_unary_rpc_method_handler
     handlers = {
         "Join": unary(servicer.Join, _safe(pb.JoinRequest.FromString), pb.JoinResponse.SerializeToString),
@@ -77,8 +97,7 @@ def add_to_server(servicer: FederationServicer, server: grpc.Server) -> None:
         "UploadDecoder": stream(servicer.UploadDecoder, _safe(pb.UploadDecoderRequest.FromString), pb.UploadDecoderResponse.SerializeToString),
         "Leave": unary(servicer.Leave, _safe(pb.LeaveRequest.FromString), pb.LeaveResponse.SerializeToString),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsqueeze.v1.Federation", handlers),))
-    server.add_registered_method_handlers("fedsqueeze.v1.Federation", handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 def _answer(method: F) -> F:
@@ -86,20 +105,26 @@ def _answer(method: F) -> F:
     message = _MESSAGES.get(method.__name__)
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def wrapper(self: FederationServicer, request: Any, context: Any) -> Any:
         status = grpc.StatusCode.INTERNAL
         try:
-            if not isinstance(request, Iterator):
+            if not isinstance(request, AsyncIterable):
                 _well_formed(request)
-            result = method(self, request, context)
+            result = await method(self, request, context)
             status = grpc.StatusCode.OK
             return result
         except FederationError as exc:
             status = status_of(exc)
-            context.abort(status, exc.message)
-        except Exception as exc:  # noqa: BLE001 - the server must keep serving
+            await context.abort(status, exc.message)
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            log.info("%s cancelled by the client", method.__name__)
+            raise
+        except Exception as exc:
+            if _is_abort(exc):
+                raise  # context.abort's own exception: the status is set
             log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
             if message is not None and status != grpc.StatusCode.OK:  # accepted ones: Federation's record_transfer
                 self.fed.metrics.record_message(*message, status.name)
@@ -107,34 +132,60 @@ def _answer(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _header(requests: Iterator[Any]) -> Any:
-    """The first message of an upload stream, which must be its header."""
-    try:
-        first = _well_formed(next(requests))
-    except StopIteration:
-        raise InvalidArgument("empty stream: the first message must be a header") from None
-    if first.WhichOneof("part") != "header":
-        raise InvalidArgument("the first message of the stream must be a header")
-    return first.header
+def _is_abort(exc: BaseException) -> bool:
+    return type(exc).__name__ == "AbortError"
 
 
-def _chunks(requests: Iterator[Any], declared: int) -> bytes:
-    """The rest of an upload stream: chunks adding up to exactly the declared size."""
-    buf = bytearray()
-    for req in requests:
-        if _well_formed(req).WhichOneof("part") != "chunk":
-            raise InvalidArgument("only chunks may follow the header")
-        if len(req.chunk) > MAX_CHUNK:
-            raise InvalidArgument(f"chunk of {len(req.chunk)} bytes exceeds {MAX_CHUNK}")
-        buf += req.chunk
-        if len(buf) > declared:
-            raise InvalidArgument(f"stream carries more than the declared {declared} bytes")
-    if len(buf) != declared:
-        raise InvalidArgument(f"stream ended after {len(buf)} of the declared {declared} bytes")
-    return bytes(buf)
+class _Stream:
+    """An upload's request stream, read with timeouts."""
+
+    def __init__(self, requests: AsyncIterable[Any]) -> None:
+        self._it = requests.__aiter__()
+
+    async def next(self, timeout: float, what: str) -> Any | None:
+        try:
+            return _well_formed(await asyncio.wait_for(self._it.__anext__(), timeout))
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise Unavailable(f"{what}: nothing arrived for {timeout:g} s") from None
+
+    async def header(self, limits: StreamLimits) -> Any:
+        first = await self.next(limits.header_timeout_s, "waiting for the header")
+        if first is None:
+            raise InvalidArgument("empty stream: the first message must be a header")
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message of the stream must be a header")
+        return first.header
+
+    async def payload(self, declared: int, limits: StreamLimits) -> bytes:
+        """The chunks after the header, adding up to exactly the declared size."""
+        buf = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.deadline(declared)
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unavailable(f"the upload took longer than its deadline of {limits.deadline(declared):.0f} s")
+            req = await self.next(min(limits.idle_timeout_s, remaining), f"after {len(buf)} of {declared} bytes")
+            if req is None:
+                break
+            if req.WhichOneof("part") != "chunk":
+                raise InvalidArgument("only chunks may follow the header")
+            size = len(req.chunk)
+            if size > MAX_CHUNK:
+                raise InvalidArgument(f"chunk of {size} bytes exceeds {MAX_CHUNK}")
+            if len(buf) + size > declared:
+                raise InvalidArgument(f"stream carries more than the declared {declared} bytes")
+            if size < MIN_CHUNK and len(buf) + size < declared:
+                raise InvalidArgument(f"chunk of {size} bytes: every chunk but the last carries at least {MIN_CHUNK}")
+            buf += req.chunk
+        if len(buf) != declared:
+            raise InvalidArgument(f"stream ended after {len(buf)} of the declared {declared} bytes")
+        return bytes(buf)
 
 
-class FederationServicer(pb_grpc.FederationServicer):
+class FederationServicer:
     def __init__(
         self,
         federation: Federation,
@@ -142,12 +193,40 @@ class FederationServicer(pb_grpc.FederationServicer):
         mutual_tls: bool = False,
         max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
         upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S,
+        limits: StreamLimits | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.fed = federation
         self.mutual_tls = mutual_tls
         self.uploads = UploadSlots(max_concurrent_uploads, federation.metrics, upload_wait_s)
+        self.identities = IdentityLimits()
+        self.limits = limits or StreamLimits()
+        # Federation calls: bookkeeping, and the encodes and decodes (at most one per upload slot at a time).
+        self.executor = executor or ThreadPoolExecutor(max_workers=max_concurrent_uploads + 8, thread_name_prefix="federation")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks_changed: asyncio.Event | None = None
 
-    def _identity(self, context: grpc.ServicerContext) -> str | None:
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve from `loop`: long polls wait there for the Federation to announce new tasks."""
+        self._loop = loop
+        self._tasks_changed = asyncio.Event()
+        def announce() -> None:
+            try:
+                loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: the server has stopped
+                pass
+
+        self.fed.watch_tasks(announce)
+
+    def _wake(self) -> None:
+        assert self._tasks_changed is not None
+        old, self._tasks_changed = self._tasks_changed, asyncio.Event()
+        old.set()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+    def _identity(self, context: Any) -> str | None:
         """Under mTLS, the verified client certificate's common name; None without mTLS."""
         if not self.mutual_tls:
             return None
@@ -156,7 +235,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise Unauthenticated("a client certificate with a common name is required")
         return bytes(names[0]).decode("utf-8", "replace")
 
-    def _as(self, context: grpc.ServicerContext, cred: pb.Credentials) -> tuple[str, str]:
+    def _as(self, context: Any, cred: pb.Credentials) -> tuple[str, str]:
         """(id, token) of the caller, refusing to act for an id other than the certificate's."""
         identity = self._identity(context)
         if identity is not None and cred.collaborator_id != identity:
@@ -164,41 +243,65 @@ class FederationServicer(pb_grpc.FederationServicer):
         return cred.collaborator_id, cred.token
 
     @_answer
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        r = self.fed.join(request.name, request.num_samples, identity=self._identity(context))
+    async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
+        r = await self._call(self.fed.join, request.name, request.num_samples, self._identity(context), request.join_token)
         return pb.JoinResponse(collaborator_id=r.collaborator_id, token=r.token, plan=pb.Plan(json=r.plan_json, sha256=r.plan_sha256),
                                shard_index=r.shard_index, num_shards=r.num_shards)  # fmt: skip
 
     @_answer
-    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
-        task = self.fed.get_task(*self._as(context, request.credentials), request.wait_ms / 1000.0)
-        resp = pb.GetTaskResponse(kind=pb.GetTaskResponse.Kind.Value(task.kind), round=task.round, message=task.message)
+    async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.GetTaskResponse:
+        who = self._as(context, request.credentials)
+        member = await self._call(self.fed.authenticate, *who)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, min(request.wait_ms / 1000.0, self.fed.max_poll_s))
+        with self.identities.poll(member.id):
+            while True:
+                changed = self._tasks_changed  # before looking: a task announced meanwhile wakes us
+                task = await self._call(self.fed.get_task, *who, 0.0)
+                remaining = deadline - loop.time()
+                if task.kind != "WAIT" or remaining <= 0 or changed is None:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+        resp = pb.GetTaskResponse(kind=pb.GetTaskResponse.Kind.Value(task.kind), round=task.round, message=task.message,
+                                  completed=task.completed)  # fmt: skip
         if task.model is not None:
             resp.model.CopyFrom(payload_to_proto(task.model))
         return resp
 
     @_answer
-    def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
-        header = _header(request_iterator)
+    async def SubmitUpdate(self, request_iterator: AsyncIterable[Any], context: Any) -> pb.SubmitUpdateResponse:
+        stream = _Stream(request_iterator)
+        header = await stream.header(self.limits)
         who = self._as(context, header.credentials)
-        self.fed.check_update(*who, header.round, header.num_samples, header.payload_size)
-        with self.uploads.slot(lambda: context.is_active()):
-            blob = _chunks(request_iterator, header.payload_size)
-            wire = self.fed.submit_update(*who, header.round, header.num_samples, payload_from_bytes(blob), len(blob), dict(header.metrics))
+        await self._call(self.fed.check_update, *who, header.round, header.num_samples, header.payload_size)
+        with self.identities.upload(who[0]):
+            async with self.uploads.slot():
+                blob = await stream.payload(header.payload_size, self.limits)
+                metrics = dict(header.metrics)
+
+                def submit() -> int:
+                    return self.fed.submit_update(*who, header.round, header.num_samples, payload_from_bytes(blob), len(blob), metrics)
+
+                wire = await self._call(submit)
         return pb.SubmitUpdateResponse(accepted=True, message="accepted", bytes_received=wire)
 
     @_answer
-    def UploadDecoder(self, request_iterator: Iterator[pb.UploadDecoderRequest], context: grpc.ServicerContext) -> pb.UploadDecoderResponse:
-        header = _header(request_iterator)
+    async def UploadDecoder(self, request_iterator: AsyncIterable[Any], context: Any) -> pb.UploadDecoderResponse:
+        stream = _Stream(request_iterator)
+        header = await stream.header(self.limits)
         who = self._as(context, header.credentials)
         architecture = MessageToDict(header.architecture, preserving_proto_field_name=True)
-        self.fed.check_decoder(*who, architecture, header.size)
-        with self.uploads.slot(lambda: context.is_active()):
-            blob = _chunks(request_iterator, header.size)
-            n = self.fed.upload_decoder(*who, architecture, blob)
+        await self._call(self.fed.check_decoder, *who, architecture, header.size)
+        with self.identities.upload(who[0]):
+            async with self.uploads.slot():
+                blob = await stream.payload(header.size, self.limits)
+                n = await self._call(self.fed.upload_decoder, *who, architecture, blob)
         return pb.UploadDecoderResponse(accepted=True, message="decoder accepted", bytes_received=n)
 
     @_answer
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        self.fed.leave(*self._as(context, request.credentials))
+    async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveResponse:
+        await self._call(self.fed.leave, *self._as(context, request.credentials))
         return pb.LeaveResponse()

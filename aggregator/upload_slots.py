@@ -1,31 +1,33 @@
-"""A bound on the uploads the aggregator reads and decodes at once (`aggregator serve --max-concurrent-uploads`)."""
+"""Limits on what the aggregator reads at once: upload slots, and per-identity concurrency.
+
+`UploadSlots` bounds the uploads (updates, decoders) read and decoded at once
+(`aggregator serve --max-concurrent-uploads`), so memory grows with that bound, not with the number
+of collaborators: a stream waiting for a slot has not been read, and gRPC holds at most one
+flow-control window of it. Waiting costs no thread (the server is asyncio); an upload that waits
+longer than `wait_s` is refused with RESOURCE_EXHAUSTED and the collaborator retries it.
+
+`IdentityLimits` bounds what one authenticated identity may hold open at once: a few long polls and
+one upload stream, so one peer cannot take the server's capacity with many streams of its own.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 
 from fedsqueeze.errors import ResourceExhausted, Unavailable
 from fedsqueeze.metrics import Metrics
 
-# Uploads read and decoded at once, and how long another may wait for a slot before it is refused
-# with RESOURCE_EXHAUSTED (and retried).
 DEFAULT_MAX_CONCURRENT_UPLOADS = 8
 DEFAULT_UPLOAD_WAIT_S = 30.0
+MAX_POLLS_PER_IDENTITY = 4
+MAX_UPLOADS_PER_IDENTITY = 1
 
 
 class UploadSlots:
-    """At most `limit` uploads are read and decoded at once; the others wait for a slot.
-
-    An upload that waits has not read its stream, so gRPC holds at most one flow-control window of
-    it (see `server.grpc_options`). One that waits longer than `wait_s` is refused with
-    RESOURCE_EXHAUSTED, and the collaborator retries it with backoff: a waiting upload holds a
-    worker thread, which GetTask, Join and health checks also need. Waiting rather than refusing at
-    once matters: refusing at once cut bench/scale.py's ingest at 1,000 collaborators from ~100 to
-    12 updates/s, the retries queueing for worker threads behind the long polls.
-    """
+    """At most `limit` uploads are read and decoded at once; the others wait (asyncio, no thread) for a slot."""
 
     def __init__(self, limit: int, metrics: Metrics, wait_s: float = DEFAULT_UPLOAD_WAIT_S) -> None:
         if limit < 1:
@@ -36,29 +38,21 @@ class UploadSlots:
         self.active = 0
         self.waiting = 0
         self.peak = 0  # the most uploads ever in flight at once (tests check the bound with it)
-        self._cond = threading.Condition()
+        self._free: asyncio.Condition | None = None  # made on first use, inside the server's event loop
 
-    @contextlib.contextmanager
-    def slot(self, is_active: Callable[[], bool]) -> Iterator[None]:
-        """Hold a slot for the body; wait up to `wait_s` while the RPC is alive (`is_active`) if none is free."""
-        with self._cond:
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._free is None:
+            self._free = asyncio.Condition()
+        async with self._free:
             if self.active >= self.limit:
                 self.waiting += 1
                 self.metrics.uploads_waiting.set(self.waiting)
-                deadline = time.monotonic() + self.wait_s
                 try:
-                    while self.active >= self.limit:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            self.metrics.uploads_deferred.labels("refused").inc()
-                            raise ResourceExhausted(f"all {self.limit} upload slots stayed busy for {self.wait_s:g} s; retry later")
-                        if not is_active():
-                            raise Unavailable("the upload ended while waiting for a slot")
-                        self._cond.wait(min(remaining, 0.5))  # woken by notify; 0.5 s only to notice a cancelled RPC
-                except BaseException:
-                    if self.active < self.limit:
-                        self._cond.notify()  # pass on a wake-up this waiter may have taken
-                    raise
+                    await asyncio.wait_for(self._free.wait_for(lambda: self.active < self.limit), self.wait_s)
+                except TimeoutError:
+                    self.metrics.uploads_deferred.labels("refused").inc()
+                    raise ResourceExhausted(f"all {self.limit} upload slots stayed busy for {self.wait_s:g} s; retry later") from None
                 finally:
                     self.waiting -= 1
                     self.metrics.uploads_waiting.set(self.waiting)
@@ -69,7 +63,41 @@ class UploadSlots:
         try:
             yield
         finally:
-            with self._cond:
+            async with self._free:
                 self.active -= 1
                 self.metrics.uploads_in_flight.set(self.active)
-                self._cond.notify()
+                self._free.notify()
+
+
+class IdentityLimits:
+    """Per authenticated identity: at most `polls` long polls and `uploads` upload streams at once."""
+
+    def __init__(self, polls: int = MAX_POLLS_PER_IDENTITY, uploads: int = MAX_UPLOADS_PER_IDENTITY) -> None:
+        self.polls, self.uploads = polls, uploads
+        self._polls: Counter[str] = Counter()
+        self._uploads: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def poll(self, member_id: str) -> Iterator[None]:
+        if self._polls[member_id] >= self.polls:
+            raise ResourceExhausted(f"{member_id} already has {self.polls} GetTask calls open; wait for one to answer")
+        with _held(self._polls, member_id):
+            yield
+
+    @contextlib.contextmanager
+    def upload(self, member_id: str) -> Iterator[None]:
+        if self._uploads[member_id] >= self.uploads:
+            raise Unavailable(f"an upload from {member_id} is already being received; retry once it is done")
+        with _held(self._uploads, member_id):
+            yield
+
+
+@contextlib.contextmanager
+def _held(counts: Counter[str], key: str) -> Iterator[None]:
+    counts[key] += 1
+    try:
+        yield
+    finally:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]

@@ -17,6 +17,7 @@ so stateful stages (error feedback, predictors) evolve identically on sender and
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,8 +230,9 @@ class Chain:
         self._update(state, specs, recon, ios)
         x_hat = np.asarray(recon[0], dtype=np.float32)
         err = x - x_hat
-        denom = float(np.dot(x, x))
-        nmse = float(np.dot(err, err)) / denom if denom > 0 else float(np.dot(err, err))
+        with np.errstate(over="ignore", invalid="ignore"):  # |x| near float32's limit: the sums overflow to inf
+            denom, error = float(np.dot(x, x)), float(np.dot(err, err))
+        nmse = error / denom if denom > 0 and math.isfinite(denom) else error
         stats = EncodeStats(
             raw_bytes=layout.raw_bytes,
             wire_bytes=len(data),

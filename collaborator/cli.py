@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from fedsqueeze.codecs import CodecError
-from fedsqueeze.console import die
+from fedsqueeze.console import die, setup_logging
 from fedsqueeze.errors import FederationError, Unreachable
 from fedsqueeze.metrics import Metrics, start_metrics_server
 from fedsqueeze.models import ModelError
@@ -37,11 +37,25 @@ def _join(args: argparse.Namespace) -> int:
         prom=prom,
         tls=ClientTLS.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
         reconnect_timeout=args.reconnect_timeout,
+        join_token=_join_token(args),
     )
-    print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished", flush=True)
     if args.metrics_port is not None and args.metrics_linger > 0:
         time.sleep(args.metrics_linger)  # let Prometheus scrape the final counts
+    if not result["completed"]:
+        die(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds, but the federation {result['outcome']}", 1)
+    print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished", flush=True)
     return 0
+
+
+def _join_token(args: argparse.Namespace) -> str:
+    """The join secret or enrollment token: from --join-token-file, else $FEDSQUEEZE_JOIN_TOKEN (never a plain argument:
+    other users of the machine can read command lines)."""
+    if args.join_token_file:
+        try:
+            return Path(args.join_token_file).read_text().strip()
+        except OSError as exc:
+            die(f"cannot read the join token {args.join_token_file}: {exc.strerror}")
+    return os.environ.get("FEDSQUEEZE_JOIN_TOKEN", "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--tls-cert", help="mutual TLS: client certificate (PEM); its common name is this collaborator's id")
     join.add_argument("--tls-key", help="mutual TLS: private key of --tls-cert (PEM)")
     join.add_argument("--tls-server-name", help="the name to check the aggregator's certificate against (default: the host of --server)")
+    join.add_argument("--join-token-file", help="the federation's join secret or this collaborator's enrollment token "
+                      "(default: $FEDSQUEEZE_JOIN_TOKEN)")  # fmt: skip
     join.add_argument("--report", help="write what this collaborator sent and received (JSON)")
     join.add_argument("--no-progress", action="store_true", help="no progress bar")
     join.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
@@ -77,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.verbose)
     try:
         return int(args.func(args))
     except Unreachable as exc:

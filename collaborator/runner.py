@@ -22,7 +22,7 @@ from fedsqueeze.errors import Unauthenticated
 from fedsqueeze.messages import Task
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.report import write_json_atomic
-from fedsqueeze.tasks import Dataset, load_dataset, parse_data_arg, partition
+from fedsqueeze.tasks import GENERATED, Dataset, load_dataset, parse_data_arg, partition
 from fedsqueeze.tls import ClientTLS
 
 from .round_step import BuiltinTrainer, LinkStates, RoundStep
@@ -48,7 +48,7 @@ def load_local_data(session: Session, data_arg: str | None) -> LocalData:
     else:
         name, path = parse_data_arg(data_arg)
     ds: Dataset = load_dataset(name, path, plan.seed, plan.task.num_samples if name == plan.task.dataset else 0)
-    if data_arg is None or name in ("digits", "mnist1d"):
+    if data_arg is None or name in GENERATED:
         shards = partition(ds.y_train, session.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
         idx = shards[session.shard_index % len(shards)]
         desc = f"{name} shard {session.shard_index + 1}/{session.num_shards} ({len(idx)} samples)"
@@ -141,14 +141,17 @@ def run_collaborator(
     prom: Metrics | None = None,
     tls: ClientTLS | None = None,
     reconnect_timeout: float = 300.0,
+    join_token: str = "",
 ) -> dict[str, Any]:
+    """Join the federation at `server` and train until it is done. The result says whether it
+    `completed` (ran all its rounds) or ended early (`outcome` says why)."""
     import torch
     from tqdm import tqdm
 
     torch.set_num_threads(1)  # several collaborators share a machine in the demo and tests
     # torch's first optimizer imports torch._dynamo (seconds): pay for it before joining, not in round 1.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    client = FederationClient(server, connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout, tls=tls)
+    client = FederationClient(server, connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout, tls=tls, join_token=join_token)
     try:
         run = CollaboratorRun(client, client.join(name or socket.gethostname()), data, prom or Metrics("collaborator"),
                               CollaboratorReport(report_path))  # fmt: skip
@@ -163,6 +166,7 @@ def run_collaborator(
                 run.rejoin()
                 continue
             if task.kind == "DONE":
+                done = task
                 break
             record = run.handle(task)
             if record is not None:
@@ -172,6 +176,7 @@ def run_collaborator(
         bar.close()
         client.leave("done")
         run.report.write()
-        return {"collaborator_id": run.session.collaborator_id, "rounds_trained": trained}
+        return {"collaborator_id": run.session.collaborator_id, "rounds_trained": trained, "completed": done.completed,
+                "outcome": done.message}  # fmt: skip
     finally:
         client.close()

@@ -34,7 +34,7 @@ from fedsqueeze.wire import error_from_status, payload_from_proto, payload_to_by
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 1 << 20  # the aggregator accepts chunks of at most 1 MiB (aggregator/servicer.py MAX_CHUNK)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_CAP_S = 5.0
@@ -78,8 +78,10 @@ class FederationClient:
         reconnect_timeout: float = 300.0,
         max_message: int = 256 << 20,
         tls: ClientTLS | None = None,
+        join_token: str = "",
     ) -> None:
         self.address = address
+        self.join_token = join_token  # the federation's join secret or this collaborator's enrollment token
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
         options: list[tuple[str, Any]] = [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
@@ -127,7 +129,8 @@ class FederationClient:
         """Join; joining again (see `rejoin`) must find the same plan."""
         resp = self._call(
             "join",
-            lambda: self.stub.Join(pb.JoinRequest(name=name, num_samples=num_samples), timeout=30, wait_for_ready=False),
+            lambda: self.stub.Join(pb.JoinRequest(name=name, num_samples=num_samples, join_token=self.join_token), timeout=30,
+                                   wait_for_ready=False),
         )
         plan = Plan.from_json(json.loads(resp.plan.json))
         if plan.sha256 != resp.plan.sha256:
@@ -154,7 +157,7 @@ class FederationClient:
         if kind not in ("WAIT", "TRAIN", "PREPASS", "DONE"):
             raise InvalidArgument(f"the aggregator sent a task of unknown kind {kind}")
         model = payload_from_proto(resp.model) if resp.HasField("model") else None
-        return Task(kind, resp.round, model, resp.message)  # type: ignore[arg-type]
+        return Task(kind, resp.round, model, resp.message, resp.completed)  # type: ignore[arg-type]
 
     def submit_update(self, round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
         """Stream the serialized Payload in chunks; returns the wire bytes (its serialized size)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, NoReturn
 
@@ -51,3 +52,12 @@ def die(message: str, code: int = 2) -> NoReturn:
     """One line on stderr and a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def setup_logging(verbose: bool) -> None:
+    """The command-line tools' logging: warnings (debug with -v) on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

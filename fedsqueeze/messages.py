@@ -34,3 +34,4 @@ class Task:
     round: int = 0
     model: Payload | None = None  # the global model, encoded by the downlink chain (PREPASS: or the shared decoder)
     message: str = ""  # WAIT/DONE: why; PREPASS: the role (train-autoencoder, train-encoder, shared-decoder)
+    completed: bool = False  # DONE: the federation ran all its rounds (False: it ended early, `message` says why)

@@ -9,7 +9,8 @@ both kinds of process expose the same byte counters, each from its own side.
 Metrics (base units; a process exposes only what it can measure):
 
     fedsqueeze_bytes_total{direction, kind, codec, collaborator}   counter
-        direction: up | down; kind: raw (fp32 size) | wire (serialized Payload) | decoder
+        direction: up | down; kind: raw (fp32 size) | wire (serialized Payload) | decoder | resent (a message sent
+        again to a peer that had it: not part of wire)
         codec: the chain, e.g. "fp16 | zstd"; collaborator: its id (optional, see below)
     fedsqueeze_messages_total{direction, type, status}             counter
         type: update | model | decoder; status: the gRPC status code name (OK, INVALID_ARGUMENT, ...)
@@ -132,6 +133,11 @@ class Metrics:
         if direction == "up":
             self._bytes("up", "decoder", codec, collaborator)  # exists (at 0) before any decoder upload
         self.messages.labels(direction, "update" if direction == "up" else "model", status).inc()
+
+    def record_resent(self, direction: str, codec: str, collaborator: str, wire: int) -> None:
+        """A message sent again to a peer that already had it (kind `resent`: not part of the `wire` totals)."""
+        self._bytes(direction, "resent", codec, collaborator).inc(wire)
+        self.messages.labels(direction, "update" if direction == "up" else "model", "RESENT").inc()
 
     def record_decoder(self, codec: str, collaborator: str, nbytes: int) -> None:
         """A decoder upload (autoencoder stages): its bytes count against the savings."""

@@ -110,6 +110,7 @@ class ModelSpec:
 @dataclass
 class CollaboratorsSpec:
     min: Annotated[int, AtLeastOne] = 2  # collaborators that must join before round 1
+    max: Annotated[int, NonNegative] = 0  # members at most (joined and not left); 0: 10 x min
     fraction: Annotated[float, Range(gt=0, le=1)] = 1.0  # fraction of active collaborators selected per round
     min_per_round: Annotated[int, AtLeastOne] = 1  # at least this many per round
     join_timeout_s: Annotated[float, Positive] = 600.0  # give up if `min` have not joined by then
@@ -186,6 +187,12 @@ class AggregationSpec:
     """How the updates of a round are combined (aggregator/strategy.py) and applied (aggregator/server_optimizer.py)."""
 
     clip_norm: Annotated[float | None, Positive] = None  # clip each update's L2 norm (of the delta) to this
+    # FedAvg: the round's most influential update (weight x norm) is scaled to at most this many times the
+    # median delta norm of the others (alone in its round: of the last rounds'); null: off
+    norm_bound: Annotated[float | None, Range(ge=1)] = 5.0
+    weighting: Literal["samples", "equal"] = "samples"  # FedAvg weights: declared sample counts (capped, below) or all equal
+    # a cap on every declared sample count; built-in data sets also cap each at the shard the aggregator assigned
+    max_samples: Annotated[int | None, AtLeastOne] = None
     robust: Literal["median", "trimmed_mean"] | None = None  # null: FedAvg (streaming); robust rules keep every update
     trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = 0.1  # trimmed_mean: fraction cut at each end per coordinate
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
@@ -246,6 +253,10 @@ class Plan:
         return self.task.num_shards or self.collaborators.min
 
     @property
+    def max_members(self) -> int:
+        return self.collaborators.max or 10 * self.collaborators.min
+
+    @property
     def uplink_chain_config(self) -> Any:
         """The uplink chain as configured, with an `ae` stage's unset settings taken from `prepass`."""
         return chain_with_prepass(self.uplink.chain, self.prepass)
@@ -261,6 +272,8 @@ class Plan:
         _check(self.model.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.model.name!r}")
         _check(self.task.num_samples == 0 or self.task.dataset == "mnist1d", "task.num_samples applies to the mnist1d data set only")
         _check(self.task.num_samples == 0 or self.task.num_samples >= 100, "task.num_samples must be 0 or in [100, 2000000]")
+        _check(self.collaborators.max == 0 or self.collaborators.max >= self.collaborators.min,
+               f"collaborators.max ({self.collaborators.max}) must be 0 or at least collaborators.min ({self.collaborators.min})")  # fmt: skip
         chains: dict[str, Chain | None] = {}
         for name, config in (("uplink.chain", self.uplink_chain_config), ("downlink.chain", self.downlink.chain),
                              ("downlink.update_chain", self.downlink.update_chain)):  # fmt: skip

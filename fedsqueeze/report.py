@@ -35,6 +35,10 @@ class RoundRecord:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
     status: str = "ok"  # ok | retried (quorum met after a retry) | failed: ... (quorum missed, model unchanged)
     attempts: int = 1  # 1 + retries of this round
+    # Downloads handed out again to a member that already had this round's (a lost response, a
+    # client that asks twice): not part of `bytes`, which counts each member's download once.
+    resent: dict[str, int] = field(default_factory=lambda: {"messages": 0, "wire": 0})
+    aggregation: dict[str, Any] = field(default_factory=dict)  # what the strategy did beyond averaging (clipped, bounded, trimmed)
 
     @property
     def ok(self) -> bool:
@@ -51,6 +55,8 @@ class RoundRecord:
             "status": self.status,
             "attempts": self.attempts,
             "bytes": dict(self.bytes),
+            "resent": dict(self.resent),
+            "aggregation": dict(self.aggregation),
         }
 
 

@@ -223,6 +223,7 @@ def load_cifar10(root: str | Path) -> Dataset:
 
 
 DATASETS = {"digits", "mnist1d", "npz", "mnist", "cifar10"}
+GENERATED = {"digits", "mnist1d"}  # made the same on every machine, and cut into the plan's shards
 
 
 def load_dataset(name: str, path: str | None = None, seed: int = 0, num_samples: int = 0) -> Dataset:

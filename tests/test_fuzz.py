@@ -4,6 +4,7 @@ INTERNAL), RSS stays bounded, and a valid update is still accepted afterwards.""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import random
@@ -46,11 +47,21 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code)
 
     def auth_context(self) -> dict:
         return {}
+
+
+async def stream(parts: list):
+    for part in parts:
+        yield part
+
+
+def submit(loop: asyncio.AbstractEventLoop, servicer: FederationServicer, parts: list, ctx: FakeContext):
+    """The servicer's SubmitUpdate handler on an event loop, as the asyncio server runs it."""
+    return loop.run_until_complete(servicer.SubmitUpdate(stream(parts), ctx))
 
 
 class Cases:
@@ -169,6 +180,7 @@ def test_ten_thousand_malformed_updates_through_the_servicer() -> None:
     fed = Federation(Plan.from_json(PLAN))
     stop, thread, cred = open_round(fed)
     servicer, ctx = FederationServicer(fed), FakeContext()
+    loop = asyncio.new_event_loop()
     cases = Cases(fed, cred)
     codes: Counter = Counter()
     kinds: Counter = Counter()
@@ -180,7 +192,7 @@ def test_ten_thousand_malformed_updates_through_the_servicer() -> None:
         kind, parts = cases.one(i)
         kinds[kind] += 1
         try:
-            servicer.SubmitUpdate(iter(parts), ctx)
+            submit(loop, servicer, parts, ctx)
             codes["OK"] += 1
             raise AssertionError(f"case {i} ({kind}) was accepted")
         except Aborted as exc:
@@ -193,8 +205,10 @@ def test_ten_thousand_malformed_updates_through_the_servicer() -> None:
     assert codes[grpc.StatusCode.INVALID_ARGUMENT] > 0.8 * total
     assert growth < 64 << 20
     # Still serving: the collaborator's real update is accepted (so nothing before it was).
-    resp = servicer.SubmitUpdate(iter(cases.stream(cases.payload(cases.good))), ctx)
+    resp = submit(loop, servicer, cases.stream(cases.payload(cases.good)), ctx)
     assert resp.accepted
+    loop.close()
+    servicer.executor.shutdown()
     stop.set()
     thread.join(10)
 

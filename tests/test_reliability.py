@@ -37,14 +37,14 @@ def make_plan(**over) -> Plan:
 
 
 class Scaled:
-    """A trainer whose update is multiplied by `factor` (a Byzantine collaborator)."""
+    """A trainer whose update is multiplied by `factor`, and which may lie about its sample count (a Byzantine collaborator)."""
 
-    def __init__(self, inner: BuiltinTrainer, factor: float) -> None:
-        self.inner, self.factor = inner, factor
+    def __init__(self, inner: BuiltinTrainer, factor: float, declared: int | None = None) -> None:
+        self.inner, self.factor, self.declared = inner, factor, declared
 
     @property
     def num_samples(self) -> int:
-        return self.inner.num_samples
+        return self.inner.num_samples if self.declared is None else self.declared
 
     def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
         local, metrics = self.inner.train(weights, round_number)
@@ -54,7 +54,7 @@ class Scaled:
 class Sim:
     """Collaborators of one in-process federation, each running the collaborator's RoundStep."""
 
-    def __init__(self, fed: Federation, n: int, scale: dict[int, float] | None = None) -> None:
+    def __init__(self, fed: Federation, n: int, scale: dict[int, float] | None = None, declared: dict[int, int] | None = None) -> None:
         self.fed, self.plan = fed, fed.plan
         data = load_plan_dataset(self.plan)
         shards = partition(data.y_train, self.plan.num_shards, "iid", 0.5, self.plan.seed)
@@ -65,7 +65,8 @@ class Sim:
         self.steps: list[RoundStep] = []
         for i, m in enumerate(self.members):
             idx = shards[m.shard_index]
-            trainer = Scaled(BuiltinTrainer(self.plan, model, data.x_train[idx], data.y_train[idx], m.shard_index), (scale or {}).get(i, 1.0))
+            trainer = Scaled(BuiltinTrainer(self.plan, model, data.x_train[idx], data.y_train[idx], m.shard_index), (scale or {}).get(i, 1.0),
+                             (declared or {}).get(i))  # fmt: skip
             states = LinkStates(up=CodecState(), down=chains.downlink_state(initial))
             self.steps.append(RoundStep(self.plan, chains, fed.layout, trainer, states, self._submitter(i)))
 
@@ -93,10 +94,10 @@ class Sim:
         return task.kind
 
 
-def run_federation(fed: Federation, n: int, *, scale=None, alive=None, timeout: float = 120.0) -> Sim:
+def run_federation(fed: Federation, n: int, *, scale=None, declared=None, alive=None, timeout: float = 120.0) -> Sim:
     stop = threading.Event()
     t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
-    sim = Sim(fed, n, scale)
+    sim = Sim(fed, n, scale, declared)
     t.start()
     alive = set(range(n)) if alive is None else alive
     end = time.monotonic() + timeout
@@ -253,16 +254,71 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_pa
         Federation(make_plan(rounds=5), state_dir=tmp_path)
 
 
-def test_byzantine_update_scaled_100x_with_median() -> None:
-    common = {"rounds": 6, "collaborators": {"min": 5}, "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0},
-              "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}  # fmt: skip
-    honest = Federation(make_plan(**common))
-    run_federation(honest, 5)
-    attacked = Federation(make_plan(**common))
-    run_federation(attacked, 5, scale={2: 100.0})
-    robust = Federation(make_plan(**common, aggregation={"robust": "median"}))
-    run_federation(robust, 5, scale={2: 100.0})
-    acc = {name: f.report.summary()["final_accuracy"] for name, f in [("honest", honest), ("attacked", attacked), ("robust", robust)]}
-    print("byzantine x100:", acc)
-    assert acc["attacked"] < acc["honest"] - 0.2  # FedAvg is wrecked
-    assert acc["robust"] >= acc["honest"] - 0.02
+BYZANTINE = {"rounds": 6, "collaborators": {"min": 5}, "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0},
+             "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}  # fmt: skip
+
+
+def final_accuracy(aggregation: dict | None = None, **attack: dict) -> float:
+    fed = Federation(make_plan(**BYZANTINE, aggregation=aggregation or {}))
+    run_federation(fed, 5, **attack)
+    return float(fed.report.summary()["final_accuracy"])
+
+
+def test_one_wild_update_is_harmless_by_default_and_ruins_unbounded_fedavg() -> None:
+    """One collaborator of five sends its delta x 1e6. Plain FedAvg (norm_bound off) is wrecked; the default
+    norm bound scales the round's most influential update to 5x the others' median norm, and the median
+    rule ignores it."""
+    honest = final_accuracy()
+    wild = {"scale": {2: 1e6}}
+    unbounded = final_accuracy({"norm_bound": None}, **wild)
+    bounded = final_accuracy({}, **wild)
+    median = final_accuracy({"robust": "median"}, **wild)
+    print(f"\ndelta x 1e6: honest {honest:.3f}, unbounded FedAvg {unbounded:.3f}, default {bounded:.3f}, median {median:.3f}")
+    assert unbounded < honest - 0.2
+    assert bounded >= honest - 0.03 and median >= honest - 0.03
+
+
+def test_a_lied_sample_count_is_capped_at_the_assigned_shard() -> None:
+    """One collaborator of five declares 1e9 samples with an honest-sized update that pulls the wrong way:
+    its weight is capped at the size of the shard the aggregator gave it, so it is one voice of five."""
+    honest = final_accuracy()
+    liar = {"scale": {2: -1.0}, "declared": {2: 10**9}}
+    capped = final_accuracy({}, **liar)
+    fed = Federation(make_plan(**BYZANTINE))
+    assert fed.shard_sizes is not None and max(fed.shard_sizes) < 10**4
+    print(f"\n1e9 declared samples: honest {honest:.3f}, capped {capped:.3f}")
+    assert capped >= honest - 0.05
+
+
+def test_trimmed_mean_says_when_it_trims_nothing() -> None:
+    fed = Federation(make_plan(rounds=1, collaborators={"min": 3}, aggregation={"robust": "trimmed_mean"}))
+    run_federation(fed, 3)
+    (record,) = fed.report.rounds
+    assert record.aggregation["trimmed_per_side"] == 0  # 0.1 of 3 updates is none: a plain mean, and the record says so
+
+
+def test_re_sent_downloads_are_counted_apart_and_capped() -> None:
+    """A participant that asks for its round's model again gets the same bytes, counted as re-sends, not as
+    the round's traffic; past MAX_RESENDS it is refused."""
+    from fedsqueeze.aggregator.federation import MAX_RESENDS
+    from fedsqueeze.errors import ResourceExhausted
+
+    fed = Federation(make_plan(rounds=1, collaborators={"min": 2}))
+    stop = threading.Event()
+    t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
+    sim = Sim(fed, 2)
+    t.start()
+    a = sim.members[0]
+    first = fed.get_task(a.collaborator_id, a.token, 10)
+    again = [fed.get_task(a.collaborator_id, a.token, 1) for _ in range(MAX_RESENDS)]
+    assert all(task.model == first.model for task in again)
+    with pytest.raises(ResourceExhausted, match="times"):
+        fed.get_task(a.collaborator_id, a.token, 1)
+    sim.steps[0].run(first)
+    assert sim.step(1, 10) == "TRAIN"
+    t.join(30)
+    (record,) = fed.report.rounds
+    wire = first.model.wire_size
+    assert record.resent == {"messages": MAX_RESENDS, "wire": MAX_RESENDS * wire}
+    assert record.bytes["down_raw"] == 2 * fed.layout.raw_bytes  # one download per participant
+    stop.set()

@@ -52,12 +52,14 @@ class Plan(_message.Message):
     def __init__(self, json: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "num_samples")
+    __slots__ = ("name", "num_samples", "join_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_samples: int
-    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    join_token: str
+    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., join_token: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("collaborator_id", "token", "plan", "shard_index", "num_shards")
@@ -82,7 +84,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "model", "message")
+    __slots__ = ("kind", "round", "model", "message", "completed")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[GetTaskResponse.Kind]
@@ -99,11 +101,13 @@ class GetTaskResponse(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
     kind: GetTaskResponse.Kind
     round: int
     model: Payload
     message: str
-    def __init__(self, kind: _Optional[_Union[GetTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[Payload, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    completed: bool
+    def __init__(self, kind: _Optional[_Union[GetTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[Payload, _Mapping]] = ..., message: _Optional[str] = ..., completed: _Optional[bool] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("credentials", "round", "num_samples", "payload_size", "metrics")
