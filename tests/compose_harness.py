@@ -212,7 +212,9 @@ class DockerEngine:
         mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
         for mount in reversed([m for m in mounts if m.startswith(str(self.root))]):
             subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+        # Images, volumes, build cache: gigabytes of small files, which rm deletes faster than rmtree.
+        # --one-file-system: never through a mount that survived the umount above.
+        subprocess.run(["rm", "-rf", "--one-file-system", str(self.root)], capture_output=True, check=False)
 
 
 # -- the local base image ---------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def base_image(engine: DockerEngine, output: Path) -> tuple[str, list[str], bool
     else:
         log(f"reusing the local base image {tarball}")
     tag = f"fedsqueeze-compose-test/base:{key}"
-    changes = [f"ENV LANG=C.UTF-8", f"ENV PIP_CERT={SYSTEM_BUNDLE}", f"ENV REQUESTS_CA_BUNDLE={SYSTEM_BUNDLE}",
+    changes = ["ENV LANG=C.UTF-8", f"ENV PIP_CERT={SYSTEM_BUNDLE}", f"ENV REQUESTS_CA_BUNDLE={SYSTEM_BUNDLE}",
                f"ENV SSL_CERT_FILE={SYSTEM_BUNDLE}", 'CMD ["python3"]']  # fmt: skip
     args = [engine.cli, "import", *(a for c in changes for a in ("--change", c)), str(tarball), tag]
     run(args, env=engine.env, output=output, timeout=600)

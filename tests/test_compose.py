@@ -241,7 +241,8 @@ def check_report(d: Deployment, report: dict[str, Any], resumed: int, killed_aft
 
 def check_prometheus(d: Deployment, report: dict[str, Any], resumed: int, done: float) -> None:
     def scraped_since_done() -> bool:
-        stamps = [float(r["value"][1]) for r in d.query('timestamp(up{job=~"fedsqueeze-.*"} == 1)', time.time())]
+        # timestamp() of a plain selector is the sample's (of an expression, the evaluation time)
+        stamps = [float(r["value"][1]) for r in d.query('timestamp(up{job=~"fedsqueeze-.*"})', time.time())]
         return len(stamps) == 1 + COLLABORATORS - 1 and min(stamps) > done and d.all_up(COLLABORATORS - 1)
 
     wait_until("a scrape of every target after the last round", scraped_since_done, 60)
