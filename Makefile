@@ -8,7 +8,7 @@ PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-grpc-check bench-slowlink bench-scale flower-venv clean prometheus
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-grpc-check bench-slowlink bench-scale flower-venv clean prometheus compose-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ prometheus: ## Install Debian's prometheus package (the real server the metrics 
 	@if command -v prometheus >/dev/null; then prometheus --version 2>&1 | head -1; else \
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends prometheus; fi
+
+compose-test: $(STAMP) ## Bring deploy/docker-compose.yml up on a Docker engine it starts (root; installs docker.io, docker-compose, debootstrap)
+	$(BIN)/python -m pytest -q -s -m compose tests/test_compose.py
 
 test-fast: $(STAMP) ## Run the tests that start no servers
 	$(BIN)/python -m pytest -q -m "not slow"

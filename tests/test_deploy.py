@@ -1,8 +1,11 @@
 """deploy/: the compose file and the Kubernetes manifests against their schemas, and the pieces fitting together.
 
-No Docker engine or cluster runs here, so they are validated, not run:
-- docker-compose.yml: the Compose Specification's JSON schema as vendored by check-jsonschema
-  (`--builtin-schema vendor.compose-spec`); and `docker compose config` where a compose client exists;
+These tests start no Docker engine or cluster (tests/test_compose.py, `make compose-test`, runs the
+compose deployment for real), so here they are validated:
+- docker-compose.yml and the test override docker-compose.test.yml: the Compose Specification's JSON
+  schema as vendored by check-jsonschema (`--builtin-schema vendor.compose-spec`); and `docker compose
+  config` / `docker-compose config` (1.29) where a compose client exists;
+- Dockerfile: pinned base image, pinned and hashed requirements, the CPU torch, a non-root user;
 - deploy/k8s/*.yaml: the Kubernetes 1.37 OpenAPI schemas bundled in kubernetes-validate, strict
   (unknown fields are errors);
 - prometheus.yml (compose and Kubernetes): `promtool check config` where promtool is installed.
@@ -12,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,9 @@ from .conftest import ROOT
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.37.0"
 K8S_FILES = sorted(p for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+COMPOSE_FILES = [DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.test.yml"]
 
 
 def compose() -> dict[str, Any]:
@@ -40,8 +48,9 @@ def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_compose_file_matches_the_compose_spec(tmp_path) -> None:
-    proc = check_compose_schema(DEPLOY / "docker-compose.yml")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for path in COMPOSE_FILES:
+        proc = check_compose_schema(path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     # The validator is not vacuous: a misspelt key is refused.
     broken = compose()
     broken["services"]["collaborator"]["helthcheck"] = broken["services"]["collaborator"].pop("healthcheck")
@@ -63,6 +72,9 @@ def test_compose_services_fit_together() -> None:
     mounts = {v.split(":")[0]: v.split(":")[1] for v in agg["volumes"]}
     assert mounts["reports"] == "/data/reports" and mounts["checkpoints"] == "/data/checkpoints"
     assert {"reports", "checkpoints"} <= set(c["volumes"])
+    assert f"--state-dir={mounts['checkpoints']}" in agg["command"]  # a restarted container resumes
+    # docker-compose 1.x refuses a top-level `name`; deploy/.env names the project for both versions
+    assert "name" not in c and "COMPOSE_PROJECT_NAME=fedsqueeze" in (DEPLOY / ".env").read_text().splitlines()
     # bind mounts point at files in deploy/, where Grafana and Prometheus expect them
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -88,8 +100,20 @@ def test_docker_compose_config_accepts_the_file() -> None:
     client = compose_client()
     if client is None:
         pytest.skip("no compose client here (`docker compose` plugin or docker-compose); the schema test covers the file")
-    proc = subprocess.run([*client, "-f", str(DEPLOY / "docker-compose.yml"), "config", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    for files in (COMPOSE_FILES[:1], COMPOSE_FILES):
+        args = [a for f in files for a in ("-f", str(f))]
+        proc = subprocess.run([*client, *args, "config", "--quiet"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_test_override_only_swaps_what_has_no_image_here() -> None:
+    override = yaml.safe_load((DEPLOY / "docker-compose.test.yml").read_text())["services"]
+    assert override["grafana"] == {"profiles": ["grafana"]}  # left out, not edited out of the main file
+    assert set(override["prometheus"]) == {"image"}  # same command, configuration and health check
+    plan_mount = override["aggregator"]["volumes"]
+    assert plan_mount == ["./compose-test/plan.json:/etc/fedsqueeze/plan.json:ro"]
+    plan = json.loads((DEPLOY / "compose-test/plan.json").read_text())
+    assert plan["quorum"] < plan["collaborators"]["min"]  # one collaborator may die and the rounds go on
 
 
 def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
@@ -138,6 +162,38 @@ def test_dockerfile_runs_as_a_non_root_user_with_cpu_torch() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "whl/cpu" in text and "torch==" in text
     assert '"fedsqueeze", "health"' in text
+
+
+def test_dockerfile_is_pinned_and_its_final_stage_has_no_build_tools() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    stages = [s for s in text.split("\nFROM ")[1:]]
+    assert len(stages) == 2
+    for stage in stages:  # a Python patch release on a named Debian release
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", stage.split()[0]), stage.split()[0]
+    final = stages[-1]
+    assert "COPY --from=build /opt/fedsqueeze /opt/fedsqueeze" in final
+    assert not re.search(r"\b(pip|apt-get)\b", final)  # nothing installed in the final stage
+    assert "--require-hashes -r /tmp/requirements.txt" in text and "pip uninstall --yes pip" in text
+    assert "!deploy/requirements.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text()
+
+
+def test_image_requirements_are_pinned_with_hashes() -> None:
+    from packaging.requirements import Requirement
+
+    def pins(path: Path) -> dict[str, str]:
+        lines = [line.split("\\")[0].strip() for line in path.read_text().splitlines()]
+        reqs = [Requirement(line) for line in lines if line and not line.startswith(("#", "--"))]
+        assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in reqs), reqs
+        return {r.name.lower(): str(r.specifier) for r in reqs}
+
+    wanted = pins(DEPLOY / "requirements.in")
+    assert pins(DEPLOY / "requirements.txt") == wanted
+    for block in re.split(r"\n(?=\S)", (DEPLOY / "requirements.txt").read_text()):
+        if "==" in block.split("\n")[0] and not block.startswith("#"):
+            assert "--hash=sha256:" in block, block  # pip install --require-hashes
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    direct = {Requirement(r).name.lower() for r in project} - {"torch"}  # torch: the CPU wheel index
+    assert direct <= set(wanted), direct - set(wanted)
 
 
 def prometheus_configs(tmp_path: Path) -> list[Path]:
