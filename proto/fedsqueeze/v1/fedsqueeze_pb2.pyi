@@ -142,7 +142,7 @@ class SubmitUpdateResponse(_message.Message):
     accepted: bool
     message: str
     bytes_received: int
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class DecoderArchitecture(_message.Message):
     __slots__ = ("kind", "sizes")
@@ -185,7 +185,7 @@ class UploadDecoderResponse(_message.Message):
     accepted: bool
     message: str
     bytes_received: int
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("credentials", "reason")
