@@ -67,15 +67,16 @@ FLOWER_VENV := bench/flower/.venv
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
 
 $(FLOWER_STAMP): bench/flower/requirements.txt
-	# Flower's own plain venv: flwr needs protobuf<7, fedsqueeze uses protobuf 7 (no --system-site-packages).
+	# The benchmark peer's own plain venv (flwr 1.41, no fedsqueeze: it loads fedsqueeze/training.py by path).
 	$(PYTHON) -m venv $(FLOWER_VENV)
 	$(FLOWER_VENV)/bin/pip install --quiet -r bench/flower/requirements.txt
 	touch $(FLOWER_STAMP)
 
 flower-venv: $(FLOWER_STAMP) ## Build bench/flower/.venv (flwr 1.41, torch 2.13 CPU) for the Flower peer
 
-# fedsqueeze[flower] and Flower 1.42 in one environment (Flower needs protobuf<7): the co-installation
-# users get, the Flower tests and the Flower benchmark run in it.
+# fedsqueeze[flower] and Flower 1.42 in one environment (Flower needs protobuf<7, so pip picks protobuf 6
+# here, 7 in .venv): the co-installation users get. The Flower tests and the Flower app benchmark run in it,
+# and so do the gRPC server tests, for fedsqueeze's generated code under protobuf 6.
 FLOWER_TEST_VENV := .venv-flower
 FLOWER_TEST_STAMP := $(FLOWER_TEST_VENV)/.installed
 
@@ -87,8 +88,8 @@ $(FLOWER_TEST_STAMP): pyproject.toml
 	$(FLOWER_TEST_VENV)/bin/pip check
 	touch $(FLOWER_TEST_STAMP)
 
-flower-test: $(FLOWER_TEST_STAMP) ## Install fedsqueeze[flower] beside flwr 1.42 in .venv-flower and run the Flower tests
-	$(FLOWER_TEST_VENV)/bin/python -m pytest -q tests/test_flower.py tests/test_flower_deployment.py
+flower-test: $(FLOWER_TEST_STAMP) ## Install fedsqueeze[flower] beside flwr 1.42 in .venv-flower; run the Flower tests and the gRPC server tests there
+	$(FLOWER_TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_flower.py tests/test_flower_deployment.py tests/test_server.py
 
 bench-flower-app: $(FLOWER_TEST_STAMP) ## Flower's FedAvg with and without fedsqueeze's chains, on Flower's deployment runtime
 	$(FLOWER_TEST_VENV)/bin/python -m bench.flower_app --out docs/benchmarks.md

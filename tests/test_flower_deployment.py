@@ -21,7 +21,7 @@ pytest.importorskip(
 
 from bench.flower_app import LocalFederation  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 NODES = 3
 RAW = 15_010 * 4  # the example's MLP as float32

@@ -227,6 +227,7 @@ def _new_link(meta: Any, context: Context, prior: Prior | None) -> ClientLink:
 
 def _compress_reply(reply: Message, link: ClientLink, model: np.ndarray) -> None:
     local = reply.content[link.record]
+    assert isinstance(local, ArrayRecord)  # checked by the caller
     update = link.layout.flatten(local) - model
     up_state = copy.deepcopy(link.up)
     uplink = link.uplink

@@ -100,6 +100,7 @@ class ServerLink:
 @dataclass
 class _Pending:
     link: ServerLink
+    message: Message  # as sent (an error reply in the node's name refers to it)
     down_state: CodecState  # the sender state once the node has this message
     sent: np.ndarray  # the model this message carried, exactly (the base of the node's update)
 
@@ -136,7 +137,7 @@ class CompressedStrategy(Strategy):
         self.strategy = strategy
         self.uplink = Pipeline.from_config(uplink)
         self.downlink = Pipeline.from_config(downlink)
-        self.record_key = record_key or getattr(strategy, "arrayrecord_key", "arrays")
+        self.record_key: str = str(record_key or getattr(strategy, "arrayrecord_key", "arrays"))
         self._uplink_config = json.dumps(self.uplink.get_config(), separators=(",", ":"))
         self._downlink_config = json.dumps(self.downlink.get_config(), separators=(",", ":"))
         self._prior: tuple[RecordLayout, np.ndarray] | None = None
@@ -242,7 +243,7 @@ class CompressedStrategy(Strategy):
             content[self.record_key] = compressed
             content[META] = meta_record
             msg.content = content
-            self._pending[node] = _Pending(link, down_state, model)
+            self._pending[node] = _Pending(link, msg, down_state, model)
             stats = self._round(server_round).down
             stats.messages += 1
             stats.uncompressed += record.count_bytes()
@@ -282,7 +283,7 @@ class CompressedStrategy(Strategy):
                 self.links.pop(node, None)
                 reason = f"fedsqueeze: update from node {node} refused: {exc}"
                 logger.error("%s", reason)
-                out.append(Message(error=Error(code=ERROR_CODE, reason=reason), metadata=reply.metadata))
+                out.append(Message(Error(code=ERROR_CODE, reason=reason), reply_to=pending.message))
                 continue
             link = pending.link
             link.down = pending.down_state
@@ -315,6 +316,10 @@ class CompressedStrategy(Strategy):
         seq = meta_int(meta, K_SEQ)
         if seq != link.up_seq:
             raise FlowerCodecError(f"uplink message {seq} of the node, the server expects {link.up_seq}")
+        if not isinstance(record, ArrayRecord):
+            raise FlowerCodecError(
+                f"the reply carries fedsqueeze metadata but no ArrayRecord {self.record_key!r}"
+            )
         data, passthrough = unpack(record)
         up_state = copy.deepcopy(link.up)
         update = self.uplink.decode(data, link.layout.tensors, up_state)
