@@ -8,7 +8,7 @@ PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-grpc-check bench-slowlink bench-scale flower-venv clean prometheus compose-test
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-grpc-check bench-slowlink bench-scale flower-venv flower-test bench-flower-app clean prometheus compose-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -47,12 +47,22 @@ lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/mypy fedsqueeze codecs aggregator collaborator
 
-proto: $(STAMP) ## Regenerate the Python code from proto/fedsqueeze/v1/*.proto
-	$(BIN)/python -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) $(PROTO_SRC)
+# The generator lives in a venv of its own: grpcio-tools 1.80.1 (protobuf 6 gencode, which protobuf 6
+# and 7 both load) cannot share .venv's protobuf 7, see proto/requirements.txt.
+PROTO_VENV := .venv-proto
+PROTO_STAMP := $(PROTO_VENV)/.installed
 
-check-proto: $(STAMP) ## Fail if the committed generated code differs from a fresh generation
+$(PROTO_STAMP): proto/requirements.txt
+	$(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/pip install --quiet -r proto/requirements.txt
+	touch $(PROTO_STAMP)
+
+proto: $(PROTO_STAMP) ## Regenerate the Python code from proto/fedsqueeze/v1/*.proto
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) $(PROTO_SRC)
+
+check-proto: $(PROTO_STAMP) ## Fail if the committed generated code differs from a fresh generation
 	@tmp=$$(mktemp -d); \
-	$(BIN)/python -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_SRC) && \
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I $(PROTO_DIR) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO_SRC) && \
 	diff -ru $$tmp/fedsqueeze/v1 $(PROTO_DIR)/fedsqueeze/v1 -x '*.proto' -x '__init__.py' -x '__pycache__' && echo "generated code is up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
@@ -60,12 +70,32 @@ FLOWER_VENV := bench/flower/.venv
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
 
 $(FLOWER_STAMP): bench/flower/requirements.txt
-	# Flower's own plain venv: flwr needs protobuf<7, fedsqueeze uses protobuf 7 (no --system-site-packages).
+	# The benchmark peer's own plain venv (flwr 1.41, no fedsqueeze: it loads fedsqueeze/training.py by path).
 	$(PYTHON) -m venv $(FLOWER_VENV)
 	$(FLOWER_VENV)/bin/pip install --quiet -r bench/flower/requirements.txt
 	touch $(FLOWER_STAMP)
 
 flower-venv: $(FLOWER_STAMP) ## Build bench/flower/.venv (flwr 1.41, torch 2.13 CPU) for the Flower peer
+
+# fedsqueeze[flower] and Flower 1.42 in one environment (Flower needs protobuf<7, so pip picks protobuf 6
+# here, 7 in .venv): the co-installation users get. The Flower tests and the Flower app benchmark run in it,
+# and so do the gRPC server tests, for fedsqueeze's generated code under protobuf 6.
+FLOWER_TEST_VENV := .venv-flower
+FLOWER_TEST_STAMP := $(FLOWER_TEST_VENV)/.installed
+
+$(FLOWER_TEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(FLOWER_TEST_VENV)
+	$(FLOWER_TEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOWER_TEST_VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(FLOWER_TEST_VENV)/bin/pip install --quiet -e ".[flower]" "flwr==1.42.*" "pytest>=8" "pytest-timeout>=2.3"
+	$(FLOWER_TEST_VENV)/bin/pip check
+	touch $(FLOWER_TEST_STAMP)
+
+flower-test: $(FLOWER_TEST_STAMP) ## Install fedsqueeze[flower] beside flwr 1.42 in .venv-flower; run the Flower tests and the gRPC server tests there
+	$(FLOWER_TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_flower.py tests/test_flower_deployment.py tests/test_server.py
+
+bench-flower-app: $(FLOWER_TEST_STAMP) ## Flower's FedAvg with and without fedsqueeze's chains, on Flower's deployment runtime
+	$(FLOWER_TEST_VENV)/bin/python -m bench.flower_app --out docs/benchmarks.md
 
 bench: $(STAMP) $(FLOWER_STAMP) ## Run all benchmarks (~1.5 h on 2 cores, most of it fl_bench's 214 federations; slowlink needs root) and write docs/benchmarks.md + PNGs
 	$(BIN)/python -m bench.codecs_bench --out docs/benchmarks.md

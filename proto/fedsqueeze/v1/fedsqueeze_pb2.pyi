@@ -107,7 +107,7 @@ class GetTaskResponse(_message.Message):
     model: Payload
     message: str
     completed: bool
-    def __init__(self, kind: _Optional[_Union[GetTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[Payload, _Mapping]] = ..., message: _Optional[str] = ..., completed: _Optional[bool] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[GetTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[Payload, _Mapping]] = ..., message: _Optional[str] = ..., completed: bool = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("credentials", "round", "num_samples", "payload_size", "metrics")
@@ -146,7 +146,7 @@ class SubmitUpdateResponse(_message.Message):
     accepted: bool
     message: str
     bytes_received: int
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class DecoderArchitecture(_message.Message):
     __slots__ = ("kind", "sizes")
@@ -189,7 +189,7 @@ class UploadDecoderResponse(_message.Message):
     accepted: bool
     message: str
     bytes_received: int
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, accepted: bool = ..., message: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("credentials", "reason")
