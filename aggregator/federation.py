@@ -359,12 +359,15 @@ class Federation:
         return float(weight)
 
     def run(self, stop: threading.Event) -> None:
+        """The round loop, until every round has run (then DONE, completed) or `stop` is set. A stop is not
+        the end of the federation: nobody is told DONE, and a restart on the same state dir resumes it."""
         try:
             self._run(stop)
         except BaseException as exc:
             self.shutdown(f"ended early: {exc}")
             raise
-        self.shutdown("completed" if len(self.report.rounds) == self.plan.rounds else "ended early: stopped")
+        if self.rounds.completed >= self.plan.rounds:
+            self.shutdown("completed")
         self.report.write()
 
     def _run(self, stop: threading.Event) -> None:
@@ -487,7 +490,7 @@ class Federation:
         with self._cond:
             self._cond.wait(timeout)
 
-    def shutdown(self, outcome: str = "ended early: the aggregator was stopped") -> None:
+    def shutdown(self, outcome: str) -> None:
         """End the federation: every poll gets DONE, saying whether it `completed` (the first outcome stays)."""
         with self._cond:
             self._phase = "done"

@@ -162,12 +162,12 @@ class AggregatorServer:
             self.stop_event.wait()
 
     def stop(self, grace: float = 3.0) -> None:
+        """Stop serving. Unless the federation is over, this is not its end: polling collaborators are
+        told UNAVAILABLE (they retry), and a restart on the same state dir resumes the rounds."""
         self.stop_event.set()
         if self._loop_thread.is_alive():
             self._on_loop(self._serving(health_pb2.HealthCheckResponse.NOT_SERVING))
-        self.federation.shutdown()
-        # Let collaborators that are polling learn that the federation is over.
-        if self._loop_thread.is_alive():
+            self.loop.call_soon_threadsafe(self.servicer.stopping)
             self._on_loop(self.server.stop(grace))
         self._stop_loop()
         self.servicer.executor.shutdown(wait=False, cancel_futures=True)

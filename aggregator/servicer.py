@@ -114,6 +114,10 @@ def _answer(method: F) -> F:
             status = grpc.StatusCode.OK
             return result
         except FederationError as exc:
+            if _cancelled(context):  # the client went away: nothing to answer, and nothing went wrong here
+                status = grpc.StatusCode.CANCELLED
+                log.info("%s cancelled by the client", method.__name__)
+                return None
             status = status_of(exc)
             await context.abort(status, exc.message)
         except asyncio.CancelledError:
@@ -132,8 +136,22 @@ def _answer(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _cancelled(context: Any) -> bool:
+    cancelled = getattr(context, "cancelled", None)
+    return bool(cancelled()) if callable(cancelled) else False
+
+
 def _is_abort(exc: BaseException) -> bool:
     return type(exc).__name__ == "AbortError"
+
+
+CANCEL_SETTLE_S = 0.5
+
+
+async def _settle() -> None:
+    """A stream that ends early was often cancelled by its client: gRPC then cancels this handler within
+    moments (CancelledError, logged as one INFO line). Wait that long before answering it as truncated."""
+    await asyncio.sleep(CANCEL_SETTLE_S)
 
 
 class _Stream:
@@ -144,7 +162,10 @@ class _Stream:
 
     async def next(self, timeout: float, what: str) -> Any | None:
         try:
-            return _well_formed(await asyncio.wait_for(self._it.__anext__(), timeout))
+            # asyncio.timeout, not wait_for: wait_for's inner task can swallow the cancellation gRPC sends
+            # when the client cancels (the read ends at the same moment), and the cancel would go unnoticed.
+            async with asyncio.timeout(timeout):
+                return _well_formed(await self._it.__anext__())
         except StopAsyncIteration:
             return None
         except TimeoutError:
@@ -153,6 +174,7 @@ class _Stream:
     async def header(self, limits: StreamLimits) -> Any:
         first = await self.next(limits.header_timeout_s, "waiting for the header")
         if first is None:
+            await _settle()
             raise InvalidArgument("empty stream: the first message must be a header")
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message of the stream must be a header")
@@ -181,6 +203,7 @@ class _Stream:
                 raise InvalidArgument(f"chunk of {size} bytes: every chunk but the last carries at least {MIN_CHUNK}")
             buf += req.chunk
         if len(buf) != declared:
+            await _settle()
             raise InvalidArgument(f"stream ended after {len(buf)} of the declared {declared} bytes")
         return bytes(buf)
 
@@ -205,6 +228,7 @@ class FederationServicer:
         self.executor = executor or ThreadPoolExecutor(max_workers=max_concurrent_uploads + 8, thread_name_prefix="federation")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks_changed: asyncio.Event | None = None
+        self._stopping = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve from `loop`: long polls wait there for the Federation to announce new tasks."""
@@ -217,6 +241,12 @@ class FederationServicer:
                 pass
 
         self.fed.watch_tasks(announce)
+
+    def stopping(self) -> None:
+        """The server is stopping (on the event loop): long polls answer UNAVAILABLE now, so their clients retry."""
+        self._stopping = True
+        if self._tasks_changed is not None:
+            self._wake()
 
     def _wake(self) -> None:
         assert self._tasks_changed is not None
@@ -256,13 +286,16 @@ class FederationServicer:
         deadline = loop.time() + max(0.0, min(request.wait_ms / 1000.0, self.fed.max_poll_s))
         with self.identities.poll(member.id):
             while True:
+                if self._stopping:
+                    raise Unavailable("the aggregator is stopping (a restart on its state dir resumes the federation): retry")
                 changed = self._tasks_changed  # before looking: a task announced meanwhile wakes us
                 task = await self._call(self.fed.get_task, *who, 0.0)
                 remaining = deadline - loop.time()
                 if task.kind != "WAIT" or remaining <= 0 or changed is None:
                     break
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
                 except TimeoutError:
                     pass
         resp = pb.GetTaskResponse(kind=pb.GetTaskResponse.Kind.Value(task.kind), round=task.round, message=task.message,

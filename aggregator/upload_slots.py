@@ -49,7 +49,8 @@ class UploadSlots:
                 self.waiting += 1
                 self.metrics.uploads_waiting.set(self.waiting)
                 try:
-                    await asyncio.wait_for(self._free.wait_for(lambda: self.active < self.limit), self.wait_s)
+                    async with asyncio.timeout(self.wait_s):
+                        await self._free.wait_for(lambda: self.active < self.limit)
                 except TimeoutError:
                     self.metrics.uploads_deferred.labels("refused").inc()
                     raise ResourceExhausted(f"all {self.limit} upload slots stayed busy for {self.wait_s:g} s; retry later") from None

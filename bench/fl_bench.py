@@ -237,8 +237,10 @@ def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[st
     # Only when set, so that the cache keys of the rows without them stay as they were.
     if chain.prior != "none":
         plan["downlink"]["prior"] = chain.prior
+    # Plain FedAvg, as Flower's peer runs it: no norm bound on the round's most influential update.
+    plan["aggregation"] = {"norm_bound": None}
     if chain.server_optimizer is not None:
-        plan["aggregation"] = {"server_optimizer": chain.server_optimizer}
+        plan["aggregation"]["server_optimizer"] = chain.server_optimizer
     return plan
 
 

@@ -148,7 +148,7 @@ class InProcessFederation:
                 fed.run(stop)
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 error.append(exc)
-                fed.shutdown()
+                fed.shutdown(f"ended early: {exc}")
 
         seen = 0
         t0 = time.perf_counter()

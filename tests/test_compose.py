@@ -6,8 +6,9 @@ On a Docker engine this test starts and stops itself, with images built here wit
 (`--scale`) and Prometheus. Through the running containers it checks:
 - the gRPC health check (the container's own and `fedsqueeze health` through the published port);
 - Prometheus, finding the collaborators by DNS service discovery, has every target up;
-- faults: the aggregator container is killed and started again after round 2 (it resumes from its
-  checkpoint volume), then one collaborator container is killed mid-round. Docker does not apply a
+- faults: the aggregator container is restarted after round 2 (`docker restart`: SIGTERM, then a
+  new start; it resumes from its checkpoint volume, and the polling collaborators, answered
+  UNAVAILABLE while it stops, retry and carry on), then one collaborator container is killed mid-round. Docker does not apply a
   restart policy to a container it was told to kill, so that collaborator stays down (exit 137, no
   restart) and does not come back as a new member: its round closes at the deadline with the other
   3 (quorum 3), and the later rounds select those 3;
@@ -157,12 +158,11 @@ def run_federation(d: Deployment, collaborators: list[str]) -> None:
     wait_until(f"Prometheus with 1 + {COLLABORATORS} targets up", lambda: d.all_up(COLLABORATORS), 180)
     h.log(f"Prometheus: the aggregator and {COLLABORATORS} collaborators (DNS service discovery) up")
 
-    # Fault 1: the aggregator's container dies after round 2 and is started again: it resumes from
-    # the checkpoint volume, and the collaborators reconnect with their ids.
+    # Fault 1: the aggregator's container is restarted after round 2 (SIGTERM, a graceful stop, then a
+    # new start): it resumes from the checkpoint volume, and the collaborators reconnect with their ids.
     before = len(d.wait_report("round 2", lambda r: len(r["rounds"]) >= 2)["rounds"])
-    d.docker("kill", d.aggregator)
-    d.docker("start", d.aggregator)
-    h.log(f"aggregator killed after round {before} and started again")
+    d.docker("restart", d.aggregator)
+    h.log(f"aggregator restarted (SIGTERM, then started again) after round {before}")
     # Fault 2: as soon as the restarted aggregator has finished a round, one collaborator's container
     # is killed: rounds run back to back, so it dies in an open round.
     report = d.wait_report("the restarted aggregator's first round", lambda r: bool(r.get("resumed_after_round")) and len(r["rounds"]) > r["resumed_after_round"][-1])
