@@ -39,7 +39,7 @@ class ErrorFeedback(Codec):
         memory = state.get("memory")
         if memory is None or memory.shape != arr.shape:
             return b"", arr
-        return b"", (arr + memory).astype(s.dtype)
+        return b"", (arr + memory).astype(s.dtype, copy=False)
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
         if side:
@@ -53,5 +53,7 @@ class ErrorFeedback(Codec):
         if event.y is None:  # receiver
             return
         y, y_hat = np.asarray(event.y), np.asarray(event.y_hat)
-        memory = (y - y_hat).astype(np.float32)
-        state["memory"] = memory * np.float32(self.decay) if self.decay != 1.0 else memory
+        memory = (y - y_hat).astype(np.float32, copy=False)  # in place from here: one model-sized array, not three
+        if self.decay != 1.0:
+            memory *= np.float32(self.decay)
+        state["memory"] = memory

@@ -272,7 +272,9 @@ class _Coder:
         try:
             args = (n,) if param is None else (param,)
             return np.asarray(self.coder.decode(model, *args), dtype=np.int64)  # type: ignore[attr-defined]
-        except (ValueError, RuntimeError) as exc:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+            raise
+        except BaseException as exc:  # constriction raises ValueError/RuntimeError, or pyo3's PanicException
             raise CodecError(f"{self.who}: position map does not decode: {exc}") from exc
 
     def check(self, ok: bool | np.bool_, what: str) -> None:
@@ -297,7 +299,10 @@ def _binomial_table(sizes: np.ndarray, p: np.ndarray) -> np.ndarray:
     odds = p / (1 - p)
     for c in range(_COUNT_CAP - 1):  # over the table's columns
         table[:, c + 1] = table[:, c] * (np.maximum(sizes - c, 0) / (c + 1)) * odds
-    table[:, _COUNT_CAP] = np.where(sizes >= _COUNT_CAP, np.maximum(1 - table[:, :_COUNT_CAP].sum(axis=1), 0), 0)
+    below = table[:, 0].copy()
+    for c in range(1, _COUNT_CAP):  # summed column by column: the same bits for a row in any batch
+        below += table[:, c]
+    table[:, _COUNT_CAP] = np.where(sizes >= _COUNT_CAP, np.maximum(1 - below, 0), 0)
     return table
 
 
@@ -568,6 +573,120 @@ def _distinct(sorted_values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1]))) if sorted_values.size else np.zeros(0, np.int64)
 
 
+def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray, e_col: np.ndarray) -> None:
+    """What `_rounds` codes for these entries, with every round's contexts, segments, chunks and tree
+    nodes computed at once; only the coder calls go round by round, in the order the decoder makes them.
+    (`_rounds` with the entries is the reference: tests check both give the same bytes.)"""
+    n_mat, rounds = maps.rows.size, int(maps.blocks.max(initial=0))
+    width = rounds + 1
+    block = e_row // maps.size[e_mat]
+    # Contexts: per entry, min(2, entries in its column in earlier blocks), from a (column, block) sort.
+    col_off = np.cumsum(maps.cols) - maps.cols
+    order = np.argsort((col_off[e_mat] + e_col) * width + block, kind="stable")
+    g, b_sorted = (col_off[e_mat] + e_col)[order], block[order]
+    new_group = np.concatenate(([True], (g[1:] != g[:-1]) | (b_sorted[1:] != b_sorted[:-1])))
+    new_col = np.concatenate(([True], g[1:] != g[:-1]))
+    at = np.arange(g.size)
+    ctx = np.empty(g.size, dtype=np.int64)
+    ctx[order] = np.minimum(np.maximum.accumulate(np.where(new_group, at, 0)) - np.maximum.accumulate(np.where(new_col, at, 0)), 2)
+    # Per distinct column: the blocks of its first and second entries, after which its context is 1 and 2.
+    first = np.flatnonzero(new_col)
+    column = np.cumsum(new_col) - 1  # distinct-column index, in sorted order
+    d_mat = e_mat[order][first]
+    f1 = b_sorted[first]
+    nxt = np.minimum(first + 1, g.size - 1)
+    f2 = np.where((first + 1 < g.size) & ~new_col[nxt], b_sorted[nxt], rounds)  # `rounds`: never
+    per_block = [np.bincount(d_mat * width + f, minlength=n_mat * width).reshape(n_mat, width) for f in (f1, f2)]
+    above = [np.cumsum(h, axis=1) - h for h in per_block]  # columns with f < b, per (matrix, block)
+    ncols = np.stack([maps.cols[:, None] - above[0], above[0] - above[1], above[1]], axis=2)[:, :rounds]  # (M, B, 3)
+    n_rows = np.clip(maps.active[:, None] - np.arange(rounds)[None, :] * maps.size[:, None], 0, maps.size[:, None])
+    total = n_rows[:, :, None] * ncols
+    kept = np.bincount((e_mat * rounds + block) * _CONTEXTS + ctx, minlength=n_mat * rounds * _CONTEXTS).reshape(n_mat, rounds, _CONTEXTS)
+    p_all = _context_probability(
+        (np.cumsum(kept, axis=1) - kept).astype(np.float64), (np.cumsum(total, axis=1) - total).astype(np.float64), maps.density[:, None, None]
+    )
+    # Segments in stream order: round, matrix, context.
+    lengths = total.transpose(1, 0, 2).ravel()
+    pairs = np.flatnonzero(lengths)
+    seg_len, seg_p = lengths[pairs], p_all.transpose(1, 0, 2).ravel()[pairs]
+    seg_round = pairs // (n_mat * _CONTEXTS)
+    seg_off = np.cumsum(seg_len) - seg_len
+    seg_of = np.full(lengths.size, -1)
+    seg_of[pairs] = np.arange(pairs.size)
+    # Each entry's place in its segment: its row in the block times the segment's columns, plus the rank of
+    # its column among the matrix's columns at that context (counts of earlier columns with f1, f2 < b).
+    below = np.zeros((2, width, first.size), dtype=np.int64)
+    start_of = np.searchsorted(d_mat, d_mat)  # a matrix's first distinct column
+    for i, f in enumerate((f1, f2)):
+        hit = (f[None, :] < np.arange(width)[:, None]).astype(np.int64)
+        excl = np.cumsum(hit, axis=1) - hit
+        below[i] = excl - excl[:, start_of]
+    e_col_index = np.empty(g.size, dtype=np.int64)
+    e_col_index[order] = column
+    t1, t2 = below[0][block, e_col_index], below[1][block, e_col_index]
+    rank = np.select([ctx == 0, ctx == 1], [e_col - t1, t1 - t2], t2)
+    flat = (block * n_mat + e_mat) * _CONTEXTS + ctx
+    ones = np.sort(seg_off[seg_of[flat]] + (e_row - block * maps.size[e_mat]) * ncols[e_mat, block, ctx] + rank)
+    _emit_segments(io, seg_len, seg_p, seg_round, rounds, ones)
+
+
+def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np.ndarray, rounds: int, ones: np.ndarray) -> None:
+    """`_segments` for every round's segments at once, the symbols coded round by round in its order."""
+    per = np.minimum(np.maximum(1, np.floor(_CHUNK_LOAD / p)).astype(np.int64), lengths)
+    chunks = -(-lengths // per)
+    seg = np.repeat(np.arange(lengths.size), chunks)
+    i = np.arange(seg.size) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    starts = (np.cumsum(lengths) - lengths)[seg] + i * per[seg]
+    sizes = np.minimum(per[seg], lengths[seg] - i * per[seg])
+    truth = _count_in(ones, starts, starts + sizes)
+    capped = np.minimum(truth, _COUNT_CAP)
+    first = np.cumsum(chunks) - chunks
+    last = first + chunks - 1
+    rows = _binomial_table(per, p)
+    last_table = _binomial_table(sizes[last], p)
+    more = np.flatnonzero((capped == _COUNT_CAP) & (sizes > _COUNT_CAP))
+    chunk_round = seg_round[seg]
+    # The tree, level by level over all rounds: (round, level, kind, node order) of every symbol.
+    splits: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # level, round, left, right, count, truth
+    leaf_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # round, start, size, count
+    n_starts, n_sizes, n_counts, n_round = starts, sizes, truth, chunk_round
+    level = 0
+    while n_starts.size:
+        full = n_counts == n_sizes
+        leaf = _is_leaf(n_sizes, n_counts)
+        leaf_parts.append((n_round[leaf], n_starts[leaf], n_sizes[leaf], n_counts[leaf]))
+        split = (n_counts >= 1) & ~full & ~leaf
+        n_starts, n_sizes, n_counts, n_round = n_starts[split], n_sizes[split], n_counts[split], n_round[split]
+        if not n_starts.size:
+            break
+        half = n_sizes // 2
+        left = _count_in(ones, n_starts, n_starts + half)
+        splits.append((level, n_round, half, n_sizes - half, n_counts, left))
+        n_starts, n_sizes = np.concatenate([n_starts, n_starts + half]), np.concatenate([half, n_sizes - half])
+        n_counts, n_round = np.concatenate([left, n_counts - left]), np.concatenate([n_round, n_round])
+        level += 1
+    leaf_round, leaf_start, leaf_size, leaf_count = (np.concatenate(parts) for parts in zip(*leaf_parts, strict=True))
+    leaf_order = np.argsort(leaf_round, kind="stable")  # per round: level by level, as `_tree` collects them
+    leaf_bounds = np.searchsorted(leaf_round[leaf_order], np.arange(rounds + 1))
+    seg_bounds = np.searchsorted(seg_round, np.arange(rounds + 1))
+    split_order = [np.argsort(r, kind="stable") for _, r, *_ in splits]  # a level's nodes are not in round order
+    split_bounds = [np.searchsorted(r[o], np.arange(rounds + 1)) for (_, r, *_), o in zip(splits, split_order, strict=True)]
+    more_round = chunk_round[more]
+    for b in range(rounds):  # the coder's calls, in the decoder's order
+        for j in range(seg_bounds[b], seg_bounds[b + 1]):
+            if chunks[j] > 1:
+                io.categorical_run(rows[j], int(chunks[j] - 1), capped[first[j] : last[j]])
+        js = slice(seg_bounds[b], seg_bounds[b + 1])
+        io.categorical(last_table[js], capped[last[js]])
+        esc = more[more_round == b]
+        io.uniform(sizes[esc] - _COUNT_CAP + 1, truth[esc] - _COUNT_CAP)
+        for (_, _, left, right, count, t), o, bounds in zip(splits, split_order, split_bounds, strict=True):
+            sl = o[bounds[b] : bounds[b + 1]]
+            _left_counts(io, left[sl], right[sl], count[sl], t[sl])
+        sel = leaf_order[leaf_bounds[b] : leaf_bounds[b + 1]]
+        _leaves(io, leaf_start[sel], leaf_size[sel], leaf_count[sel], ones)
+
+
 def _map_cost(row: np.ndarray, col: np.ndarray, r: int, c: int, row_major: bool) -> float:
     """Bits format 1 spends on this matrix (what format 2 spends too): the model's log-loss, from counts.
 
@@ -611,7 +730,7 @@ def _map_cost(row: np.ndarray, col: np.ndarray, r: int, c: int, row_major: bool)
     return float(bits)
 
 
-def _encode_counts(idx: np.ndarray, spec: ArraySpec) -> bytes:
+def _encode_counts(idx: np.ndarray, spec: ArraySpec, reference: bool = False) -> bytes:
     shapes = matrix_shapes(spec)
     numel = np.array([r * c for r, c in shapes], dtype=np.int64)
     offsets = np.cumsum(numel) - numel
@@ -653,7 +772,10 @@ def _encode_counts(idx: np.ndarray, spec: ArraySpec) -> bytes:
         sorted_rows = np.sort(e_row)
         act = _active_rows(io, maps, sorted_rows[_distinct(sorted_rows)])
         rank = np.searchsorted(act, e_row) - (np.cumsum(maps.active) - maps.active)[e_mat]
-        _rounds(io, maps, (e_mat, rank, e_col))
+        if reference:
+            _rounds(io, maps, (e_mat, rank, e_col))
+        else:
+            _encode_rounds(io, maps, e_mat, rank, e_col)
     words = io.coder.get_compressed()  # type: ignore[attr-defined]
     head = SideWriter().raw(FORMAT2).varint(len(shapes)).raw(np.packbits(flags).tobytes()).raw(counts.getvalue())
     return head.varint(words.size).array(words.astype(np.uint32)).getvalue()
