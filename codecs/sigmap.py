@@ -17,19 +17,39 @@ layout, is one row. Per matrix, with k_t kept entries in A active rows (rows wit
    blocks), with p_s = (kept_s + 2 d) / (seen_s + 2) counted over earlier blocks and
    d = k_t / (A C) the density in active rows: the first block is coded at the right rate, later
    ones at the rate their column's history predicts.
-All bits go through one range coder (constriction's Bernoulli model at the probabilities
-above). The encoder computes every probability at once (cumulative sums over blocks); the
-decoder makes one vectorised call per block, at most 24 per tensor.
+Two formats code this model; `encode_mask` writes format 1 for maps of up to BITWISE_MAX (2**20)
+entries, so every message of the models the federation benchmarks train (under 100k parameters) keeps its
+bytes, and format 2
+above; `decode_mask` reads both.
 
-Format: varint T | flags (ceil(T / 8) bytes, bit t: tensor t transposed) | per tensor varint k_t,
+Format 1: every bit goes through one range coder (constriction's Bernoulli model at the
+probabilities above). The encoder computes every probability at once (cumulative sums over
+blocks); the decoder makes one vectorised call per block, at most 24 per tensor. It touches
+every entry of the active rows: 11M binary decisions for the 11M-parameter update, which
+constriction decodes in no less than 140 ms however the calls are made.
+
+Format 2 codes the same probabilities with O(k) symbols. Within a block the context of each
+column is fixed, so the block's entries at context s are i.i.d. Bernoulli(p_s): a segment. A
+segment is cut into chunks of about 1 / (2 p) entries; each chunk's count is coded by its
+Binomial law (one categorical symbol), then which of the chunk's entries are kept, uniformly
+among the C(size, count) subsets: a subset of up to 3 is one uniform symbol (its combinadic
+rank), a larger one is halved by the hypergeometric law until it is. Binomial(count) / C(size,
+count) is exactly the probability of the chunk's bits, so format 2 costs what format 1 costs, to
+the coder's rounding (measured: within a few bytes, either way, plus its marker byte). Block b of
+every tensor forms round b: the decoder makes a few calls per round (at most 24 rounds), the
+encoder computes all rounds at once. The tables use multiplications and divisions only, so both
+sides compute the same bits on any machine.
+
+Format 1: varint T | flags (ceil(T / 8) bytes, bit t: tensor t transposed) | per tensor varint k_t,
 and varint A when 0 < k_t < n_t | varint words | words (u32, the range coder's output).
+Format 2: 0x00 | the same.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import constriction
 import numpy as np
@@ -374,8 +394,8 @@ def _tree(io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
     """Positions of `counts` entries in each [start, start + size): a node of a few entries is one subset
     rank (`_leaves`), a larger one is split in halves by the hypergeometric law. Together: log2 C(size,
     count) bits, what a uniformly random subset of that size costs."""
-    found: list[np.ndarray] = []
-    leaf_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    found: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    leaf_parts = [(starts[:0], sizes[:0], counts[:0])]
     while starts.size:  # one pass per tree level, at most log2(size) + 1
         full = counts == sizes
         if ones is None:
@@ -431,18 +451,19 @@ def _segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, ones: np.ndarray |
     # A segment's chunks share one distribution, but for its last (shorter) chunk: those go together last.
     counts = np.zeros(seg.size, dtype=np.int64)
     first = np.cumsum(chunks) - chunks
-    rows = _binomial_table(per, p)
+    last = first + chunks - 1
+    rows = _binomial_table(np.concatenate([per, sizes[last]]), np.concatenate([p, p]))
     for j in np.flatnonzero(chunks > 1):  # over segments
         run = slice(first[j], first[j] + chunks[j] - 1)
         counts[run] = io.categorical_run(rows[j], int(chunks[j] - 1), None if truth is None else truth[run])
-    last = first + chunks - 1
-    counts[last] = io.categorical(_binomial_table(sizes[last], p), None if truth is None else truth[last])
-    if truth is not None:
+    counts[last] = io.categorical(rows[lengths.size :], None if truth is None else truth[last])
+    if ones is not None:
         truth = _count_in(ones, starts, starts + sizes)
     io.check((counts <= sizes).all(), "a chunk count above the chunk's size")
     more = np.flatnonzero((counts == _COUNT_CAP) & (sizes > _COUNT_CAP))
     counts[more] += io.uniform(sizes[more] - _COUNT_CAP + 1, None if truth is None else truth[more] - _COUNT_CAP)
-    return _tree(io, starts, sizes, counts, ones)
+    some = np.flatnonzero(counts)
+    return _tree(io, starts[some], sizes[some], counts[some], ones)
 
 
 @dataclass
@@ -510,9 +531,9 @@ def _rounds(io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.n
         else:
             cols_b = np.flatnonzero(maps.blocks[col_matrix] > b)
             ctx_b = ctx[cols_b]
-            by_ctx = [cols_b[ctx_b == s] for s in range(_CONTEXTS)]  # per context: (matrix, column) order
-            for s in range(_CONTEXTS):
-                ncols[:, s] = np.bincount(col_matrix[by_ctx[s]], minlength=n_mat)
+            by_ctx = [cols_b[ctx_b == t] for t in range(_CONTEXTS)]  # per context: (matrix, column) order
+            for t in range(_CONTEXTS):
+                ncols[:, t] = np.bincount(col_matrix[by_ctx[t]], minlength=n_mat)
             in_ctx = np.cumsum(ncols, axis=0) - ncols  # where matrix m starts in by_ctx[s]
         flat_ncols = ncols.ravel()
         n_rows = np.where(maps.blocks > b, np.minimum(maps.size, maps.active - b * maps.size), 0)
@@ -561,8 +582,7 @@ def _rounds(io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.n
         io.check((kept.sum(axis=1) <= maps.kept).all(), "more entries than the header declares")
         later = maps.blocks[m] > b + 1
         hit = multi_off[m[later]] + c[later]
-        np.add.at(ctx, hit, 1)
-        ctx[hit] = np.minimum(ctx[hit], _CONTEXTS - 1)
+        ctx = np.minimum(ctx + np.bincount(hit, minlength=ctx.size), _CONTEXTS - 1)
     if not out:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
@@ -642,14 +662,15 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
     capped = np.minimum(truth, _COUNT_CAP)
     first = np.cumsum(chunks) - chunks
     last = first + chunks - 1
-    rows = _binomial_table(per, p)
-    last_table = _binomial_table(sizes[last], p)
+    rows = _binomial_table(np.concatenate([per, sizes[last]]), np.concatenate([p, p]))
+    last_table = rows[lengths.size :]
     more = np.flatnonzero((capped == _COUNT_CAP) & (sizes > _COUNT_CAP))
     chunk_round = seg_round[seg]
     # The tree, level by level over all rounds: (round, level, kind, node order) of every symbol.
     splits: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # level, round, left, right, count, truth
-    leaf_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # round, start, size, count
-    n_starts, n_sizes, n_counts, n_round = starts, sizes, truth, chunk_round
+    leaf_parts = [(chunk_round[:0], starts[:0], sizes[:0], truth[:0])]  # round, start, size, count
+    some = np.flatnonzero(truth)
+    n_starts, n_sizes, n_counts, n_round = starts[some], sizes[some], truth[some], chunk_round[some]
     level = 0
     while n_starts.size:
         full = n_counts == n_sizes

@@ -11,10 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline, sigmap
 from fedsqueeze.codecs.base import ArraySpec
 from fedsqueeze.codecs.positions import encode_positions
-from fedsqueeze.codecs import sigmap
 from fedsqueeze.codecs.sigmap import decode_mask, encode_mask, matrix_shapes
 from fedsqueeze.codecs.sparse import code_positions, read_positions
 
