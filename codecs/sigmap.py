@@ -361,14 +361,7 @@ def _leaves(io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarra
     """Nodes of 1.._LEAF_MAX entries, each subset coded as one uniform symbol: its combinadic rank
     sum_j C(x_j, j) over its sorted offsets x_1 < ... < x_c (colex order)."""
     subsets = _subsets(sizes, counts)
-    truth = None
-    if ones is not None:
-        first = np.searchsorted(ones, starts)
-        truth = ones[first] - starts
-        for j in range(2, _LEAF_MAX + 1):
-            has = np.flatnonzero(counts >= j)
-            truth[has] += _choose(ones[first[has] + j - 1] - starts[has], j)
-    rank = io.uniform(subsets, truth)
+    rank = io.uniform(subsets, None if ones is None else _leaf_ranks(starts, counts, ones))
     if ones is not None:
         return ones
     found = []
@@ -382,6 +375,16 @@ def _leaves(io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarra
             found.append(starts[sel] + x)
         found.append(starts[sel] + r)
     return np.concatenate(found)
+
+
+def _leaf_ranks(starts: np.ndarray, counts: np.ndarray, ones: np.ndarray) -> np.ndarray:
+    """The combinadic rank of each leaf's subset (encoder)."""
+    first = np.searchsorted(ones, starts)
+    rank = ones[first] - starts
+    for j in range(2, _LEAF_MAX + 1):
+        has = np.flatnonzero(counts >= j)
+        rank[has] += _choose(ones[first[has] + j - 1] - starts[has], j)
+    return rank
 
 
 def _choose(x: np.ndarray, j: int) -> np.ndarray:
@@ -635,11 +638,11 @@ def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray
     seg_of[pairs] = np.arange(pairs.size)
     # Each entry's place in its segment: its row in the block times the segment's columns, plus the rank of
     # its column among the matrix's columns at that context (counts of earlier columns with f1, f2 < b).
-    below = np.zeros((2, width, first.size), dtype=np.int64)
+    below = np.zeros((2, width, first.size), dtype=np.int32)
     start_of = np.searchsorted(d_mat, d_mat)  # a matrix's first distinct column
     for i, f in enumerate((f1, f2)):
-        hit = (f[None, :] < np.arange(width)[:, None]).astype(np.int64)
-        excl = np.cumsum(hit, axis=1) - hit
+        hit = f[None, :] < np.arange(width)[:, None]
+        excl = np.cumsum(hit, axis=1, dtype=np.int32) - hit
         below[i] = excl - excl[:, start_of]
     e_col_index = np.empty(g.size, dtype=np.int64)
     e_col_index[order] = column
@@ -658,9 +661,11 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
     i = np.arange(seg.size) - np.repeat(np.cumsum(chunks) - chunks, chunks)
     starts = (np.cumsum(lengths) - lengths)[seg] + i * per[seg]
     sizes = np.minimum(per[seg], lengths[seg] - i * per[seg])
-    truth = _count_in(ones, starts, starts + sizes)
-    capped = np.minimum(truth, _COUNT_CAP)
     first = np.cumsum(chunks) - chunks
+    ones_seg = np.searchsorted(np.cumsum(lengths), ones, side="right")
+    chunk_of = first[ones_seg] + (ones - (np.cumsum(lengths) - lengths)[ones_seg]) // per[ones_seg]
+    truth = np.bincount(chunk_of, minlength=seg.size)
+    capped = np.minimum(truth, _COUNT_CAP)
     last = first + chunks - 1
     rows = _binomial_table(np.concatenate([per, sizes[last]]), np.concatenate([p, p]))
     last_table = rows[lengths.size :]
@@ -689,9 +694,10 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
     leaf_round, leaf_start, leaf_size, leaf_count = (np.concatenate(parts) for parts in zip(*leaf_parts, strict=True))
     leaf_order = np.argsort(leaf_round, kind="stable")  # per round: level by level, as `_tree` collects them
     leaf_bounds = np.searchsorted(leaf_round[leaf_order], np.arange(rounds + 1))
+    leaf_subsets = _subsets(leaf_size, leaf_count)[leaf_order]
+    leaf_rank = _leaf_ranks(leaf_start, leaf_count, ones)[leaf_order]
+    levels = [_split_groups(rounds, *level[1:]) for level in splits]
     seg_bounds = np.searchsorted(seg_round, np.arange(rounds + 1))
-    split_order = [np.argsort(r, kind="stable") for _, r, *_ in splits]  # a level's nodes are not in round order
-    split_bounds = [np.searchsorted(r[o], np.arange(rounds + 1)) for (_, r, *_), o in zip(splits, split_order, strict=True)]
     more_round = chunk_round[more]
     for b in range(rounds):  # the coder's calls, in the decoder's order
         for j in range(seg_bounds[b], seg_bounds[b + 1]):
@@ -701,11 +707,43 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
         io.categorical(last_table[js], capped[last[js]])
         esc = more[more_round == b]
         io.uniform(sizes[esc] - _COUNT_CAP + 1, truth[esc] - _COUNT_CAP)
-        for (_, _, left, right, count, t), o, bounds in zip(splits, split_order, split_bounds, strict=True):
-            sl = o[bounds[b] : bounds[b + 1]]
-            _left_counts(io, left[sl], right[sl], count[sl], t[sl])
-        sel = leaf_order[leaf_bounds[b] : leaf_bounds[b + 1]]
-        _leaves(io, leaf_start[sel], leaf_size[sel], leaf_count[sel], ones)
+        for groups in levels:
+            for table, values, uniform in groups[b]:
+                if uniform is None:
+                    io.categorical(table, values)
+                else:
+                    io.uniform(uniform, values)
+        sel = slice(leaf_bounds[b], leaf_bounds[b + 1])
+        io.uniform(leaf_subsets[sel], leaf_rank[sel])
+
+
+def _split_groups(
+    rounds: int, node_round: np.ndarray, left: np.ndarray, right: np.ndarray, count: np.ndarray, truth: np.ndarray
+) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]:
+    """One tree level's split symbols for every round, grouped as `_left_counts` codes them in each:
+    (table, values, None) per table width, ascending, then (None, offsets, sizes) for the uniform ones."""
+    exact = count <= _EXACT_SPLIT
+    width = np.where(exact, 2 ** np.frexp(count.astype(np.float64))[1], 1 << 30).astype(np.int64)
+    order = np.lexsort((width, node_round))  # by round, then width; node order kept within
+    per_round: list[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = [[] for _ in range(rounds)]
+    r_s, w_s = node_round[order], width[order]
+    cuts = np.flatnonzero(np.concatenate(([True], (r_s[1:] != r_s[:-1]) | (w_s[1:] != w_s[:-1]), [True])))
+    tables = {}
+    for w in np.unique(width[exact]):  # one table per width for every round's nodes
+        sel = order[w_s == w]
+        tables[int(w)] = (sel, _hypergeometric_table(left[sel], right[sel], count[sel], int(w)))
+    seen = dict.fromkeys(tables, 0)
+    for a, z in zip(cuts[:-1], cuts[1:], strict=True):  # over (round, width) groups
+        sel = order[a:z]
+        w = int(w_s[a])
+        if w in tables:
+            table = tables[w][1][seen[w] : seen[w] + sel.size]
+            seen[w] += sel.size
+            per_round[int(r_s[a])].append((table, truth[sel], None))
+        else:
+            lo, hi = np.maximum(0, count[sel] - right[sel]), np.minimum(count[sel], left[sel])
+            per_round[int(r_s[a])].append((np.zeros(0), truth[sel] - lo, hi - lo + 1))
+    return per_round
 
 
 def _map_cost(row: np.ndarray, col: np.ndarray, r: int, c: int, row_major: bool) -> float:
