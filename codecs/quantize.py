@@ -55,6 +55,7 @@ y:    uint8 symbols in [0, 2**bits - 1] (bit-packed by `raw`, or coded by a foll
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -152,17 +153,17 @@ def _best_clip(arr: np.ndarray, bounds: np.ndarray, step0: np.ndarray, sign: np.
     |x| < step_j / 2. One histogram of those thresholds per group gives every candidate's error."""
     groups = len(bounds) - 1
     seg = segment_ids(bounds)
-    g_step = np.where(step0 > 0, step0, 1.0)[seg]
     mag = np.abs(arr).astype(np.float64)
-    oriented = arr * sign[seg]
-    ends = np.where(oriented >= 0, z + 1, z).astype(np.float64)
+    long_side = arr * sign[seg] >= 0
+    ends = np.where(long_side, z + 1, z).astype(np.float64)
     j = np.arange(CLIP_STEPS)
-    with np.errstate(divide="ignore"):
-        ratio = mag / g_step
-        clip_at = np.floor(-4 * np.log2(np.where(ends > 0, ratio / np.maximum(ends, 1), np.inf))) + 1  # clipped for j >= this
-        zero_until = np.ceil(-4 * np.log2(2 * ratio)) - 1  # rounds to zero for j <= this
-    clip_at = np.where(ends > 0, np.clip(clip_at, 0, CLIP_STEPS), 0).astype(np.int64)  # z = 0: the short side is always cut to 0
-    clip_at = np.where(mag > 0, clip_at, CLIP_STEPS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.log2(mag / np.where(step0 > 0, step0, 1.0)[seg])  # log2(|x| / step0); -inf at 0
+        clip_at = np.floor(4 * (np.where(long_side, math.log2(z + 1), math.log2(max(z, 1))) - level)) + 1  # clipped for j >= this
+        zero_until = np.ceil(-4 * (level + 1)) - 1  # rounds to zero for j <= this
+    clip_at = np.clip(np.nan_to_num(clip_at, posinf=CLIP_STEPS), 0, CLIP_STEPS).astype(np.int64)  # 0 never clips
+    if z == 0:  # one bit: the short side has no level but 0
+        clip_at[~long_side] = 0
     zero_until = np.clip(np.nan_to_num(zero_until, posinf=CLIP_STEPS), -1, CLIP_STEPS - 1).astype(np.int64)
     width = CLIP_STEPS + 1
 
