@@ -450,7 +450,8 @@ def _segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, ones: np.ndarray |
     i = np.arange(seg.size) - np.repeat(np.cumsum(chunks) - chunks, chunks)
     starts = (np.cumsum(lengths) - lengths)[seg] + i * per[seg]
     sizes = np.minimum(per[seg], lengths[seg] - i * per[seg])
-    truth = None if ones is None else np.minimum(_count_in(ones, starts, starts + sizes), _COUNT_CAP)
+    truth = None if ones is None else _count_in(ones, starts, starts + sizes)  # encoder
+    capped = None if truth is None else np.minimum(truth, _COUNT_CAP)
     # A segment's chunks share one distribution, but for its last (shorter) chunk: those go together last.
     counts = np.zeros(seg.size, dtype=np.int64)
     first = np.cumsum(chunks) - chunks
@@ -458,10 +459,8 @@ def _segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, ones: np.ndarray |
     rows = _binomial_table(np.concatenate([per, sizes[last]]), np.concatenate([p, p]))
     for j in np.flatnonzero(chunks > 1):  # over segments
         run = slice(first[j], first[j] + chunks[j] - 1)
-        counts[run] = io.categorical_run(rows[j], int(chunks[j] - 1), None if truth is None else truth[run])
-    counts[last] = io.categorical(rows[lengths.size :], None if truth is None else truth[last])
-    if ones is not None:
-        truth = _count_in(ones, starts, starts + sizes)
+        counts[run] = io.categorical_run(rows[j], int(chunks[j] - 1), None if capped is None else capped[run])
+    counts[last] = io.categorical(rows[lengths.size :], None if capped is None else capped[last])
     io.check((counts <= sizes).all(), "a chunk count above the chunk's size")
     more = np.flatnonzero((counts == _COUNT_CAP) & (sizes > _COUNT_CAP))
     counts[more] += io.uniform(sizes[more] - _COUNT_CAP + 1, None if truth is None else truth[more] - _COUNT_CAP)
@@ -518,6 +517,7 @@ def _rounds(io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.n
     multi_cols = np.where(maps.blocks > 1, maps.cols, 0)
     multi_off = np.cumsum(multi_cols) - multi_cols
     col_matrix = np.repeat(np.arange(n_mat), multi_cols)
+    col_blocks = maps.blocks[col_matrix]
     ctx = np.zeros(int(multi_cols.sum()), dtype=np.int64)  # min(2, entries kept above), per column
     kept = np.zeros((n_mat, _CONTEXTS))
     total = np.zeros((n_mat, _CONTEXTS))
@@ -532,7 +532,7 @@ def _rounds(io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.n
         if b == 0:  # every column at context 0, in order
             ncols[:, 0] = maps.cols
         else:
-            cols_b = np.flatnonzero(maps.blocks[col_matrix] > b)
+            cols_b = np.flatnonzero(col_blocks > b)
             ctx_b = ctx[cols_b]
             by_ctx = [cols_b[ctx_b == t] for t in range(_CONTEXTS)]  # per context: (matrix, column) order
             for t in range(_CONTEXTS):
