@@ -108,7 +108,7 @@ def test_nmse_below_one_on_heavy_tailed_updates(bits: int, granularity: str, see
         assert np.array_equal(p.decode(enc.data, LAYOUT, CodecState()), enc.reconstruction)
         nmse[option] = enc.stats.nmse
     assert nmse["grid=zero"] < 1 and nmse["clip=mse"] < 1, nmse
-    assert nmse["clip=mse"] <= 1.05 * nmse["grid=zero"], nmse  # clipping is chosen for the smaller expected error
+    assert nmse["clip=mse"] <= nmse["grid=zero"] * (1 + 1e-6), nmse  # kept only where it lowers the error
 
 
 def test_min_max_grid_is_worse_than_zeros_where_the_zero_grid_is_not() -> None:
