@@ -1,4 +1,4 @@
-"""`quantize`: uniform quantization to 1, 2, 4 or 8 bits (seed 003), per tensor, layer or channel.
+"""`quantize`: uniform quantization to 1, 2, 4 or 8 bits per tensor, layer or channel, on a grid with zero (seed 003: min-max).
 
 Chain syntax: `quantize:4`, `quantize:8,granularity=channel`, `quantize:4,clip=mse`,
 `quantize:2,rounding=stochastic,seed=7`, `quantize:4,grid=minmax` (seed 003's quantizer).
