@@ -41,8 +41,6 @@ BUILTIN_MODULES = (
 for _name in BUILTIN_MODULES:
     import_module(f"{__name__}.{_name}")
 
-Pipeline = Chain  # the former name, kept until every caller says Chain
-
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ArraySpec",
@@ -55,7 +53,6 @@ __all__ = [
     "Encoded",
     "EncodeStats",
     "Layout",
-    "Pipeline",
     "SideReader",
     "SideWriter",
     "Spec",

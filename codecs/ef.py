@@ -29,13 +29,15 @@ def with_memory(x: np.ndarray, state: StageState) -> np.ndarray:
     memory = state.get(MEMORY)
     if memory is None or memory.shape != x.shape:
         return x
-    return (x + memory).astype(x.dtype)
+    return (x + memory).astype(x.dtype, copy=False)
 
 
 def remember(state: StageState, sent: np.ndarray, received: np.ndarray, decay: float = 1.0) -> None:
     """Keep what the receiver did not get of `sent` (it reconstructs `received`), faded by `decay`."""
-    memory = (np.asarray(sent) - np.asarray(received)).astype(np.float32)
-    state[MEMORY] = memory * np.float32(decay) if decay != 1.0 else memory
+    memory = (np.asarray(sent) - np.asarray(received)).astype(np.float32, copy=False)  # a new array: scaled in place
+    if decay != 1.0:
+        memory *= np.float32(decay)
+    state[MEMORY] = memory
 
 
 @register_codec

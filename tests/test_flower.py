@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp.strategy import FedAdam, FedAvg  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedsqueeze.codecs import CodecState, Layout, Pipeline  # noqa: E402
+from fedsqueeze.codecs import Chain, CodecState, Layout  # noqa: E402
 from fedsqueeze.flower import CompressedStrategy, FlowerCodecError, compression_mod, make_compression_mod  # noqa: E402
 from fedsqueeze.flower.records import META, PAYLOAD  # noqa: E402
 
@@ -137,7 +137,7 @@ def test_rounds_decode_to_the_models_sent_and_aggregate_the_nodes_updates() -> N
     # Each link's receivers, replayed outside Flower: what each node and the server must have decoded.
     mirror_down = {n: CodecState() for n in nodes}
     mirror_up = {n: CodecState() for n in nodes}
-    down, up_chain = Pipeline.from_config(DOWNLINK), Pipeline.from_config(UPLINK)
+    down, up_chain = Chain.from_config(DOWNLINK), Chain.from_config(UPLINK)
     for server_round in range(1, 6):
         sent = layout.flatten(numpy_of(arrays))
         messages, replies, aggregated, up = run_round(strategy, nodes, arrays, server_round)
@@ -272,11 +272,11 @@ def test_mismatched_chains_are_refused_by_fingerprint_both_ways() -> None:
     _, _, arrays, _ = run_round(strategy, nodes, arrays, 1)
 
     # Downlink: the server now codes with another chain than the node's link.
-    strategy.downlink = Pipeline.from_config("residual | topk:0.3 | quantize:8 | entropy")
+    strategy.downlink = Chain.from_config("residual | topk:0.3 | quantize:8 | entropy")
     _, replies, arrays, _ = run_round(strategy, nodes, arrays, 2)
     assert arrays is None and all(r.has_error() and "downlink fingerprint" in r.error.reason for r in replies)
     arrays = model_record(rng)
-    strategy.downlink = Pipeline.from_config(DOWNLINK)
+    strategy.downlink = Chain.from_config(DOWNLINK)
     _, replies, arrays, _ = run_round(strategy, nodes, arrays, 3)  # both links restart
     assert not any(r.has_error() for r in replies)
 

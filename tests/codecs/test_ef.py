@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsqueeze.codecs import CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs import Chain, CodecError, CodecState, Layout
 
 LAYOUT = Layout.of({"conv": np.zeros((4, 3, 3, 3)), "fc": np.zeros((10, 30)), "bias": np.zeros(10)})
 N = LAYOUT.numel
@@ -25,7 +25,7 @@ def vec(seed: int = 0, n: int = N, scale: float = 1.0) -> np.ndarray:
 
 def run(chain: str, xs: list[np.ndarray], layout: Layout = LAYOUT) -> tuple[np.ndarray, np.ndarray, CodecState]:
     """Send every x; return (sum of decoded messages, final sender memory, sender state)."""
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     sender, receiver = CodecState(), CodecState()
     total = np.zeros(layout.numel, np.float64)
     for x in xs:
@@ -58,7 +58,7 @@ def test_error_feedback_delivers_what_plain_topk_drops() -> None:
 
 
 def test_first_message_is_untouched_and_memory_is_the_residual() -> None:
-    p = Pipeline.parse("ef | topk:0.1")
+    p = Chain.parse("ef | topk:0.1")
     state = CodecState()
     x = vec(4)
     enc = p.encode(x, LAYOUT, state)
@@ -71,7 +71,7 @@ def test_first_message_is_untouched_and_memory_is_the_residual() -> None:
 
 
 def test_decay_scales_the_memory() -> None:
-    p = Pipeline.parse("ef:0.5 | topk:0.1")
+    p = Chain.parse("ef:0.5 | topk:0.1")
     state = CodecState()
     x = vec(6)
     enc = p.encode(x, LAYOUT, state)
@@ -79,7 +79,7 @@ def test_decay_scales_the_memory() -> None:
 
 
 def test_memory_resets_when_the_model_size_changes() -> None:
-    p = Pipeline.parse("ef | topk:0.1")
+    p = Chain.parse("ef | topk:0.1")
     state = CodecState()
     p.encode(vec(7), LAYOUT, state)
     small = Layout.of({"v": np.zeros(50)})
@@ -91,7 +91,7 @@ def test_memory_resets_when_the_model_size_changes() -> None:
 
 
 def test_state_survives_a_checkpoint() -> None:
-    p = Pipeline.parse("ef | topk:0.1")
+    p = Chain.parse("ef | topk:0.1")
     a = CodecState()
     for t in range(3):
         p.encode(vec(t), LAYOUT, a)
@@ -103,12 +103,12 @@ def test_state_survives_a_checkpoint() -> None:
 @pytest.mark.parametrize("config", [{"id": "ef", "decay": 1.5}, {"id": "ef", "decay": -1}, {"id": "ef", "decay": True}, {"id": "ef", "memory": 1}])
 def test_bad_configs_are_refused(config: dict) -> None:
     with pytest.raises(CodecError):
-        Pipeline.from_config([config, {"id": "topk"}])
+        Chain.from_config([config, {"id": "topk"}])
 
 
 def test_config_survives_json_and_nan_is_refused() -> None:
-    p = Pipeline.parse("ef:0.9 | topk:0.1")
-    assert Pipeline.from_config(json.loads(json.dumps(p.get_config()))).get_config() == p.get_config()
+    p = Chain.parse("ef:0.9 | topk:0.1")
+    assert Chain.from_config(json.loads(json.dumps(p.get_config()))).get_config() == p.get_config()
     x = vec()
     x[3] = np.nan
     state = CodecState()
@@ -118,7 +118,7 @@ def test_config_survives_json_and_nan_is_refused() -> None:
 
 
 def test_hostile_messages() -> None:
-    p = Pipeline.parse("ef | topk:0.1")
+    p = Chain.parse("ef | topk:0.1")
     state = CodecState()
     p.encode(vec(1), LAYOUT, state)
     data = p.encode(vec(2), LAYOUT, state).data
@@ -159,7 +159,7 @@ def test_conservation_property(n: int, fraction: float, messages: int, scale: fl
 
 def test_golden_fixture_decodes_identically() -> None:
     """The second message of `ef | topk:0.1` (it carries memory from the first)."""
-    p = Pipeline.parse("ef | topk:0.1")
+    p = Chain.parse("ef | topk:0.1")
     blob, expected = GOLDEN / "ef_topk.bin", GOLDEN / "ef_topk.npy"
     if not blob.exists():  # written once, then committed
         GOLDEN.mkdir(exist_ok=True)

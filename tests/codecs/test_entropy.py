@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsqueeze.codecs import ArraySpec, BytesSpec, CodecError, CodecState, Layout, Pipeline, SideWriter
+from fedsqueeze.codecs import ArraySpec, BytesSpec, Chain, CodecError, CodecState, Layout, SideWriter
 from fedsqueeze.codecs.entropy import Entropy
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -89,7 +89,7 @@ def test_modes() -> None:
 def test_refuses_input_that_is_not_symbols() -> None:
     layout = Layout.of({"v": np.zeros(100)})
     with pytest.raises(CodecError, match="put a quantizer"):
-        Pipeline.parse("entropy").encode(np.ones(100, np.float32), layout)
+        Chain.parse("entropy").encode(np.ones(100, np.float32), layout)
     with pytest.raises(CodecError, match="put a quantizer"):
         CODEC.encode(np.zeros(10, np.int8), ArraySpec(np.int8, 10), {})
     with pytest.raises(CodecError, match="exceeds"):
@@ -191,7 +191,7 @@ def test_reads_the_first_format() -> None:
 def test_chain_after_stc() -> None:
     layout = Layout.of({"a": np.zeros((30, 40)), "b": np.zeros(30)})
     x = np.random.default_rng(5).standard_normal(layout.numel).astype(np.float32)
-    p = Pipeline.parse("stc:0.1 | entropy")
+    p = Chain.parse("stc:0.1 | entropy")
     enc = p.encode(x, layout, CodecState())
     assert np.array_equal(p.decode(enc.data, layout, CodecState()), enc.reconstruction)
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedsqueeze.codecs import ArraySpec, CodecError, CodecState, Layout, Pipeline
+from fedsqueeze.codecs import ArraySpec, Chain, CodecError, CodecState, Layout
 from fedsqueeze.codecs.base import encode_varint
 from fedsqueeze.codecs.lattice import Lattice
 from fedsqueeze.codecs.positions import encode_positions
@@ -17,7 +17,7 @@ N = LAYOUT.numel
 
 
 def round_trip(chain: str, x: np.ndarray, layout: Layout = LAYOUT) -> tuple[np.ndarray, int]:
-    p = Pipeline.parse(chain)
+    p = Chain.parse(chain)
     enc = p.encode(x, layout, CodecState())
     out = p.decode(enc.data, layout, CodecState())
     assert np.array_equal(out, enc.reconstruction)
@@ -66,7 +66,7 @@ def test_catch_up_behind_residual_never_drifts_and_sends_only_changes() -> None:
     rng = np.random.default_rng(1)
     step = 2.0**-10
     model = (rng.standard_normal(N) * 0.1).astype(np.float32)
-    p = Pipeline.parse(f"residual | lattice:{step} | entropy")
+    p = Chain.parse(f"residual | lattice:{step} | entropy")
     sender, receiver = CodecState(), CodecState()
     moved: set[int] = set(range(N))  # the first message carries everything
     sizes = []

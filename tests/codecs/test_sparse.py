@@ -318,3 +318,19 @@ def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.Mo
     assert calls == [], "the sender decoded the positions it had just coded"
     assert np.array_equal(chain_obj.decode(enc.data, LAYOUT), enc.reconstruction)
     assert calls, "the receiver must decode the positions"
+
+
+@pytest.mark.parametrize("fraction", [1e-5, 0.001, 0.005, 0.05, 0.0625, 0.2])
+def test_top_k_of_a_large_vector_is_the_full_partitions(fraction: float) -> None:
+    """Above SAMPLED_TOP_K entries only the candidates above a sampled threshold are partitioned: the same set."""
+    from fedsqueeze.codecs.sparse import SAMPLED_TOP_K, top_indices
+
+    rng = np.random.default_rng(int(fraction * 1e6))
+    n = SAMPLED_TOP_K + 12_345
+    x = (rng.standard_t(3, n) * np.repeat(rng.random(n // 1000 + 1) ** 4, 1000)[:n]).astype(np.float32)  # layered scales
+    k = kept_count(n, fraction)
+    reference = np.sort(np.argpartition(np.abs(x), n - k)[n - k :])
+    assert np.array_equal(top_indices(x, k), reference)
+    x[: n // 2] = 0.0  # ties at zero beyond the nonzeros: still k entries, all of the largest magnitudes
+    got = top_indices(x, k)
+    assert got.size == k and np.abs(x[got]).min() >= np.abs(np.delete(x, got)).max()
