@@ -43,9 +43,13 @@ compose-test: $(STAMP) ## Bring deploy/docker-compose.yml up on a Docker engine 
 test-fast: $(STAMP) ## Run the tests that start no servers
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) typecheck ## ruff (lint and format) and the type checks
 	$(BIN)/ruff check .
-	$(BIN)/mypy fedsqueeze codecs aggregator collaborator
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy on the packages, strict on the codec library
+	$(BIN)/mypy fedsqueeze codecs aggregator collaborator simulation
+	$(BIN)/mypy --strict codecs
 
 # The generator lives in a venv of its own: grpcio-tools 1.80.1 (protobuf 6 gencode, which protobuf 6
 # and 7 both load) cannot share .venv's protobuf 7, see proto/requirements.txt.

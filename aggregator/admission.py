@@ -34,7 +34,9 @@ class JoinPolicy:
     enrolled: frozenset[str] = field(default_factory=frozenset)  # SHA-256 of each enrollment token
 
     @classmethod
-    def from_files(cls, secret_file: str | Path | None = None, enrollment_file: str | Path | None = None) -> JoinPolicy:
+    def from_files(
+        cls, secret_file: str | Path | None = None, enrollment_file: str | Path | None = None
+    ) -> JoinPolicy:
         secret = _read(secret_file, "join secret").strip() if secret_file else None
         if secret_file and not secret:
             raise AdmissionError(f"{secret_file}: the join secret is empty")
@@ -59,10 +61,14 @@ class JoinPolicy:
             if any(hmac.compare_digest(digest, d) for d in self.enrolled):
                 return f"enrolled-{digest[:16]}"
             if self.secret_digest is None:
-                raise Unauthenticated("this federation admits enrolled collaborators only: give your enrollment token")
+                raise Unauthenticated(
+                    "this federation admits enrolled collaborators only: give your enrollment token"
+                )
         if self.secret_digest is not None and hmac.compare_digest(digest, self.secret_digest):
             return None
-        raise Unauthenticated("missing or wrong join token: this federation needs its join secret or an enrollment token")
+        raise Unauthenticated(
+            "missing or wrong join token: this federation needs its join secret or an enrollment token"
+        )
 
 
 def _read(path: str | Path, what: str) -> str:

@@ -102,7 +102,9 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
     except Exception as exc:  # safetensors / JSON errors
         raise CheckpointError(f"{path} is not a readable fedsqueeze checkpoint: {exc}") from exc
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')!r}, this build reads {FORMAT}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format')!r}, this build reads {FORMAT}"
+        )
     if meta.get("plan_sha256") != plan_sha256:
         raise CheckpointError(
             f"{path} belongs to plan {str(meta.get('plan_sha256'))[:12]}…, not to this plan {plan_sha256[:12]}…: "

@@ -1,7 +1,7 @@
 """`aggregator`: the command line of the aggregator service.
 
-    aggregator serve --port 50051 [--plan plan.json] [--report runs/report.json] [--keep-serving]
-                     [--max-concurrent-uploads 8]
+aggregator serve --port 50051 [--plan plan.json] [--report runs/report.json] [--keep-serving]
+                 [--max-concurrent-uploads 8]
 """
 
 from __future__ import annotations
@@ -48,8 +48,16 @@ def _serve(args: argparse.Namespace) -> int:
     policy = JoinPolicy.from_files(args.join_secret_file, args.enrollment_file)
     state_dir = Path(args.state_dir) if args.state_dir else None
     server = AggregatorServer(
-        plan, host=args.host, port=args.port, report_path=report, on_round=on_round, metrics=metrics, state_dir=state_dir, tls=tls,
-        max_concurrent_uploads=args.max_concurrent_uploads, join_policy=policy,
+        plan,
+        host=args.host,
+        port=args.port,
+        report_path=report,
+        on_round=on_round,
+        metrics=metrics,
+        state_dir=state_dir,
+        tls=tls,
+        max_concurrent_uploads=args.max_concurrent_uploads,
+        join_policy=policy,
     ).start()
     if args.metrics_port is not None:
         _, metrics_port = start_metrics_server(args.metrics_port, metrics, args.metrics_host)
@@ -65,7 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
     if f.resumed_from is not None:
         print(f"resumed from {state_dir} after round {f.resumed_from}", flush=True)
     if tls is not None:
-        print("transport: " + ("mutual TLS (client certificate CN = collaborator id)" if tls.mutual else "TLS"), flush=True)
+        print(
+            "transport: " + ("mutual TLS (client certificate CN = collaborator id)" if tls.mutual else "TLS"),
+            flush=True,
+        )
     if not policy.open:
         print("admission: " + ("enrollment tokens (one identity each)" if policy.enrolled else "join secret") +
               f", at most {plan.max_members} members", flush=True)  # fmt: skip
@@ -92,7 +103,11 @@ def _savings(args: argparse.Namespace) -> int:
             sizes, context = sv.sizes_from_report(sv.load_report(args.report))
         except (OSError, ValueError, KeyError) as exc:
             die(f"cannot read sizes from {args.report}: {exc}")
-        sizes = sv.Sizes(args.original or sizes.original, args.compressed or sizes.compressed, args.decoder or sizes.decoder)
+        sizes = sv.Sizes(
+            args.original or sizes.original,
+            args.compressed or sizes.compressed,
+            args.decoder or sizes.decoder,
+        )
     else:
         if not (args.original and args.compressed and args.decoder is not None):
             die("give --report RUN/report.json, or --original, --compressed and --decoder (bytes)")
@@ -130,13 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--report", help="write the run report (JSON) here, updated after every round")
     serve.add_argument("--rounds", type=int, help="override the plan's number of rounds")
     serve.add_argument("--min-collaborators", type=int, help="override collaborators.min")
-    serve.add_argument("--keep-serving", action="store_true", help="keep serving after the last round until SIGTERM")
-    serve.add_argument("--state-dir", help="checkpoint here after every round; restarting on the same directory resumes the run")
+    serve.add_argument(
+        "--keep-serving", action="store_true", help="keep serving after the last round until SIGTERM"
+    )
+    serve.add_argument(
+        "--state-dir",
+        help="checkpoint here after every round; restarting on the same directory resumes the run",
+    )
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
-    serve.add_argument("--tls-ca", help="mutual TLS: require client certificates signed by this CA; their CN is the collaborator id")
-    serve.add_argument("--join-secret-file", help="admission: collaborators must present the secret in this file to join")
-    serve.add_argument("--enrollment-file", help="admission: enrollment tokens, one per line; each admits one collaborator identity")
+    serve.add_argument(
+        "--tls-ca",
+        help="mutual TLS: require client certificates signed by this CA; their CN is the collaborator id",
+    )
+    serve.add_argument(
+        "--join-secret-file", help="admission: collaborators must present the secret in this file to join"
+    )
+    serve.add_argument(
+        "--enrollment-file",
+        help="admission: enrollment tokens, one per line; each admits one collaborator identity",
+    )
     serve.add_argument(
         "--max-concurrent-uploads",
         type=int,
@@ -145,8 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"read and decode at most N uploads at once, as many more wait, the rest are refused and retried "
         f"(bounds memory to ~N updates; default {DEFAULT_MAX_CONCURRENT_UPLOADS})",
     )
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
-    serve.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default: all interfaces)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="address the metrics endpoint binds (default: all interfaces)",
+    )
     serve.add_argument(
         "--metrics-per-collaborator",
         action=argparse.BooleanOptionalAction,
@@ -154,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="label byte counters by collaborator; --no-metrics-per-collaborator bounds the series for large federations",
     )
     serve.set_defaults(func=_serve)
-    sav = sub.add_parser("savings", help="savings ratio and break-even of AE compression (seed 001, eq. 4-6, Figs. 10-11)")
+    sav = sub.add_parser(
+        "savings", help="savings ratio and break-even of AE compression (seed 001, eq. 4-6, Figs. 10-11)"
+    )
     sav.add_argument("--report", help="take the sizes from this run report")
     sav.add_argument("--original", type=float, help="bytes of one uncompressed update (O)")
     sav.add_argument("--compressed", type=float, help="wire bytes of one compressed update (S)")

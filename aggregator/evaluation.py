@@ -46,7 +46,9 @@ class HeldOutEvaluator:
         # A generated data set is cut into the plan's shards, the same on every machine: their sizes are known here.
         self.shard_sizes: list[int] | None = None
         if plan.task.dataset in GENERATED:
-            shards = partition(self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
+            shards = partition(
+                self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed
+            )
             self.shard_sizes = [len(s) for s in shards]
 
     def __call__(self, global_model: np.ndarray) -> dict[str, float]:

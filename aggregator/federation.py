@@ -59,7 +59,9 @@ MAX_POLL_S = 60.0  # the longest a GetTask long poll is held
 MAX_SAMPLES = 10**9
 MAX_RESENDS = 8  # a member may ask for a round's download again this often (a lost response), no more
 RECENT_NORMS = 64  # update norms remembered across rounds, the reference of a round's norm bound when alone
-RESUME_GRACE_S = 30.0  # after a restart, how long the rounds wait for every resumed member once quorum is back
+RESUME_GRACE_S = (
+    30.0  # after a restart, how long the rounds wait for every resumed member once quorum is back
+)
 
 
 class Federation:
@@ -80,7 +82,9 @@ class Federation:
         self.plan = plan
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.join_policy = join_policy or JoinPolicy()
-        self.shard_sizes: list[int] | None = None  # built-in data sets: each shard's size, the cap of its member's weight
+        self.shard_sizes: list[int] | None = (
+            None  # built-in data sets: each shard's size, the cap of its member's weight
+        )
         if model is None:
             held_out = HeldOutEvaluator(plan)
             model, evaluator = held_out.initial, evaluator or held_out
@@ -119,10 +123,16 @@ class Federation:
             header={
                 "plan": plan.to_json(),
                 "plan_sha256": plan.sha256,
-                "model": {"name": plan.model.name, "parameters": self.layout.numel, "raw_bytes": self.layout.raw_bytes},
+                "model": {
+                    "name": plan.model.name,
+                    "parameters": self.layout.numel,
+                    "raw_bytes": self.layout.raw_bytes,
+                },
                 "uplink_chain": str(self.up_chain),
                 "downlink_chain": str(self.down_chain),
-                "downlink_update_chain": None if self.global_update.chain is None else str(self.global_update.chain),
+                "downlink_update_chain": None
+                if self.global_update.chain is None
+                else str(self.global_update.chain),
                 "downlink_prior": plan.downlink.prior,
                 "server_optimizer": dataclasses.asdict(plan.aggregation.server_optimizer),
             },
@@ -155,7 +165,9 @@ class Federation:
         for callback in self._task_watchers:
             callback()
 
-    def join(self, name: str, num_samples: int, identity: str | None = None, join_token: str = "") -> Admission:
+    def join(
+        self, name: str, num_samples: int, identity: str | None = None, join_token: str = ""
+    ) -> Admission:
         """Register a collaborator, if the join policy admits it. Its id is `identity` (the client
         certificate's common name under mTLS) or its enrollment token's; joining again under a known
         identity re-issues its session token and resets its codec states (the collaborator restarted),
@@ -178,7 +190,14 @@ class Federation:
             log.info("joined: %s (%s), shard %d", member.id, member.name, member.shard_index)
         with self._cond:
             self._announce()
-        return Admission(member.id, member.token, self.plan.canonical(), self.plan.sha256, member.shard_index, self.plan.num_shards)
+        return Admission(
+            member.id,
+            member.token,
+            self.plan.canonical(),
+            self.plan.sha256,
+            member.shard_index,
+            self.plan.num_shards,
+        )
 
     def authenticate(self, member_id: str, token: str) -> Member:
         """The caller, if the token is its own; a lost member that calls in is back."""
@@ -209,10 +228,16 @@ class Federation:
             with self._cond:
                 while True:
                     if self._phase == "done":
-                        return Task("DONE", message=self._outcome or "the federation has finished", completed=self._outcome == "completed")
+                        return Task(
+                            "DONE",
+                            message=self._outcome or "the federation has finished",
+                            completed=self._outcome == "completed",
+                        )
                     pre = self.prepass.task_for(member.id, training=self._phase == "training")
                     rnd = self.rounds.current
-                    if pre is not None or (rnd is not None and self._phase == "training" and rnd.wants_update_from(member.id)):
+                    if pre is not None or (
+                        rnd is not None and self._phase == "training" and rnd.wants_update_from(member.id)
+                    ):
                         model = self.global_model
                         break
                     remaining = deadline - time.monotonic()
@@ -241,12 +266,16 @@ class Federation:
                 else:  # it has this round's download already (a lost response): counted apart, and only so often
                     resends = self._resends.get(member.id, 0)
                     if resends >= MAX_RESENDS:
-                        raise ResourceExhausted(f"{member.id} asked for round {rnd.number}'s download {MAX_RESENDS + 1} times")
+                        raise ResourceExhausted(
+                            f"{member.id} asked for round {rnd.number}'s download {MAX_RESENDS + 1} times"
+                        )
                     self._resends[member.id] = resends + 1
                     rnd.resent["messages"] += 1
                     rnd.resent["wire"] += wire
         if download.fresh:
-            self.metrics.record_transfer("down", self.links.down_codec, member.id, raw=self.layout.raw_bytes, wire=wire)
+            self.metrics.record_transfer(
+                "down", self.links.down_codec, member.id, raw=self.layout.raw_bytes, wire=wire
+            )
         else:
             self.metrics.record_resent("down", self.links.down_codec, member.id, wire)
         return Task("TRAIN", round=rnd.number, model=download.payload)
@@ -268,7 +297,9 @@ class Federation:
         return Task("PREPASS", round=0, model=payload, message=pre.role)
 
     # -- uploads ----------------------------------------------------------------------------------
-    def check_update(self, member_id: str, token: str, round_number: int, num_samples: int, size: int) -> None:
+    def check_update(
+        self, member_id: str, token: str, round_number: int, num_samples: int, size: int
+    ) -> None:
         """Refuse an update from its header alone, before its bytes are read."""
         member = self.authenticate(member_id, token)
         if not 1 <= num_samples <= MAX_SAMPLES:
@@ -302,7 +333,9 @@ class Federation:
                 upload = self.links.decode_upload(member.id, payload)
                 with self._cond:
                     if self.rounds.current is not rnd:
-                        raise FailedPrecondition(f"round {round_number} closed while the update was being decoded")
+                        raise FailedPrecondition(
+                            f"round {round_number} closed while the update was being decoded"
+                        )
                     rnd.strategy.accumulate(upload.update, self._weight(member, num_samples))
                     upload.commit()
                     rnd.submitted.add(member.id)
@@ -314,7 +347,9 @@ class Federation:
             with self._cond:
                 rnd.receiving.discard(member.id)
                 self._cond.notify_all()
-        self.metrics.record_transfer("up", self.links.up_codec, member.id, raw=self.layout.raw_bytes, wire=wire_size)
+        self.metrics.record_transfer(
+            "up", self.links.up_codec, member.id, raw=self.layout.raw_bytes, wire=wire_size
+        )
         log.debug("update from %s for round %d: %d bytes", member.id, round_number, wire_size)
         return wire_size
 
@@ -337,7 +372,9 @@ class Federation:
             if self.prepass.shared:
                 self._announce()  # the others' PREPASS task with the shared decoder
             rnd = self.rounds.current
-            target = rnd.bytes if (rnd is not None and not self.prepass.running) else self.report.prepass_bytes
+            target = (
+                rnd.bytes if (rnd is not None and not self.prepass.running) else self.report.prepass_bytes
+            )
             target["decoder"] += len(blob)
             member.decoder_bytes += len(blob)
         self.links.install(member.id, self.prepass.index, tensors)
@@ -409,13 +446,23 @@ class Federation:
                 if stop.is_set():
                     return
                 now = time.monotonic()
-                if count >= need and self.resumed_from is not None and now > start + min(RESUME_GRACE_S, c.join_timeout_s):
-                    log.warning("resuming with %d of the %d members that were active; the others can return later", count, need_all)
+                if (
+                    count >= need
+                    and self.resumed_from is not None
+                    and now > start + min(RESUME_GRACE_S, c.join_timeout_s)
+                ):
+                    log.warning(
+                        "resuming with %d of the %d members that were active; the others can return later",
+                        count,
+                        need_all,
+                    )
                     return
                 if now > deadline:
                     if count >= need and self.resumed_from is not None:
                         return
-                    raise FederationError(f"only {count} of {need} collaborators joined within the join timeout")
+                    raise FederationError(
+                        f"only {count} of {need} collaborators joined within the join timeout"
+                    )
                 self._cond.wait(0.5)
 
     def _run_prepass(self, stop: threading.Event) -> None:
@@ -444,7 +491,14 @@ class Federation:
 
     def _new_strategy(self) -> Strategy:
         a = self.plan.aggregation
-        return build_strategy(self.plan.uplink.target, a.clip_norm, a.robust, a.trim_fraction, a.norm_bound, list(self._recent_norms))
+        return build_strategy(
+            self.plan.uplink.target,
+            a.clip_norm,
+            a.robust,
+            a.trim_fraction,
+            a.norm_bound,
+            list(self._recent_norms),
+        )
 
     def _run_round(self, number: int, stop: threading.Event) -> RoundRecord:
         quorum = self.plan.quorum
@@ -466,7 +520,9 @@ class Federation:
             proposed = self.server_optimizer.apply(self.global_model, strategy.finish())
             self.global_model = self.global_update.apply(self.global_model, proposed, self.layout)
             if self.global_update.last_stats is not None:
-                self.metrics.record_encode("global", str(self.global_update.chain), self.global_update.last_stats)
+                self.metrics.record_encode(
+                    "global", str(self.global_update.chain), self.global_update.last_stats
+                )
         else:
             status = f"failed: quorum not met ({count} of {quorum} updates) after {rnd.attempt} retries; the global model is unchanged"
             log.warning("round %d %s", number, status)
@@ -509,7 +565,9 @@ class Federation:
             report = {"rounds": [r.to_json() for r in self.report.rounds], "extra": dict(self.report.extra),
                       "prepass_bytes": dict(self.report.prepass_bytes)}  # fmt: skip
             model = self.global_model.copy()
-            ids = [mid for mid in self.membership.members if self.links.has(mid)]  # those that left have no states
+            ids = [
+                mid for mid in self.membership.members if self.links.has(mid)
+            ]  # those that left have no states
         states = {mid: self.links.states(mid) for mid in ids}  # link locks, never under _cond
         ckpt = checkpoint.Checkpoint(round=self.rounds.completed, plan_sha256=self.plan.sha256, global_model=model, states=states,
                                      membership=membership, prepass=prepass, report=report,
@@ -526,7 +584,9 @@ class Federation:
             return
         try:
             self.global_model = ckpt.global_model.astype(np.float32)
-            self.global_update.state = CodecState.from_bytes(ckpt.server_state) if ckpt.server_state else CodecState()
+            self.global_update.state = (
+                CodecState.from_bytes(ckpt.server_state) if ckpt.server_state else CodecState()
+            )
             self.server_optimizer.load_state(ckpt.optimizer_state, self.layout.numel)
             self.membership.restore(ckpt.membership)
             for mid in self.membership.members:
@@ -542,5 +602,12 @@ class Federation:
         self._resumed_members = sum(1 for m in self.membership.members.values() if m.active)
         self.rounds.completed = ckpt.round
         self.resumed_from = ckpt.round
-        self.report.extra["resumed_after_round"] = self.report.extra.get("resumed_after_round", []) + [ckpt.round]
-        log.info("resumed from %s after round %d (%d members)", self.state_dir, ckpt.round, len(self.membership.members))
+        self.report.extra["resumed_after_round"] = self.report.extra.get("resumed_after_round", []) + [
+            ckpt.round
+        ]
+        log.info(
+            "resumed from %s after round %d (%d members)",
+            self.state_dir,
+            ckpt.round,
+            len(self.membership.members),
+        )

@@ -56,7 +56,9 @@ class Upload:
 
 
 class Links:
-    def __init__(self, chains: LinkChains, layout: Layout, initial_model: np.ndarray, metrics: Metrics) -> None:
+    def __init__(
+        self, chains: LinkChains, layout: Layout, initial_model: np.ndarray, metrics: Metrics
+    ) -> None:
         self.chains = chains
         self.layout = layout
         # downlink.prior "initial" primes every member's downlink with the initial model: kept only then.
@@ -66,7 +68,9 @@ class Links:
         self.up_fingerprint = chains.uplink.fingerprint(layout)
         self.down_fingerprint = chains.downlink.fingerprint(layout)
         self._links: dict[str, Link] = {}
-        self._shared: tuple[int, Payload] | None = None  # a stateless downlink encodes once per round, for everyone
+        self._shared: tuple[int, Payload] | None = (
+            None  # a stateless downlink encodes once per round, for everyone
+        )
         self._shared_lock = threading.Lock()
 
     # -- members ----------------------------------------------------------------------------------

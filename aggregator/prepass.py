@@ -49,13 +49,17 @@ class Prepass:
         self.spec = spec
         found = find_stage(uplink)
         self.enabled = bool(spec.enabled and found is not None)
-        self.index: int = found[0] if found is not None else -1  # the `ae` stage's slot in an uplink CodecState
+        self.index: int = (
+            found[0] if found is not None else -1
+        )  # the `ae` stage's slot in an uplink CodecState
         self.stage: Autoencoder | None = found[1] if found is not None else None
         n = layout.numel
         self.expected = self.stage.decoder_shapes(n) if self.stage else {}
         self.architecture = self.stage.architecture(n) if self.stage else {}
         # No autoencoder, no decoder bytes at all.
-        self.max_bytes = (self.stage.decoder_nbytes(n) + HEADER_ALLOWANCE) if self.enabled and self.stage else 0
+        self.max_bytes = (
+            (self.stage.decoder_nbytes(n) + HEADER_ALLOWANCE) if self.enabled and self.stage else 0
+        )
         self.shared = spec.decoder == "shared"
         self.running = False  # the prepass phase holds the rounds
         self.done = False  # the phase has ended (checkpointed: a restart does not run it again)
@@ -98,7 +102,12 @@ class Prepass:
             if self.shared and self.trainer is None:
                 self.trainer = member_id
             return PrepassTask(ROLE_ENCODER if self.shared and self.trainer != member_id else ROLE_TRAIN)
-        if self.shared and self.shared_payload is not None and member_id != self.trainer and member_id not in self.shared_sent:
+        if (
+            self.shared
+            and self.shared_payload is not None
+            and member_id != self.trainer
+            and member_id not in self.shared_sent
+        ):
             self.shared_sent.add(member_id)
             return PrepassTask(SHARED_DECODER, self.shared_payload, self.shared_tensors)
         return None
@@ -116,11 +125,15 @@ class Prepass:
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"decoder sizes must be integers: {exc}") from exc
         if kind != self.architecture["kind"] or sizes != self.architecture["sizes"]:
-            raise InvalidArgument(f"decoder architecture {kind} {sizes} is not the plan's {self.architecture}")
+            raise InvalidArgument(
+                f"decoder architecture {kind} {sizes} is not the plan's {self.architecture}"
+            )
         if self.shared and self.trainer is not None and member_id != self.trainer:
             raise PermissionDenied(f"shared decoder mode: only {self.trainer} uploads the decoder")
         if member_id in self.installed and not self.spec.allow_retrain:
-            raise AlreadyExists(f"{member_id} already uploaded its decoder; the plan does not allow re-training")
+            raise AlreadyExists(
+                f"{member_id} already uploaded its decoder; the plan does not allow re-training"
+            )
 
     def validate(self, member_id: str, blob: bytes) -> StageState:
         """The decoder's tensors, checked against the plan and bound to `member_id` (no lock needed)."""

@@ -44,7 +44,9 @@ class RoundState:
     submitted: set[str] = field(default_factory=set)  # accepted updates
     receiving: set[str] = field(default_factory=set)  # updates being decoded now
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
-    resent: dict[str, int] = field(default_factory=lambda: {"messages": 0, "wire": 0})  # downloads handed out again
+    resent: dict[str, int] = field(
+        default_factory=lambda: {"messages": 0, "wire": 0}
+    )  # downloads handed out again
 
     def wants_update_from(self, member_id: str) -> bool:
         return member_id in self.participants and member_id not in self.submitted
@@ -67,7 +69,13 @@ class ClosedRound:
 
 
 class RoundControl:
-    def __init__(self, plan: Plan, cond: threading.Condition, active_ids: Callable[[], set[str]], announce: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        cond: threading.Condition,
+        active_ids: Callable[[], set[str]],
+        announce: Callable[[], None],
+    ) -> None:
         self.plan = plan
         self.cond = cond
         self.active_ids = active_ids
@@ -77,7 +85,12 @@ class RoundControl:
 
     def open(self, number: int, strategy: Strategy) -> RoundState:
         """Open round `number` (under cond)."""
-        rnd = RoundState(number, select(self.active_ids(), self.plan, number), time.monotonic() + self.plan.round_timeout_s, strategy)
+        rnd = RoundState(
+            number,
+            select(self.active_ids(), self.plan, number),
+            time.monotonic() + self.plan.round_timeout_s,
+            strategy,
+        )
         self.current = rnd
         self.announce()
         return rnd
@@ -94,7 +107,14 @@ class RoundControl:
             rnd.attempt += 1
             rnd.participants |= self.active_ids()
             rnd.deadline = time.monotonic() + self.plan.round_timeout_s
-            log.warning("round %d: %d of %d updates by the deadline; retry %d of %d", rnd.number, rnd.strategy.count, quorum, rnd.attempt, retries)
+            log.warning(
+                "round %d: %d of %d updates by the deadline; retry %d of %d",
+                rnd.number,
+                rnd.strategy.count,
+                quorum,
+                rnd.attempt,
+                retries,
+            )
             self.announce()
         grace = time.monotonic() + UPLOAD_GRACE_S
         while rnd.receiving and time.monotonic() < grace:
@@ -129,7 +149,9 @@ class RoundControl:
                 raise FailedPrecondition(f"stale update: round {round_number} is closed (phase: {phase})")
             raise FailedPrecondition(f"no round is open (phase: {phase})")
         if round_number < rnd.number:
-            raise FailedPrecondition(f"stale update: round {round_number} is closed, round {rnd.number} is open")
+            raise FailedPrecondition(
+                f"stale update: round {round_number} is closed, round {rnd.number} is open"
+            )
         if round_number != rnd.number:
             raise FailedPrecondition(f"update for round {round_number}, but round {rnd.number} is open")
         if member.id not in rnd.participants:

@@ -46,7 +46,9 @@ def cost(s: Sizes, mode: str, collaborators: int, with_downloads: bool = False) 
     return c
 
 
-def savings_ratio(s: Sizes, rounds: int, collaborators: int, mode: str, with_downloads: bool = False) -> float:
+def savings_ratio(
+    s: Sizes, rounds: int, collaborators: int, mode: str, with_downloads: bool = False
+) -> float:
     """Eq. 4."""
     num = s.original * rounds * collaborators
     den = s.compressed * rounds * collaborators + cost(s, mode, collaborators, with_downloads)
@@ -136,10 +138,16 @@ def grid(s: Sizes, rounds_list: list[int], collab_list: list[int]) -> list[str]:
     head = f"{'SR (a) shared':>16} " + " ".join(f"{'C=' + str(c):>9}" for c in collab_list)
     lines = [head]
     for r in rounds_list:
-        lines.append(f"{'R=' + str(r):>16} " + " ".join(f"{savings_ratio(s, r, c, 'shared'):>9.2f}" for c in collab_list))
+        lines.append(
+            f"{'R=' + str(r):>16} "
+            + " ".join(f"{savings_ratio(s, r, c, 'shared'):>9.2f}" for c in collab_list)
+        )
     lines.append(f"{'SR (b) per-collab':>16} " + " ".join(f"{'C=' + str(c):>9}" for c in collab_list))
     for r in rounds_list:
-        lines.append(f"{'R=' + str(r):>16} " + " ".join(f"{savings_ratio(s, r, c, 'per_collaborator'):>9.2f}" for c in collab_list))
+        lines.append(
+            f"{'R=' + str(r):>16} "
+            + " ".join(f"{savings_ratio(s, r, c, 'per_collaborator'):>9.2f}" for c in collab_list)
+        )
     return lines
 
 
@@ -165,7 +173,11 @@ def plot(s: Sizes, rounds: int, collaborators: int, path: Path) -> Path:
     a.set_title("case (a): one shared decoder")
     a.legend()
     rs = sorted({*(int(round(10 ** (i / 20))) for i in range(0, 81)), rounds})
-    b.plot(rs, [savings_ratio(s, r, collaborators, "per_collaborator") for r in rs], label=f"SR, any C (C={collaborators})")
+    b.plot(
+        rs,
+        [savings_ratio(s, r, collaborators, "per_collaborator") for r in rs],
+        label=f"SR, any C (C={collaborators})",
+    )
     b.axhline(1.0, color="grey", ls="--", lw=1, label="break-even (SR = 1)")
     br = break_even_rounds(s, collaborators, "per_collaborator")
     if br:

@@ -107,7 +107,9 @@ class AggregatorServer:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc", daemon=True)
         self._loop_thread.start()
         # A download is one message: the encoded model, or (shared autoencoder decoder mode) the decoder.
-        max_send = max(MAX_CHUNK, 2 * self.federation.layout.raw_bytes, self.federation.max_decoder_bytes) + (1 << 20)
+        max_send = max(MAX_CHUNK, 2 * self.federation.layout.raw_bytes, self.federation.max_decoder_bytes) + (
+            1 << 20
+        )
         try:
             self.port = self._on_loop(self._create(f"{host}:{port}", max_send))
         except BaseException:
@@ -128,7 +130,11 @@ class AggregatorServer:
         self.servicer.bind(asyncio.get_running_loop())
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_secure_port(address, self.tls.credentials()) if self.tls else self.server.add_insecure_port(address)
+        port = (
+            self.server.add_secure_port(address, self.tls.credentials())
+            if self.tls
+            else self.server.add_insecure_port(address)
+        )
         if port == 0:
             raise OSError(f"cannot listen on {address}")
         return int(port)

@@ -90,5 +90,7 @@ class ServerOptimizer:
         for name in self._needs():
             arr = tensors.get(name)
             if arr is None or arr.shape != (size,) or arr.dtype != np.float64:
-                raise ServerOptimizerError(f"server optimizer state: tensor {name} is missing or not float64[{size}]")
+                raise ServerOptimizerError(
+                    f"server optimizer state: tensor {name} is missing or not float64[{size}]"
+                )
         self.m, self.v = tensors.get("m"), tensors.get("v") if "v" in self._needs() else None

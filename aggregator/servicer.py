@@ -46,7 +46,9 @@ log = logging.getLogger("fedsqueeze.aggregator")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-MAX_CHUNK = 1 << 20  # the largest chunk message (and so the most gRPC buffers of a stream before it is authenticated)
+MAX_CHUNK = (
+    1 << 20
+)  # the largest chunk message (and so the most gRPC buffers of a stream before it is authenticated)
 MIN_CHUNK = 4 << 10  # every chunk but the last carries at least this much: no floods of empty chunks
 SERVICE = "fedsqueeze.v1.Federation"
 # RPCs that carry a message counted in fedsqueeze_messages_total by status: (direction, type).
@@ -92,9 +94,19 @@ def add_to_server(servicer: FederationServicer, server: Any) -> None:
     unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_unary_rpc_method_handler
     handlers = {
         "Join": unary(servicer.Join, _safe(pb.JoinRequest.FromString), pb.JoinResponse.SerializeToString),
-        "GetTask": unary(servicer.GetTask, _safe(pb.GetTaskRequest.FromString), pb.GetTaskResponse.SerializeToString),
-        "SubmitUpdate": stream(servicer.SubmitUpdate, _safe(pb.SubmitUpdateRequest.FromString), pb.SubmitUpdateResponse.SerializeToString),
-        "UploadDecoder": stream(servicer.UploadDecoder, _safe(pb.UploadDecoderRequest.FromString), pb.UploadDecoderResponse.SerializeToString),
+        "GetTask": unary(
+            servicer.GetTask, _safe(pb.GetTaskRequest.FromString), pb.GetTaskResponse.SerializeToString
+        ),
+        "SubmitUpdate": stream(
+            servicer.SubmitUpdate,
+            _safe(pb.SubmitUpdateRequest.FromString),
+            pb.SubmitUpdateResponse.SerializeToString,
+        ),
+        "UploadDecoder": stream(
+            servicer.UploadDecoder,
+            _safe(pb.UploadDecoderRequest.FromString),
+            pb.UploadDecoderResponse.SerializeToString,
+        ),
         "Leave": unary(servicer.Leave, _safe(pb.LeaveRequest.FromString), pb.LeaveResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -130,7 +142,9 @@ def _answer(method: F) -> F:
             log.exception("internal error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
-            if message is not None and status != grpc.StatusCode.OK:  # accepted ones: Federation's record_transfer
+            if (
+                message is not None and status != grpc.StatusCode.OK
+            ):  # accepted ones: Federation's record_transfer
                 self.fed.metrics.record_message(*message, status.name)
 
     return wrapper  # type: ignore[return-value]
@@ -188,8 +202,12 @@ class _Stream:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise Unavailable(f"the upload took longer than its deadline of {limits.deadline(declared):.0f} s")
-            req = await self.next(min(limits.idle_timeout_s, remaining), f"after {len(buf)} of {declared} bytes")
+                raise Unavailable(
+                    f"the upload took longer than its deadline of {limits.deadline(declared):.0f} s"
+                )
+            req = await self.next(
+                min(limits.idle_timeout_s, remaining), f"after {len(buf)} of {declared} bytes"
+            )
             if req is None:
                 break
             if req.WhichOneof("part") != "chunk":
@@ -200,7 +218,9 @@ class _Stream:
             if len(buf) + size > declared:
                 raise InvalidArgument(f"stream carries more than the declared {declared} bytes")
             if size < MIN_CHUNK and len(buf) + size < declared:
-                raise InvalidArgument(f"chunk of {size} bytes: every chunk but the last carries at least {MIN_CHUNK}")
+                raise InvalidArgument(
+                    f"chunk of {size} bytes: every chunk but the last carries at least {MIN_CHUNK}"
+                )
             buf += req.chunk
         if len(buf) != declared:
             await _settle()
@@ -225,7 +245,9 @@ class FederationServicer:
         self.identities = IdentityLimits()
         self.limits = limits or StreamLimits()
         # Federation calls: bookkeeping, and the encodes and decodes (at most one per upload slot at a time).
-        self.executor = executor or ThreadPoolExecutor(max_workers=max_concurrent_uploads + 8, thread_name_prefix="federation")
+        self.executor = executor or ThreadPoolExecutor(
+            max_workers=max_concurrent_uploads + 8, thread_name_prefix="federation"
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks_changed: asyncio.Event | None = None
         self._stopping = False
@@ -234,6 +256,7 @@ class FederationServicer:
         """Serve from `loop`: long polls wait there for the Federation to announce new tasks."""
         self._loop = loop
         self._tasks_changed = asyncio.Event()
+
         def announce() -> None:
             try:
                 loop.call_soon_threadsafe(self._wake)
@@ -269,12 +292,16 @@ class FederationServicer:
         """(id, token) of the caller, refusing to act for an id other than the certificate's."""
         identity = self._identity(context)
         if identity is not None and cred.collaborator_id != identity:
-            raise PermissionDenied(f"the client certificate {identity!r} cannot act as {cred.collaborator_id!r}")
+            raise PermissionDenied(
+                f"the client certificate {identity!r} cannot act as {cred.collaborator_id!r}"
+            )
         return cred.collaborator_id, cred.token
 
     @_answer
     async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
-        r = await self._call(self.fed.join, request.name, request.num_samples, self._identity(context), request.join_token)
+        r = await self._call(
+            self.fed.join, request.name, request.num_samples, self._identity(context), request.join_token
+        )
         return pb.JoinResponse(collaborator_id=r.collaborator_id, token=r.token, plan=pb.Plan(json=r.plan_json, sha256=r.plan_sha256),
                                shard_index=r.shard_index, num_shards=r.num_shards)  # fmt: skip
 
@@ -287,7 +314,9 @@ class FederationServicer:
         with self.identities.poll(member.id):
             while True:
                 if self._stopping:
-                    raise Unavailable("the aggregator is stopping (a restart on its state dir resumes the federation): retry")
+                    raise Unavailable(
+                        "the aggregator is stopping (a restart on its state dir resumes the federation): retry"
+                    )
                 changed = self._tasks_changed  # before looking: a task announced meanwhile wakes us
                 task = await self._call(self.fed.get_task, *who, 0.0)
                 remaining = deadline - loop.time()
@@ -305,7 +334,9 @@ class FederationServicer:
         return resp
 
     @_answer
-    async def SubmitUpdate(self, request_iterator: AsyncIterable[Any], context: Any) -> pb.SubmitUpdateResponse:
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterable[Any], context: Any
+    ) -> pb.SubmitUpdateResponse:
         stream = _Stream(request_iterator)
         header = await stream.header(self.limits)
         who = self._as(context, header.credentials)
@@ -316,13 +347,17 @@ class FederationServicer:
                 metrics = dict(header.metrics)
 
                 def submit() -> int:
-                    return self.fed.submit_update(*who, header.round, header.num_samples, payload_from_bytes(blob), len(blob), metrics)
+                    return self.fed.submit_update(
+                        *who, header.round, header.num_samples, payload_from_bytes(blob), len(blob), metrics
+                    )
 
                 wire = await self._call(submit)
         return pb.SubmitUpdateResponse(accepted=True, message="accepted", bytes_received=wire)
 
     @_answer
-    async def UploadDecoder(self, request_iterator: AsyncIterable[Any], context: Any) -> pb.UploadDecoderResponse:
+    async def UploadDecoder(
+        self, request_iterator: AsyncIterable[Any], context: Any
+    ) -> pb.UploadDecoderResponse:
         stream = _Stream(request_iterator)
         header = await stream.header(self.limits)
         who = self._as(context, header.credentials)

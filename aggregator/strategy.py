@@ -133,7 +133,10 @@ class FedAvg(Strategy):
         arriving: _Held | None = _Held(u.copy() if u is update else u, weight, norm)
         assert arriving is not None
         if self.norm_ratio and (self._held is None or arriving.influence > self._held.influence):
-            arriving, self._held = self._held, arriving  # keep the most influential aside, fold in the one it displaces
+            arriving, self._held = (
+                self._held,
+                arriving,
+            )  # keep the most influential aside, fold in the one it displaces
         if arriving is not None:
             self._fold(arriving.update, arriving.weight)
 
@@ -244,7 +247,9 @@ class TrimmedMean(_Buffered):
     With too few updates for `trim_fraction` to cut any (k = floor(trim_fraction x n) = 0, as with
     the default 0.1 and fewer than 10 updates) it is a plain mean: `summary` says so ("trimmed": 0)."""
 
-    def __init__(self, target: str = "delta", clip_norm: float | None = None, trim_fraction: float = 0.1) -> None:
+    def __init__(
+        self, target: str = "delta", clip_norm: float | None = None, trim_fraction: float = 0.1
+    ) -> None:
         super().__init__(target, clip_norm)
         if not 0 <= trim_fraction < 0.5:
             raise ValueError("trim_fraction must be in [0, 0.5)")

@@ -53,7 +53,9 @@ class UploadSlots:
                         await self._free.wait_for(lambda: self.active < self.limit)
                 except TimeoutError:
                     self.metrics.uploads_deferred.labels("refused").inc()
-                    raise ResourceExhausted(f"all {self.limit} upload slots stayed busy for {self.wait_s:g} s; retry later") from None
+                    raise ResourceExhausted(
+                        f"all {self.limit} upload slots stayed busy for {self.wait_s:g} s; retry later"
+                    ) from None
                 finally:
                     self.waiting -= 1
                     self.metrics.uploads_waiting.set(self.waiting)
@@ -81,7 +83,9 @@ class IdentityLimits:
     @contextlib.contextmanager
     def poll(self, member_id: str) -> Iterator[None]:
         if self._polls[member_id] >= self.polls:
-            raise ResourceExhausted(f"{member_id} already has {self.polls} GetTask calls open; wait for one to answer")
+            raise ResourceExhausted(
+                f"{member_id} already has {self.polls} GetTask calls open; wait for one to answer"
+            )
         with _held(self._polls, member_id):
             yield
 

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedsqueeze.training import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", default=str(Path(__file__).resolve().parents[1] / "fedsqueeze" / "plans" / "ae-paper.json"))
+    ap.add_argument(
+        "--plan", default=str(Path(__file__).resolve().parents[1] / "fedsqueeze" / "plans" / "ae-paper.json")
+    )
     ap.add_argument("--out", default="runs/ae-validation.png")
     ap.add_argument("--every", type=int, default=6, help="evaluate every k-th snapshot")
     args = ap.parse_args(argv)

@@ -90,7 +90,9 @@ def record_trace(dataset: str, model_name: str, warmup_rounds: int = 3) -> Trace
         deltas = []
         for i, idx in enumerate(shards):
             set_flat(model, global_w)
-            train_local(model, ds.x_train[idx], ds.y_train[idx], epochs=1, batch_size=32, lr=0.1, seed=r * 10 + i)
+            train_local(
+                model, ds.x_train[idx], ds.y_train[idx], epochs=1, batch_size=32, lr=0.1, seed=r * 10 + i
+            )
             deltas.append(get_flat(model) - global_w)
         if r == warmup_rounds:
             return Trace(f"{dataset}-{model_name}", layout, deltas[0])
@@ -151,7 +153,9 @@ def bench_chain(trace: Trace, chain_text: str, reps: int) -> dict[str, object] |
     assert np.array_equal(out, enc.reconstruction), chain_text
     if not chain.stateful:
         sender = CodecState()  # every message the first
-    later = chain.encode(x, trace.layout, sender)  # what the timed decodes read: a message like the timed encodes
+    later = chain.encode(
+        x, trace.layout, sender
+    )  # what the timed decodes read: a message like the timed encodes
     t_enc = timed(lambda: chain.encode(x, trace.layout, sender if chain.stateful else CodecState()), reps)
     t_dec = timed(lambda: chain.decode(later.data, trace.layout), reps)
     mb = x.nbytes / 1e6
@@ -201,7 +205,9 @@ def fmt_table(rows: list[dict[str, object]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, no 11M trace")
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -220,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             row = bench_chain(trace, chain, reps)
             if row is not None:
                 rows.append(row)
-                print(f"  {chain:<36} {row['ratio']:>9.1f}x  nmse {row['nmse']:.2e}  enc+dec {row['both_mbs']:.0f} MB/s")
+                print(
+                    f"  {chain:<36} {row['ratio']:>9.1f}x  nmse {row['nmse']:.2e}  enc+dec {row['both_mbs']:.0f} MB/s"
+                )
     table = fmt_table(rows)
     print("\n".join(table))
     target = [r for r in rows if r["chain"] == DEFAULT_LOSSY and r["data"] == "resnet18-shaped-11M"]
@@ -232,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             f"(target >= 100x), {t['both_mbs']:.0f} MB/s of fp32 input through encode plus decode (target >= 100 MB/s)."
         ]
     recipe = [r for r in rows if r["chain"] == RECIPE_UPLINK and r["data"] == "resnet18-shaped-11M"]
-    rice = [r for r in rows if r["chain"] == RECIPE_UPLINK.replace(",positions=context", "") and r["data"] == "resnet18-shaped-11M"]
+    rice = [
+        r
+        for r in rows
+        if r["chain"] == RECIPE_UPLINK.replace(",positions=context", "")
+        and r["data"] == "resnet18-shaped-11M"
+    ]
     if recipe and rice:
         t, g = recipe[0], rice[0]
         verdict += [

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HEADER = "# Benchmarks\n\nEvery table here is written by a script in `bench/`; the command is given with each.\n"
+HEADER = (
+    "# Benchmarks\n\nEvery table here is written by a script in `bench/`; the command is given with each.\n"
+)
 
 
 def md_code(text: str) -> str:

@@ -73,7 +73,9 @@ class Chain:
     settings: tuple[str, ...] = ("mnist1d-a0.5",)  # where it runs; "*": everywhere
     max_seeds: int = 0  # run only the first N seeds (0: all); the AE rows, whose prepass is slow on 2 cores
     update: str | None = None  # downlink.update_chain: the aggregator's own compression of the global update
-    prior: str = "none"  # downlink.prior: "initial" starts a residual downlink from the initial model both sides build
+    prior: str = (
+        "none"  # downlink.prior: "initial" starts a residual downlink from the initial model both sides build
+    )
     server_optimizer: dict[str, Any] | None = None  # aggregation.server_optimizer (None: FedAvg's plain step)
 
     @property
@@ -84,7 +86,10 @@ class Chain:
 
 # The issue's list, then the search for the best chain. Uplink-only rows keep the downlink uncompressed.
 CATCH_UP = "residual | lattice:0.0005 | entropy"  # the downlink that pairs with an aggregator update chain
-ADAM: dict[str, Any] = {"name": "adam", "lr": 0.03}  # FedAdam as the E-G rows use it (Flower's FedAdam peer gets the same)
+ADAM: dict[str, Any] = {
+    "name": "adam",
+    "lr": 0.03,
+}  # FedAdam as the E-G rows use it (Flower's FedAdam peer gets the same)
 
 
 def resolved(server_optimizer: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +99,10 @@ def resolved(server_optimizer: dict[str, Any]) -> dict[str, Any]:
     return dataclasses.asdict(ServerOptimizerSpec(**server_optimizer))
 
 
-ADAM_B05: dict[str, Any] = {**ADAM, "beta1": 0.5}  # the H rows: less momentum suits sparse, error-fed-back updates
+ADAM_B05: dict[str, Any] = {
+    **ADAM,
+    "beta1": 0.5,
+}  # the H rows: less momentum suits sparse, error-fed-back updates
 TOPK1_Q4 = "ef | topk:0.01 | quantize:4 | entropy"
 MAIN = ("mnist1d-a0.5", "mnist1d-cnn-a0.5")  # the issue's chains: MNIST-1D alpha 0.5 with both models
 MLP_ALL = ("mnist1d-a0.5", "mnist1d-a0.1", "digits-a0.5")  # the search rows that ran in every MLP setting
@@ -110,31 +118,109 @@ CHAINS: list[Chain] = [
     Chain("ResFed (default chains)", TOPK1_Q4, DEFAULT_DOWN, settings=("*",)),
     # The AE trains an autoencoder per collaborator in the prepass (100 of them): chunked only, 1 seed, short AE training.
     # With FedAdam (seed 0, shared decoder) it peaked at 37-39 % and then fell.
-    Chain("AE chunked, per-collaborator decoder", "ae", "identity", {**AE_BASE, "decoder": "per_collaborator"}, max_seeds=1, settings=MAIN),
-    Chain("AE chunked, shared decoder", "ae", "identity", {**AE_BASE, "decoder": "shared"}, max_seeds=1, settings=MAIN),
+    Chain(
+        "AE chunked, per-collaborator decoder",
+        "ae",
+        "identity",
+        {**AE_BASE, "decoder": "per_collaborator"},
+        max_seeds=1,
+        settings=MAIN,
+    ),
+    Chain(
+        "AE chunked, shared decoder",
+        "ae",
+        "identity",
+        {**AE_BASE, "decoder": "shared"},
+        max_seeds=1,
+        settings=MAIN,
+    ),
     # search: the aggregator compresses its own update (update_chain) and collaborators catch up on what moved.
     # A pilot on seed 0 (300 rounds) also tried top-k 0.2 % and 0.5 % both ways, top-k 1 % up with a 0.2 %
     # update, and PowerSGD rank 2 + 8 bits: none reached the target within 300 rounds.
-    Chain("C1 catch-up only: identity / update top-k 5%", "identity", CATCH_UP, update="ef | topk:0.05", group="search"),
-    Chain("C2 sign + EF / update top-k 5%", "ef | sign", CATCH_UP, update="ef | topk:0.05", group="search", settings=MLP_ALL),
-    Chain("C3 top-k 5% q4 / update top-k 5%", "ef | topk:0.05 | quantize:4 | entropy", CATCH_UP, update="ef | topk:0.05",
-          group="search"),
-    Chain("C4 top-k 1% q4 / update top-k 1%", TOPK1_Q4, CATCH_UP, update="ef | topk:0.01", group="search", settings=MLP_ALL),
+    Chain(
+        "C1 catch-up only: identity / update top-k 5%",
+        "identity",
+        CATCH_UP,
+        update="ef | topk:0.05",
+        group="search",
+    ),
+    Chain(
+        "C2 sign + EF / update top-k 5%",
+        "ef | sign",
+        CATCH_UP,
+        update="ef | topk:0.05",
+        group="search",
+        settings=MLP_ALL,
+    ),
+    Chain(
+        "C3 top-k 5% q4 / update top-k 5%",
+        "ef | topk:0.05 | quantize:4 | entropy",
+        CATCH_UP,
+        update="ef | topk:0.05",
+        group="search",
+    ),
+    Chain(
+        "C4 top-k 1% q4 / update top-k 1%",
+        TOPK1_Q4,
+        CATCH_UP,
+        update="ef | topk:0.01",
+        group="search",
+        settings=MLP_ALL,
+    ),
     Chain("C5 top-k 1% q4 / identity", TOPK1_Q4, "identity", group="search", settings=MLP_ALL),
     Chain("C6 STC 1% / ResFed downlink", "ef | stc:0.01 | entropy", DEFAULT_DOWN, group="search"),
-    Chain("C7 top-k 1% q4 / update top-k 1%, step 0.002", TOPK1_Q4, "residual | lattice:0.002 | entropy", update="ef | topk:0.01",
-          group="search"),
-    Chain("C8 STC 1% / update top-k 1%, step 0.002", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
-          update="ef | topk:0.01", group="search"),
+    Chain(
+        "C7 top-k 1% q4 / update top-k 1%, step 0.002",
+        TOPK1_Q4,
+        "residual | lattice:0.002 | entropy",
+        update="ef | topk:0.01",
+        group="search",
+    ),
+    Chain(
+        "C8 STC 1% / update top-k 1%, step 0.002",
+        "ef | stc:0.01 | entropy",
+        "residual | lattice:0.002 | entropy",
+        update="ef | topk:0.01",
+        group="search",
+    ),
     # downlink.prior "initial": each collaborator's first download is the change since round 0, not the model.
-    Chain("D1 = C1 + initial-model prior", "identity", CATCH_UP, update="ef | topk:0.05", prior="initial", group="search"),
-    Chain("D2 = C6 + initial-model prior", "ef | stc:0.01 | entropy", DEFAULT_DOWN, prior="initial", group="search"),
-    Chain("D3 = C8 + initial-model prior", "ef | stc:0.01 | entropy", "residual | lattice:0.002 | entropy",
-          update="ef | topk:0.01", prior="initial", group="search", settings=MLP_ALL),
+    Chain(
+        "D1 = C1 + initial-model prior",
+        "identity",
+        CATCH_UP,
+        update="ef | topk:0.05",
+        prior="initial",
+        group="search",
+    ),
+    Chain(
+        "D2 = C6 + initial-model prior",
+        "ef | stc:0.01 | entropy",
+        DEFAULT_DOWN,
+        prior="initial",
+        group="search",
+    ),
+    Chain(
+        "D3 = C8 + initial-model prior",
+        "ef | stc:0.01 | entropy",
+        "residual | lattice:0.002 | entropy",
+        update="ef | topk:0.01",
+        prior="initial",
+        group="search",
+        settings=MLP_ALL,
+    ),
     # aggregation.server_optimizer: FedAdam alone (uncompressed), then with near-lossless uplinks. On seed 0,
     # STC + FedAvgM diverged, and QSGD or sign + FedAdam with the ResFed downlink missed the target by round 300.
-    Chain("E1 FedAdam (lr 0.03), identity", "identity", "identity", server_optimizer=ADAM, group="search", settings=MAIN),
-    Chain("E2 QSGD 4 levels + FedAdam", "qsgd:4 | entropy", "identity", server_optimizer=ADAM, group="search"),
+    Chain(
+        "E1 FedAdam (lr 0.03), identity",
+        "identity",
+        "identity",
+        server_optimizer=ADAM,
+        group="search",
+        settings=MAIN,
+    ),
+    Chain(
+        "E2 QSGD 4 levels + FedAdam", "qsgd:4 | entropy", "identity", server_optimizer=ADAM, group="search"
+    ),
     Chain("E3 sign + EF + FedAdam", "ef | sign", "identity", server_optimizer=ADAM, group="search"),
     # FedAdam with sparse uplinks: Adam's per-coordinate scaling gives the coordinates that the sparse updates
     # rarely carry full-size steps. A pilot on seed 0 (FedAdam, identity downlink): STC 0.2 % and 0.1 % missed the
@@ -142,32 +228,86 @@ CHAINS: list[Chain] = [
     # Any compressed downlink undid the gain: Adam moves every coordinate by about lr each round, so the
     # aggregator's update chain (top-k 1 % or 0.5 %, catch-up downlink) held the model back (61 % and 54 % by
     # round 250), and the ResFed downlink peaked at 64 %.
-    Chain("F1 STC 1% + EF + FedAdam", "ef | stc:0.01 | entropy", "identity", server_optimizer=ADAM, group="search"),
-    Chain("F2 STC 0.5% + EF + FedAdam", "ef | stc:0.005 | entropy", "identity", server_optimizer=ADAM, group="search", settings=MLP_ALL),
+    Chain(
+        "F1 STC 1% + EF + FedAdam",
+        "ef | stc:0.01 | entropy",
+        "identity",
+        server_optimizer=ADAM,
+        group="search",
+    ),
+    Chain(
+        "F2 STC 0.5% + EF + FedAdam",
+        "ef | stc:0.005 | entropy",
+        "identity",
+        server_optimizer=ADAM,
+        group="search",
+        settings=MLP_ALL,
+    ),
     # A dense catch-up downlink does keep FedAdam's pace: no update chain, only a coarse lattice whose step is
     # about Adam's per-round move (lr 0.03), so a coordinate costs ~1 bit per download and a collaborator's model
     # stays within half a step of the global one. Step chosen on seed 0 (0.002: 6.7x down, 0.01: 10.8x, 0.02:
     # 14.4x, 0.03: 17.2x, 0.04: 16x with more rounds).
-    Chain("G1 = F2 / dense catch-up, step 0.02 + prior", "ef | stc:0.005 | entropy", "residual | lattice:0.02 | entropy", prior="initial",
-          server_optimizer=ADAM, group="search"),
-    Chain("G2 = F2 / dense catch-up, step 0.03 + prior", "ef | stc:0.005 | entropy", "residual | lattice:0.03 | entropy", prior="initial",
-          server_optimizer=ADAM, group="search", settings=MLP_ALL),
+    Chain(
+        "G1 = F2 / dense catch-up, step 0.02 + prior",
+        "ef | stc:0.005 | entropy",
+        "residual | lattice:0.02 | entropy",
+        prior="initial",
+        server_optimizer=ADAM,
+        group="search",
+    ),
+    Chain(
+        "G2 = F2 / dense catch-up, step 0.03 + prior",
+        "ef | stc:0.005 | entropy",
+        "residual | lattice:0.03 | entropy",
+        prior="initial",
+        server_optimizer=ADAM,
+        group="search",
+        settings=MLP_ALL,
+    ),
     # Sparser still: on digits (seeds 0-2 in a pilot) STC 0.2 % reached the target in 44-52 rounds.
-    Chain("G3 STC 0.2% + FedAdam / dense catch-up, step 0.03 + prior", "ef | stc:0.002 | entropy", "residual | lattice:0.03 | entropy",
-          prior="initial", server_optimizer=ADAM, group="search", settings=MLP_ALL),
+    Chain(
+        "G3 STC 0.2% + FedAdam / dense catch-up, step 0.03 + prior",
+        "ef | stc:0.002 | entropy",
+        "residual | lattice:0.03 | entropy",
+        prior="initial",
+        server_optimizer=ADAM,
+        group="search",
+        settings=MLP_ALL,
+    ),
     # Error feedback that forgets: memory x 0.8 per message (seed 0: 325x up / 22x down against G2's 317x / 17x).
-    Chain("G4 = G2 with ef decay 0.8", "ef:0.8 | stc:0.005 | entropy", "residual | lattice:0.03 | entropy", prior="initial",
-          server_optimizer=ADAM, group="search", settings=MLP_ALL),
+    Chain(
+        "G4 = G2 with ef decay 0.8",
+        "ef:0.8 | stc:0.005 | entropy",
+        "residual | lattice:0.03 | entropy",
+        prior="initial",
+        server_optimizer=ADAM,
+        group="search",
+        settings=MLP_ALL,
+    ),
     # Tuned on seeds 0 and 1 of mnist1d-a0.5 (G4 as the start): Adam's beta1 0.5 (0.9: 122-134 rounds to target,
     # 0.5: 101-112, 0: 121-135; uncompressed FedAdam is slower with 0.5, so the Flower peer keeps 0.9) and a lattice
     # step of 0.1, above the weights' own scale: a coordinate is re-sent only once it has moved by 0.05, and
     # the collaborators still train well on that coarse copy (step 0.05: ~35x down, 0.1: ~44x, 0.15: ~52x with
     # more rounds, 0.2: ~56x with 136-141 rounds). Server lr 0.02, 0.04 or 0.05, beta2 0.9, ef decay 0.6 or 0.9 and
     # STC 0.4 % did no better.
-    Chain("H1 = G4 with beta1 0.5, step 0.1", "ef:0.8 | stc:0.005 | entropy", "residual | lattice:0.1 | entropy", prior="initial",
-          server_optimizer=ADAM_B05, group="search", settings=MLP_ALL + ("mnist1d-cnn-a0.5",)),
-    Chain("H2 = H1 with STC 0.2%", "ef:0.8 | stc:0.002 | entropy", "residual | lattice:0.1 | entropy", prior="initial",
-          server_optimizer=ADAM_B05, group="search", settings=("digits-a0.5",)),
+    Chain(
+        "H1 = G4 with beta1 0.5, step 0.1",
+        "ef:0.8 | stc:0.005 | entropy",
+        "residual | lattice:0.1 | entropy",
+        prior="initial",
+        server_optimizer=ADAM_B05,
+        group="search",
+        settings=MLP_ALL + ("mnist1d-cnn-a0.5",),
+    ),
+    Chain(
+        "H2 = H1 with STC 0.2%",
+        "ef:0.8 | stc:0.002 | entropy",
+        "residual | lattice:0.1 | entropy",
+        prior="initial",
+        server_optimizer=ADAM_B05,
+        group="search",
+        settings=("digits-a0.5",),
+    ),
     # The same messages, positions coded with row and column contexts (`positions=context`, codecs/sigmap.py):
     # lossless, so the runs are H1's and H2's round for round, in fewer bytes. Also tried on seed 0 (this stop):
     # FedYogi (107-116 rounds), beta2 0.999 (missed), top-k 0.5 % with 4 or 2 bits (114 / 135 rounds, more
@@ -182,10 +322,24 @@ CHAINS: list[Chain] = [
     # and with lr 0.05: 134 / 113; lr 0.08 missed); and biclustered signs, an r x c block of top rows and columns
     # per matrix, whose positions cost r + c indices instead of one per entry (1 to 6 times STC's entry count at
     # the same or fewer bytes: 60-65 % by round 200, missed).
-    Chain("H3 = H1 with context-coded positions", f"ef:0.8 | stc:0.005,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
-          prior="initial", server_optimizer=ADAM_B05, group="search", settings=MLP_ALL + CNN_ALL),
-    Chain("H4 = H2 with context-coded positions", f"ef:0.8 | stc:0.002,{CONTEXT} | entropy", f"residual | lattice:0.1,{CONTEXT} | entropy",
-          prior="initial", server_optimizer=ADAM_B05, group="search", settings=("digits-a0.5", "mnist1d-cnn-a0.5")),
+    Chain(
+        "H3 = H1 with context-coded positions",
+        f"ef:0.8 | stc:0.005,{CONTEXT} | entropy",
+        f"residual | lattice:0.1,{CONTEXT} | entropy",
+        prior="initial",
+        server_optimizer=ADAM_B05,
+        group="search",
+        settings=MLP_ALL + CNN_ALL,
+    ),
+    Chain(
+        "H4 = H2 with context-coded positions",
+        f"ef:0.8 | stc:0.002,{CONTEXT} | entropy",
+        f"residual | lattice:0.1,{CONTEXT} | entropy",
+        prior="initial",
+        server_optimizer=ADAM_B05,
+        group="search",
+        settings=("digits-a0.5", "mnist1d-cnn-a0.5"),
+    ),
 ]
 
 
@@ -221,13 +375,24 @@ class Config:
 
 
 def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[str, Any]:
-    rounds = cfg.rounds if chain.name == CHAINS[0].name else max(cfg.rounds, cfg.horizon)  # (a copy in worker processes)
+    rounds = (
+        cfg.rounds if chain.name == CHAINS[0].name else max(cfg.rounds, cfg.horizon)
+    )  # (a copy in worker processes)
     plan: dict[str, Any] = {
-        "task": {"dataset": setting.dataset, "partition": "dirichlet", "alpha": setting.alpha, "num_samples": setting.num_samples},
+        "task": {
+            "dataset": setting.dataset,
+            "partition": "dirichlet",
+            "alpha": setting.alpha,
+            "num_samples": setting.num_samples,
+        },
         "model": setting.model,
         "rounds": rounds,
         "seed": seed,
-        "collaborators": {"min": cfg.collaborators, "fraction": cfg.per_round / cfg.collaborators, "min_per_round": cfg.per_round},
+        "collaborators": {
+            "min": cfg.collaborators,
+            "fraction": cfg.per_round / cfg.collaborators,
+            "min_per_round": cfg.per_round,
+        },
         "training": TRAINING,
         "uplink": {"chain": chain.up, "target": "delta"},
         "downlink": {"chain": chain.down, "update_chain": chain.update},
@@ -256,7 +421,10 @@ def check_chain(chain: Chain) -> str | None:
 
 
 def cache_path(setting: Setting, chain: Chain, seed: int, cfg: Config, target: float | None = None) -> Path:
-    plan = json.dumps([plan_json(setting, chain, seed, cfg), cfg.rounds, None if target is None else round(target, 6)], sort_keys=True)
+    plan = json.dumps(
+        [plan_json(setting, chain, seed, cfg), cfg.rounds, None if target is None else round(target, 6)],
+        sort_keys=True,
+    )
     import hashlib
 
     digest = hashlib.sha256(plan.encode()).hexdigest()[:16]
@@ -306,10 +474,17 @@ def run_one(args: Job) -> dict[str, Any]:
 def selection(seed: int, rounds: int, n: int, per_round: int) -> np.ndarray:
     """The shards Federation._select picks each round (ids sort in join order = shard order)."""
     k = min(n, max(per_round, math.ceil((per_round / n) * n)))
-    return np.stack([np.sort(np.random.default_rng([seed, r]).choice(n, size=k, replace=False)) for r in range(1, rounds + 1)])
+    return np.stack(
+        [
+            np.sort(np.random.default_rng([seed, r]).choice(n, size=k, replace=False))
+            for r in range(1, rounds + 1)
+        ]
+    )
 
 
-def run_flower(setting: Setting, seed: int, cfg: Config, server_optimizer: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def run_flower(
+    setting: Setting, seed: int, cfg: Config, server_optimizer: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Flower's FedAvg, or with `server_optimizer` (adam) Flower's FedAdam, on the same task; None without its venv."""
     import torch
 
@@ -320,7 +495,9 @@ def run_flower(setting: Setting, seed: int, cfg: Config, server_optimizer: dict[
         return None
     data = load_dataset(setting.dataset, None, seed, setting.num_samples)
     shards = partition(data.y_train, cfg.collaborators, "dirichlet", setting.alpha, seed)
-    model = build_model(setting.model["name"], data.input_shape, data.num_classes, setting.model["args"], seed)
+    model = build_model(
+        setting.model["name"], data.input_shape, data.num_classes, setting.model["args"], seed
+    )
     with tempfile.TemporaryDirectory() as tmp:
         task, model_file, out = Path(tmp, "task.npz"), Path(tmp, "model.pt"), Path(tmp, "out.json")
         np.savez(task, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
@@ -367,8 +544,14 @@ def to_target(run: dict[str, Any], target: float) -> dict[str, Any] | None:
 
 def cumulative(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pre = run.get("prepass_bytes") or {}
-    up = np.cumsum([r.get("up_wire", r.get("up_bytes", 0)) + r.get("decoder", 0) for r in run["rounds"]]) + pre.get("up_wire", 0) + pre.get("decoder", 0)
-    down = np.cumsum([r.get("down_wire", r.get("down_bytes", 0)) for r in run["rounds"]]) + pre.get("down_wire", 0)
+    up = (
+        np.cumsum([r.get("up_wire", r.get("up_bytes", 0)) + r.get("decoder", 0) for r in run["rounds"]])
+        + pre.get("up_wire", 0)
+        + pre.get("decoder", 0)
+    )
+    down = np.cumsum([r.get("down_wire", r.get("down_bytes", 0)) for r in run["rounds"]]) + pre.get(
+        "down_wire", 0
+    )
     acc = np.array([r["accuracy"] for r in run["rounds"]])
     return up, down, acc
 
@@ -424,7 +607,8 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
             f"| **Flower FedAvg** (flwr {flower[0].get('flwr')}, `ndarrays_to_parameters`) | .npy per tensor | .npy per tensor | "
             f"{len(flower_ok)}/{len(flower)} | {statistics.mean(rt):.1f} | {fmt_bytes(fl_up)} | {fmt_bytes(fl_down)} | 1 | 1 | 1 / 1 | "
             f"{100 * statistics.mean(f_final):.2f} % | {statistics.mean(f['seconds'] for f in flower):.0f} |"
-            if rt else f"| Flower FedAvg | | | 0/{len(flower)} | - | - | - | | | | |"
+            if rt
+            else f"| Flower FedAvg | | | 0/{len(flower)} | - | - | - | | | | |"
         )
     if flower_adam:
         a_final = [smoothed_final(f["rounds"][: cfg.rounds], cfg.smooth) for f in flower_adam]
@@ -435,12 +619,18 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
             f"| **Flower FedAdam** (lr {peer['lr']}, beta1 {peer['beta1']}, Flower's `FedAdam.aggregate_fit`; its weights are float64) | .npy per tensor | "
             ".npy per tensor | "
             f"{len(adam_ok)}/{len(flower_adam)} | "
-            + (f"{statistics.mean(t['rounds'] for t in adam_ok):.1f} | {fmt_bytes(adam_up)} | {fmt_bytes(adam_down)} | " if adam_ok else "- | - | - | ")
+            + (
+                f"{statistics.mean(t['rounds'] for t in adam_ok):.1f} | {fmt_bytes(adam_up)} | {fmt_bytes(adam_down)} | "
+                if adam_ok
+                else "- | - | - | "
+            )
             + f"{vs} | {100 * statistics.mean(a_final):.2f} % | {statistics.mean(f['seconds'] for f in flower_adam):.0f} |"
         )
     for chain in CHAINS:
         if chain.name in skipped and setting.key == SETTINGS[0].key:
-            lines.append(f"| {chain.name} | {up_label(chain)} | {down_label(chain)} | skipped: {skipped[chain.name][:80]} | | | | | | | | |")
+            lines.append(
+                f"| {chain.name} | {up_label(chain)} | {down_label(chain)} | skipped: {skipped[chain.name][:80]} | | | | | | | | |"
+            )
             continue
         rs = runs.get(chain.name)
         if not rs:
@@ -464,8 +654,16 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
                 row.update(up_vs_flower_adam=up / adam_up, down_vs_flower_adam=down / adam_down)
             rest = (
                 f"{rounds:.1f} | {fmt_bytes(up)} | {fmt_bytes(down)} | "
-                + (f"{up / fl_up:.2e} | {down / fl_down:.2e} | {fmt_ratio(fl_up / up)} / {fmt_ratio(fl_down / down)}" if flower_ok else "- | - | -")
-                + (f" (vs Flower FedAdam: {fmt_ratio(adam_up / up)} / {fmt_ratio(adam_down / down)})" if vs_adam else "")
+                + (
+                    f"{up / fl_up:.2e} | {down / fl_down:.2e} | {fmt_ratio(fl_up / up)} / {fmt_ratio(fl_down / down)}"
+                    if flower_ok
+                    else "- | - | -"
+                )
+                + (
+                    f" (vs Flower FedAdam: {fmt_ratio(adam_up / up)} / {fmt_ratio(adam_down / down)})"
+                    if vs_adam
+                    else ""
+                )
             )
         else:
             rest = "not reached | - | - | - | - | -"
@@ -497,9 +695,20 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[d
         up = np.mean([u[:n] for u in ups], axis=0)
         down = np.mean([d[:n] for d in downs], axis=0)
         acc = np.mean([a[:n] for a in accs], axis=0)
-        style: dict[str, Any] = {"linestyle": (0, (4, 3)) if name == "Flower FedAvg" else (0, (1, 1)), "color": "black", "linewidth": 2.0,
-                                 "zorder": 5} if name.startswith("Flower") else {  # fmt: skip
-            "color": plt.cm.tab20(i % 20), "linestyle": "-" if i < 11 else "-.", "linewidth": 1.2}
+        style: dict[str, Any] = (
+            {
+                "linestyle": (0, (4, 3)) if name == "Flower FedAvg" else (0, (1, 1)),
+                "color": "black",
+                "linewidth": 2.0,
+                "zorder": 5,
+            }
+            if name.startswith("Flower")
+            else {  # fmt: skip
+                "color": plt.cm.tab20(i % 20),
+                "linestyle": "-" if i < 11 else "-.",
+                "linewidth": 1.2,
+            }
+        )
         axes[0].plot(up, acc, label=name, **style)
         axes[1].plot(down, acc, label=name, **style)
     for ax, what in zip(axes, ("uplink (decoder uploads included)", "downlink"), strict=True):
@@ -508,7 +717,9 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[d
         ax.set_xlabel(f"cumulative {what} wire bytes, all collaborators")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("test accuracy (mean over seeds)")
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.78, 0.5))
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.78, 0.5)
+    )
     fig.suptitle(f"Accuracy vs cumulative bytes: {setting.key} (dotted: target)")
     fig.tight_layout(rect=(0, 0, 0.78, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -517,17 +728,31 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="development: 15 rounds, 1 seed, 20 collaborators (5 per round), main setting only")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="development: 15 rounds, 1 seed, 20 collaborators (5 per round), main setting only",
+    )
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--horizon", type=int, help="most rounds a chain other than FedAvg may take to reach the target (default 300)")
+    parser.add_argument(
+        "--horizon",
+        type=int,
+        help="most rounds a chain other than FedAvg may take to reach the target (default 300)",
+    )
     parser.add_argument("--seeds")
     parser.add_argument("--collaborators", type=int)
     parser.add_argument("--per-round", type=int)
     parser.add_argument("--settings", help="comma-separated setting keys (default: all)")
-    parser.add_argument("--chains", help="comma-separated substrings of chain names to run (FedAvg always runs)")
+    parser.add_argument(
+        "--chains", help="comma-separated substrings of chain names to run (FedAvg always runs)"
+    )
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--reuse", action="store_true", help="read cached runs from runs/bench/fl/ when present")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read cached runs from runs/bench/fl/ when present"
+    )
     parser.add_argument("--no-flower", action="store_true")
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--plots", default="docs")
@@ -577,7 +802,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 todo.append(j)
         print(f"{len(jobs)} runs ({len(jobs) - len(todo)} cached), {args.jobs} processes", flush=True)
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             for out in pool.map(run_one, todo):
                 r = out["rounds"][-1]
                 print(f"  {out['setting']:<13} {out['chain']:<46} seed {out['seed']}  round {r['round']}: {100 * r['accuracy']:.1f} %  "
@@ -591,7 +818,13 @@ def main(argv: list[str] | None = None) -> int:
         base = [r for r in results if r["setting"] == s.key and r["chain"] == CHAINS[0].name]
         if base:
             targets[s.key] = target_of(base, cfg)[1]
-    execute([(s, c, seed, cfg, targets[s.key]) for s, c, seed in plan_runs if c is not CHAINS[0] and s.key in targets])
+    execute(
+        [
+            (s, c, seed, cfg, targets[s.key])
+            for s, c, seed in plan_runs
+            if c is not CHAINS[0] and s.key in targets
+        ]
+    )
     jobs = plan_runs
     flower: dict[str, list[dict[str, Any]]] = {}
     flower_adam: dict[str, list[dict[str, Any]]] = {}
@@ -603,7 +836,10 @@ def main(argv: list[str] | None = None) -> int:
             with_adam = {s.key for s, c, _ in plan_runs if c.fedadam}
             for s in settings:
                 for seed in cfg.seeds:
-                    for opt, into in ((None, flower), *(((ADAM, flower_adam),) if s.key in with_adam else ())):
+                    for opt, into in (
+                        (None, flower),
+                        *(((ADAM, flower_adam),) if s.key in with_adam else ()),
+                    ):
                         f = run_flower(s, seed, cfg, opt)
                         if f is not None:
                             into.setdefault(s.key, []).append(f)
@@ -614,7 +850,11 @@ def main(argv: list[str] | None = None) -> int:
     body = [
         f"Command: `{' '.join(['python -m bench.fl_bench', *(argv if argv is not None else sys.argv[1:])])}` "
         f"({wall / 60:.1f} min wall on this 2-core machine, {args.jobs} processes"
-        + (f"; {cached} of {len(jobs)} runs read from the cache of an identical earlier run (`--reuse`), Flower re-run" if cached else "")
+        + (
+            f"; {cached} of {len(jobs)} runs read from the cache of an identical earlier run (`--reuse`), Flower re-run"
+            if cached
+            else ""
+        )
         + ").",
         "",
         f"Protocol: model `mlp` hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), and in the mnist1d-cnn settings "
@@ -653,7 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     best_lines = best_verdict(summaries)
     body = body[:4] + ["Headline:", "", *best_lines, ""] + body[4:]
     print("\n".join(best_lines))
-    replace_section(Path(args.out), "fl-bench", "Communication to target accuracy (vs FedAvg and Flower)", body)
+    replace_section(
+        Path(args.out), "fl-bench", "Communication to target accuracy (vs FedAvg and Flower)", body
+    )
     Path(CACHE / "summary.json").write_text(json.dumps(summaries, indent=1, default=float))
     print(f"wrote {args.out}")
     return 0
@@ -666,7 +908,9 @@ def best_verdict(summaries: dict[str, Any]) -> list[str]:
         full = [r for r in rows if r["reached"] == r["seeds"]]
         if full:
             # Closest to the goal: the largest min(uplink factor / 1000, downlink factor / 100).
-            best = max(full, key=lambda r: min(1 / (1000 * r["up_vs_flower"]), 1 / (100 * r["down_vs_flower"])))
+            best = max(
+                full, key=lambda r: min(1 / (1000 * r["up_vs_flower"]), 1 / (100 * r["down_vs_flower"]))
+            )
             up_x, down_x = 1 / best["up_vs_flower"], 1 / best["down_vs_flower"]
             goal = "meets" if up_x >= 1000 and down_x >= 100 else "misses"
             best_adam = (f" (against Flower's FedAdam: {fmt_ratio(1 / best['up_vs_flower_adam'])} up, "

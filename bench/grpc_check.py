@@ -58,7 +58,12 @@ def make_plan(up: str, down: str | dict[str, Any], prepass: dict[str, Any] | Non
         "model": model,
         "rounds": rounds,
         "seed": seed,
-        "collaborators": {"min": n, "fraction": per_round / n, "min_per_round": per_round, "join_timeout_s": 300},
+        "collaborators": {
+            "min": n,
+            "fraction": per_round / n,
+            "min_per_round": per_round,
+            "join_timeout_s": 300,
+        },
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "uplink": {"chain": up},
         "downlink": down if isinstance(down, dict) else {"chain": down},
@@ -89,8 +94,24 @@ def run_grpc(plan: dict[str, Any], n: int, tmp: Path) -> tuple[dict[str, Any], l
     agg = subprocess.Popen([py, "-m", "fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1", "--plan", str(plan_path),
                             "--report", str(report)], stdout=open(tmp / "agg.log", "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
     collabs = [
-        subprocess.Popen([py, "-m", "fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress", "--name", f"c{i}",
-                          "--report", str(tmp / f"c{i}.json")], stdout=open(tmp / f"c{i}.log", "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        subprocess.Popen(
+            [
+                py,
+                "-m",
+                "fedsqueeze.collaborator",
+                "join",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--no-progress",
+                "--name",
+                f"c{i}",
+                "--report",
+                str(tmp / f"c{i}.json"),
+            ],
+            stdout=open(tmp / f"c{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
         for i in range(n)
     ]
     try:
@@ -104,7 +125,11 @@ def run_grpc(plan: dict[str, Any], n: int, tmp: Path) -> tuple[dict[str, Any], l
                 p.wait()
     if rc != 0:
         raise RuntimeError(f"aggregator exited {rc}: {(tmp / 'agg.log').read_text()[-2000:]}")
-    return json.loads(report.read_text()), [json.loads((tmp / f"c{i}.json").read_text()) for i in range(n)], time.perf_counter() - t0
+    return (
+        json.loads(report.read_text()),
+        [json.loads((tmp / f"c{i}.json").read_text()) for i in range(n)],
+        time.perf_counter() - t0,
+    )
 
 
 def compare(name: str, plan_json: dict[str, Any], n: int) -> tuple[bool, list[str], dict[str, Any]]:
@@ -121,14 +146,20 @@ def compare(name: str, plan_json: dict[str, Any], n: int) -> tuple[bool, list[st
             if g["bytes"][k] != s["bytes"][k]:
                 problems.append(f"round {g['round']} {k}: gRPC {g['bytes'][k]} vs in-process {s['bytes'][k]}")
         if abs(g["accuracy"] - s["accuracy"]) > 1e-9:
-            problems.append(f"round {g['round']} accuracy: gRPC {g['accuracy']} vs in-process {s['accuracy']}")
+            problems.append(
+                f"round {g['round']} accuracy: gRPC {g['accuracy']} vs in-process {s['accuracy']}"
+            )
     if len(grpc_report["rounds"]) != len(sim.rounds):
         problems.append(f"rounds: gRPC {len(grpc_report['rounds'])} vs in-process {len(sim.rounds)}")
     for k in keys:
         if grpc_report["prepass_bytes"][k] != sim.prepass_bytes[k]:
-            problems.append(f"prepass {k}: gRPC {grpc_report['prepass_bytes'][k]} vs in-process {sim.prepass_bytes[k]}")
+            problems.append(
+                f"prepass {k}: gRPC {grpc_report['prepass_bytes'][k]} vs in-process {sim.prepass_bytes[k]}"
+            )
     # Each collaborator process's own count of what it sent and received, by shard (= join order).
-    by_index = {c["collaborator_id"].split("-")[0]: c for c in collab_reports}  # ids are c<join index>-<random>
+    by_index = {
+        c["collaborator_id"].split("-")[0]: c for c in collab_reports
+    }  # ids are c<join index>-<random>
     for c in sim.collaborators:
         real = by_index.get(c.id.split("-")[0])
         if real is None:
@@ -138,14 +169,24 @@ def compare(name: str, plan_json: dict[str, Any], n: int) -> tuple[bool, list[st
         want = [(r["round"], r["up_wire"], r["down_wire"]) for r in c.sent]
         if got != want:
             problems.append(f"collaborator {c.id[:5]}: gRPC {got} vs in-process {want}")
-    totals = {k: sum(r["bytes"][k] for r in grpc_report["rounds"]) + grpc_report["prepass_bytes"][k] for k in keys}
+    totals = {
+        k: sum(r["bytes"][k] for r in grpc_report["rounds"]) + grpc_report["prepass_bytes"][k] for k in keys
+    }
     sim_totals = {k: sum(r["bytes"][k] for r in sim.rounds) + sim.prepass_bytes[k] for k in keys}
-    info = {"grpc": totals, "sim": sim_totals, "grpc_s": grpc_s, "sim_s": sim.seconds, "rounds": len(sim.rounds)}
+    info = {
+        "grpc": totals,
+        "sim": sim_totals,
+        "grpc_s": grpc_s,
+        "sim_s": sim.seconds,
+        "rounds": len(sim.rounds),
+    }
     return not problems, problems, info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--collaborators", type=int, default=4)
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -166,12 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     ]
     all_ok = True
     for name, up, down, prepass, server_optimizer, *model in CASES[: args.cases]:
-        plan = make_plan(up, down, prepass, server_optimizer, args.collaborators, args.per_round, args.rounds, args.seed, *model)
+        plan = make_plan(
+            up,
+            down,
+            prepass,
+            server_optimizer,
+            args.collaborators,
+            args.per_round,
+            args.rounds,
+            args.seed,
+            *model,
+        )
         ok, problems, info = compare(name, plan, args.collaborators)
         all_ok &= ok
         g, s = info["grpc"], info["sim"]
         verdict = "**equal**" if ok else f"DIFFERENT: {'; '.join(problems[:3])}"
-        print(f"{name}: {'OK' if ok else 'MISMATCH'} (gRPC {info['grpc_s']:.0f} s, in-process {info['sim_s']:.1f} s)")
+        print(
+            f"{name}: {'OK' if ok else 'MISMATCH'} (gRPC {info['grpc_s']:.0f} s, in-process {info['sim_s']:.1f} s)"
+        )
         for p in problems[:10]:
             print("   ", p)
         lines.append(

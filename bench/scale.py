@@ -39,7 +39,10 @@ from typing import Any
 
 from .common import md_code, replace_section
 
-MODELS = {"66k": {"name": "mlp", "args": {"hidden": [384, 128]}}, "572k": {"name": "mlp", "args": {"hidden": [1024, 512]}}}
+MODELS = {
+    "66k": {"name": "mlp", "args": {"hidden": [384, 128]}},
+    "572k": {"name": "mlp", "args": {"hidden": [1024, 512]}},
+}
 DOWN = "topk:0.001 | quantize:2 | entropy"
 
 
@@ -85,7 +88,9 @@ def serve(plan_path: str, port: int, report: str, stats: str, workers: int, max_
     server.wait()
     server.stop(1.0)
     sample = server.federation.metrics.registry.get_sample_value
-    deferred = {o: sample("fedsqueeze_uploads_deferred_total", {"outcome": o}) or 0 for o in ("waited", "refused")}
+    deferred = {
+        o: sample("fedsqueeze_uploads_deferred_total", {"outcome": o}) or 0 for o in ("waited", "refused")
+    }
     Path(stats).write_text(json.dumps({"rss_start_kb": base, "peak_rss_kb": status_kb("VmHWM"), "uploads_peak": server.servicer.uploads.peak,
                                        "deferred_waited": int(deferred["waited"]), "deferred_refused": int(deferred["refused"])}))  # fmt: skip
     return 0
@@ -117,7 +122,9 @@ async def client_main(address: str, n: int, blob: bytes, samples: int) -> dict[s
                 break
             if kind != "TRAIN":
                 continue
-            header = pb.UpdateHeader(credentials=cred, round=t.round, num_samples=samples, payload_size=len(blob))
+            header = pb.UpdateHeader(
+                credentials=cred, round=t.round, num_samples=samples, payload_size=len(blob)
+            )
 
             def reqs(header: Any = header) -> Any:
                 yield pb.SubmitUpdateRequest(header=header)
@@ -134,7 +141,8 @@ async def client_main(address: str, n: int, blob: bytes, samples: int) -> dict[s
                     # grpc.aio reports a status that ends the stream before the client has sent it all as INTERNAL
                     # "Internal error from Core" when a write loses the race (grpc/grpc#36066); the sync client does not.
                     refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or (
-                        exc.code() == grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core")
+                        exc.code() == grpc.StatusCode.INTERNAL and exc.details() == "Internal error from Core"
+                    )
                     if not refused:
                         raise
                     retries[0] += 1
@@ -169,7 +177,9 @@ def recorded_update(plan_json: dict[str, Any]) -> tuple[bytes, int]:
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, 0)
     layout = model_layout(model)
     w0 = get_flat(model)
-    train_local(model, data.x_train[idx], data.y_train[idx], epochs=1, batch_size=32, lr=0.05, momentum=0.9, seed=1)
+    train_local(
+        model, data.x_train[idx], data.y_train[idx], epochs=1, batch_size=32, lr=0.05, momentum=0.9, seed=1
+    )
     chain = LinkChains.from_plan(plan).uplink
     enc = chain.encode(get_flat(model) - w0, layout, CodecState())
     return payload_to_bytes(Payload(data=enc.data, fingerprint=chain.fingerprint(layout))), len(idx)
@@ -221,13 +231,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return serve(argv[1], int(argv[2]), argv[3], argv[4], int(argv[5]), int(argv[6]))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--models", default="66k,572k")
-    parser.add_argument("--uplinks", default="identity,ef | topk:0.01 | quantize:4 | entropy", help="comma-separated chains")
+    parser.add_argument(
+        "--uplinks", default="identity,ef | topk:0.01 | quantize:4 | entropy", help="comma-separated chains"
+    )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=32, help="aggregator gRPC worker threads (aggregator serve's default: 32)")
-    parser.add_argument("--max-uploads", type=int, default=8, help="uploads the aggregator reads and decodes at once (aggregator serve's default: 8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=32,
+        help="aggregator gRPC worker threads (aggregator serve's default: 32)",
+    )
+    parser.add_argument(
+        "--max-uploads",
+        type=int,
+        default=8,
+        help="uploads the aggregator reads and decodes at once (aggregator serve's default: 8)",
+    )
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args(argv)
     rows = []
@@ -244,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         f"threads, streaming FedAvg) and one client process of `grpc.aio` coroutines (one per collaborator, over 8 HTTP/2 connections) "
         f"sending a recorded real update, all collaborators selected every round, {args.rounds} rounds, loopback, this 2-core machine "
         f"(shared with the client process). Downlink `{DOWN}` (tiny, stateless). Peak RSS: the aggregator's VmHWM; "
-        "\"at start\": its RSS once listening (Python, torch, the data set, the model). Round time p50/p99 over the rounds "
+        '"at start": its RSS once listening (Python, torch, the data set, the model). Round time p50/p99 over the rounds '
         f"(with {args.rounds} rounds, p99 is the slowest round). Submit RPC: from the first attempt to acceptance, waiting for a "
         "slot and retries included.",
         "",
         f"**Memory bound.** The aggregator reads and decodes at most {args.max_uploads} uploads at once (`aggregator serve "
-        "--max-concurrent-uploads`, default 8); the other uploads wait for a slot with their streams unread (\"waited\"), and one "
-        "that waits 30 s is refused with RESOURCE_EXHAUSTED and retried (\"refused\"). \"Uploads at once\": the most in flight "
+        '--max-concurrent-uploads`, default 8); the other uploads wait for a slot with their streams unread ("waited"), and one '
+        'that waits 30 s is refused with RESOURCE_EXHAUSTED and retried ("refused"). "Uploads at once": the most in flight '
         "together. Three measures keep the peak roughly flat from 10 to 1,000 collaborators; each was measured on its own with "
         "1,000 uncompressed 572k updates (2 rounds): (1) HTTP/2 BDP probing off and a 16 KiB initial stream window, so gRPC "
         "buffers 16 KiB of a waiting upload instead of growing every stream's window towards the whole 2.3 MB (peak 843 MB with "
@@ -273,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rss_start_mb']:.0f} MB | {r['peak_rss_mb'] - r['rss_start_mb']:.0f} MB | {r['uploads_peak']} | "
             f"{r['waited']:,} / {r['refused']:,} | {r['dropped']} |"
         )
-    replace_section(Path(args.out), "scale", "Scale: 10 / 100 / 1,000 collaborators per round over gRPC", lines)
+    replace_section(
+        Path(args.out), "scale", "Scale: 10 / 100 / 1,000 collaborators per round over gRPC", lines
+    )
     print("\n".join(lines))
     return 0
 

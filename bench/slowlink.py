@@ -111,8 +111,26 @@ def run_federation(topo: Topology, plan: dict[str, Any], tmp: Path) -> dict[str,
     agg = subprocess.Popen(["ip", "netns", "exec", topo.agg, py, "-m", "fedsqueeze.aggregator", "serve", "--host", "0.0.0.0", "--port", "50051",
                             "--plan", str(plan_path), "--report", str(report)], stdout=open(tmp / "agg.log", "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
     collabs = [
-        subprocess.Popen(["ip", "netns", "exec", ns, py, "-m", "fedsqueeze.collaborator", "join", "--server", f"{topo.server(i)}:50051",
-                          "--no-progress", "--connect-timeout", "120"], stdout=open(tmp / f"c{i}.log", "w"), stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                py,
+                "-m",
+                "fedsqueeze.collaborator",
+                "join",
+                "--server",
+                f"{topo.server(i)}:50051",
+                "--no-progress",
+                "--connect-timeout",
+                "120",
+            ],
+            stdout=open(tmp / f"c{i}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
         for i, ns in enumerate(topo.collabs)
     ]
     try:
@@ -130,7 +148,9 @@ def run_federation(topo: Topology, plan: dict[str, Any], tmp: Path) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--up-mbit", type=float, default=1.0)
     parser.add_argument("--down-mbit", type=float, default=10.0)
     parser.add_argument("--collaborators", type=int, default=4)
@@ -145,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedsqueeze.plan import Plan
     from fedsqueeze.simulation import run_plan
 
-    ref = run_plan(Plan.from_json(make_plan("identity", "identity", args.collaborators, args.rounds, args.seed)))
+    ref = run_plan(
+        Plan.from_json(make_plan("identity", "identity", args.collaborators, args.rounds, args.seed))
+    )
     accs = [r["accuracy"] for r in ref.rounds]
     target = sum(accs[-3:]) / 3 - 0.01
     print(f"target {100 * target:.2f} % (in-process FedAvg, last 3 of {args.rounds} rounds, minus 1 pp)")
@@ -154,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, up, down in CHAINS[: args.chains]:
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
-                rep = run_federation(topo, make_plan(up, down, args.collaborators, args.rounds, args.seed), Path(d))
+                rep = run_federation(
+                    topo, make_plan(up, down, args.collaborators, args.rounds, args.seed), Path(d)
+                )
                 wall = time.perf_counter() - t0
             pre = rep.get("prepass", {})
             elapsed, hit = 0.0, None
@@ -165,12 +189,18 @@ def main(argv: list[str] | None = None) -> int:
                     break
             n = len(rep["rounds"])
             per_round = sum(r["seconds"] for r in rep["rounds"]) / n
-            up_msg = sum(r["bytes"]["up_wire"] for r in rep["rounds"]) / max(1, sum(r["participants"] for r in rep["rounds"]))
-            down_msg = sum(r["bytes"]["down_wire"] for r in rep["rounds"]) / max(1, sum(r["participants"] for r in rep["rounds"]))
+            up_msg = sum(r["bytes"]["up_wire"] for r in rep["rounds"]) / max(
+                1, sum(r["participants"] for r in rep["rounds"])
+            )
+            down_msg = sum(r["bytes"]["down_wire"] for r in rep["rounds"]) / max(
+                1, sum(r["participants"] for r in rep["rounds"])
+            )
             row = {"name": name, "up": up, "down": down, "hit": hit, "per_round": per_round, "final": rep["rounds"][-1]["accuracy"],
                    "up_msg": up_msg, "down_msg": down_msg, "wall": wall, "prepass": bool(pre)}  # fmt: skip
             rows.append(row)
-            print(f"{name}: {f'round {hit[0]}, {hit[1]:.1f} s' if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s")
+            print(
+                f"{name}: {f'round {hit[0]}, {hit[1]:.1f} s' if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s"
+            )
     cleanup_ok = not any(ns.startswith(f"fsqb{topo.tag}-") for ns in sh("ip", "netns", "list").stdout.split())
     base = rows[0]["hit"][1] if rows and rows[0]["hit"] else None
     lines = [
@@ -181,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         f"66k-parameter MLP, all {args.collaborators} collaborators every round, 1 local epoch, {args.rounds} rounds, seed {args.seed}. "
         f"Target {100 * target:.2f} % (in-process FedAvg, mean of the last 3 rounds, minus 1 pp). Time to target: the aggregator's "
         "round durations summed up to the first round at target (transfers, codec time, training, aggregation, evaluation; "
-        "process start-up and joining excluded). Namespaces removed afterwards: " + ("yes." if cleanup_ok else "NO."),
+        "process start-up and joining excluded). Namespaces removed afterwards: "
+        + ("yes." if cleanup_ok else "NO."),
         "",
         "| chain | uplink | downlink | uplink bytes / message | downlink bytes / message | s / round | rounds to target | time to target | speed-up vs FedAvg | final accuracy |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -193,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['name']} | {chain_label(r['up'])} | {downlink_label(r['down'])} | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
             f"{hit[0] if hit else 'not reached'} | {f'{hit[1]:.1f} s' if hit else '-'} | {speed} | {100 * r['final']:.2f} % |"
         )
-    replace_section(Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines)
+    replace_section(
+        Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines
+    )
     print("\n".join(lines))
     return 0
 

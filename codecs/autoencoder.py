@@ -156,33 +156,54 @@ class AutoencoderSettings:
 
     variant: Variant = "dense"  # the paper's FC funnel | one small AE shared by fixed-size chunks
     what: What = "update"  # update (hybrid, error feedback) | weights (the paper's literal method)
-    hidden: list[int] = field(default_factory=list)  # funnel hidden widths, encoder side (mirrored in the decoder)
+    hidden: list[int] = field(
+        default_factory=list
+    )  # funnel hidden widths, encoder side (mirrored in the decoder)
     latent: int = 32  # latent size (per chunk for `chunked`)
     bits: int = 8  # bits per latent value on the wire (1..8)
     correction: float = 0.002  # fraction of entries of the residual sent as a sparse correction
     chunk: int = 1024  # chunk length for `chunked`
-    refine: bool = True  # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
+    refine: bool = (
+        True  # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in KINDS:
             raise CodecError(f"ae: variant must be one of {KINDS}, got {self.variant!r}")
         if self.what not in WHAT:
             raise CodecError(f"ae: what must be one of {WHAT}, got {self.what!r}")
-        if not isinstance(self.hidden, list) or len(self.hidden) > MAX_HIDDEN_LAYERS or any(
-            isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= MAX_WIDTH for h in self.hidden
+        if (
+            not isinstance(self.hidden, list)
+            or len(self.hidden) > MAX_HIDDEN_LAYERS
+            or any(
+                isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= MAX_WIDTH for h in self.hidden
+            )
         ):
-            raise CodecError(f"ae: hidden must be a list of at most {MAX_HIDDEN_LAYERS} widths in [1, {MAX_WIDTH}]")
-        if isinstance(self.latent, bool) or not isinstance(self.latent, int) or not 1 <= self.latent <= MAX_WIDTH:
+            raise CodecError(
+                f"ae: hidden must be a list of at most {MAX_HIDDEN_LAYERS} widths in [1, {MAX_WIDTH}]"
+            )
+        if (
+            isinstance(self.latent, bool)
+            or not isinstance(self.latent, int)
+            or not 1 <= self.latent <= MAX_WIDTH
+        ):
             raise CodecError(f"ae: latent must be an integer in [1, {MAX_WIDTH}]")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise CodecError("ae: bits must be an integer in [1, 8]")
-        if isinstance(self.correction, bool) or not isinstance(self.correction, int | float) or not 0 <= self.correction <= 1:
+        if (
+            isinstance(self.correction, bool)
+            or not isinstance(self.correction, int | float)
+            or not 0 <= self.correction <= 1
+        ):
             raise CodecError("ae: correction must be a fraction in [0, 1]")
         if not isinstance(self.refine, bool):
             raise CodecError("ae: refine must be true or false")
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or not 1 <= self.chunk <= MAX_WIDTH:
+        if (
+            isinstance(self.chunk, bool)
+            or not isinstance(self.chunk, int)
+            or not 1 <= self.chunk <= MAX_WIDTH
+        ):
             raise CodecError(f"ae: chunk must be an integer in [1, {MAX_WIDTH}]")
-
 
 
 @register_codec
@@ -281,7 +302,9 @@ class Autoencoder(AutoencoderSettings, Codec):
         lo, hi = _round_bf16(lo), _round_bf16(hi)
         levels = (1 << self.bits) - 1
         if hi > lo:
-            q = np.minimum(np.maximum(np.rint((z - lo) / (hi - lo) * levels), 0.0), float(levels)).astype(np.int64)
+            q = np.minimum(np.maximum(np.rint((z - lo) / (hi - lo) * levels), 0.0), float(levels)).astype(
+                np.int64
+            )
         else:
             q = np.zeros(z.shape, np.int64)
         d = self.decode_latent(state, _dequantize(q, lo, hi, self.bits), n)
@@ -296,7 +319,16 @@ class Autoencoder(AutoencoderSettings, Codec):
         mag = _round_bf16(np.mean(np.abs(resid[idx]))) if idx.size else 0.0
         signs = (np.asarray(resid[idx]) < 0).astype(np.uint8)
         b, position_bits = encode_interleaved(idx, n)
-        side = SideWriter().raw(_bf16(alpha)).raw(_bf16(lo)).raw(_bf16(hi)).varint(idx.size).u8(b).raw(_bf16(mag)).getvalue()
+        side = (
+            SideWriter()
+            .raw(_bf16(alpha))
+            .raw(_bf16(lo))
+            .raw(_bf16(hi))
+            .varint(idx.size)
+            .u8(b)
+            .raw(_bf16(mag))
+            .getvalue()
+        )
         bits = np.concatenate([_pack(q, self.bits), position_bits, signs])
         return side, np.packbits(bits).tobytes()
 
@@ -386,7 +418,9 @@ def read_safetensors_header(blob: bytes, max_header: int = 1 << 20) -> dict[str,
     return header
 
 
-def validate_decoder(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def validate_decoder(
+    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Check an uploaded decoder against the expected tensor shapes; returns (tensors, metadata).
 
     Refuses (CodecError): more than max_bytes, anything that is not safetensors (a pickle, say),
@@ -400,13 +434,19 @@ def validate_decoder(blob: bytes, expected: dict[str, tuple[int, ...]], max_byte
         raise CodecError("decoder metadata must map strings to strings")
     extra, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
     if extra or missing:
-        raise CodecError(f"decoder keys do not match the plan's architecture: extra {extra}, missing {missing}")
+        raise CodecError(
+            f"decoder keys do not match the plan's architecture: extra {extra}, missing {missing}"
+        )
     for name, shape in expected.items():
         info = header[name]
         if not isinstance(info, dict) or info.get("dtype") != "F32":
-            raise CodecError(f"decoder tensor {name!r} must be F32, got {info.get('dtype') if isinstance(info, dict) else info!r}")
+            raise CodecError(
+                f"decoder tensor {name!r} must be F32, got {info.get('dtype') if isinstance(info, dict) else info!r}"
+            )
         if tuple(info.get("shape", ())) != tuple(shape):
-            raise CodecError(f"decoder tensor {name!r} has shape {tuple(info.get('shape', ()))}, the plan needs {tuple(shape)}")
+            raise CodecError(
+                f"decoder tensor {name!r} has shape {tuple(info.get('shape', ()))}, the plan needs {tuple(shape)}"
+            )
     from safetensors.numpy import load
 
     try:

@@ -62,7 +62,7 @@ class ArraySpec:
 
     @property
     def nbytes(self) -> int:
-        return self.count * self.dtype.itemsize
+        return int(self.count * self.dtype.itemsize)
 
     def check(self, y: Data, who: str) -> np.ndarray:
         """`y` as an array that matches this spec, or CodecError."""
@@ -165,7 +165,9 @@ class Codec(ABC):
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(params) - names
         if unknown:
-            raise CodecError(f"codec {cls.codec_id!r}: unknown parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+            raise CodecError(
+                f"codec {cls.codec_id!r}: unknown parameter(s) {sorted(unknown)}; known: {sorted(names)}"
+            )
         try:
             return cls(**params)
         except TypeError as exc:
@@ -202,7 +204,11 @@ def _load_entry_points(name: str | None = None) -> None:
 
     `name`: only that codec id (a chain names it); None: all of them (listing). A broken plugin is
     logged and skipped, so one bad package cannot take the built-in codecs down with it."""
-    found = entry_points(group=ENTRY_POINT_GROUP) if name is None else entry_points(group=ENTRY_POINT_GROUP, name=name)
+    found = (
+        entry_points(group=ENTRY_POINT_GROUP)
+        if name is None
+        else entry_points(group=ENTRY_POINT_GROUP, name=name)
+    )
     for ep in found:
         if ep.name in _TRIED_ENTRY_POINTS:
             continue
@@ -210,7 +216,9 @@ def _load_entry_points(name: str | None = None) -> None:
         try:
             cls = ep.load()
             if getattr(cls, "codec_id", None) != ep.name:
-                raise TypeError(f"its codec_id is {getattr(cls, 'codec_id', None)!r}, not the entry point's name")
+                raise TypeError(
+                    f"its codec_id is {getattr(cls, 'codec_id', None)!r}, not the entry point's name"
+                )
             if _REGISTRY.get(ep.name) is not cls:
                 register_codec(cls)
         except Exception as exc:  # noqa: BLE001 - a third-party package may raise anything on import
@@ -347,12 +355,16 @@ def decode_varint(data: bytes | memoryview, pos: int, who: str) -> tuple[int, in
     raise CodecError(f"{who}: varint longer than 64 bits")
 
 
-def require_array_spec(spec: Spec, who: str, *, dense_model: bool = False, floating: bool = True) -> ArraySpec:
+def require_array_spec(
+    spec: Spec, who: str, *, dense_model: bool = False, floating: bool = True
+) -> ArraySpec:
     """The spec as an ArraySpec, or a CodecError saying where the stage may be placed in a chain."""
     if not isinstance(spec, ArraySpec):
         raise CodecError(f"{who} needs an array input; place it before byte-level stages such as zstd")
     if floating and spec.dtype.kind != "f":
         raise CodecError(f"{who} needs floating-point input, got {spec.dtype}")
     if dense_model and spec.layout is None:
-        raise CodecError(f"{who} needs the dense model (per-layer shapes); place it before sparsifying stages")
+        raise CodecError(
+            f"{who} needs the dense model (per-layer shapes); place it before sparsifying stages"
+        )
     return spec

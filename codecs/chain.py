@@ -95,7 +95,9 @@ def parse_stage(text: str) -> dict[str, Any]:
         elif i < len(positional):
             config[positional[i]] = _parse_value(item)
         else:
-            raise CodecError(f"codec {name!r} takes {len(positional)} positional argument(s) ({positional}); got {args!r}")
+            raise CodecError(
+                f"codec {name!r} takes {len(positional)} positional argument(s) ({positional}); got {args!r}"
+            )
     return config
 
 
@@ -117,7 +119,9 @@ class Chain:
                 self._slots.append(None)
                 kind = "bytes"
             elif kind == "bytes" and stage.input_kind == "array":
-                raise CodecError(f"{stage.codec_id} needs an array but follows a byte-level stage; reorder the chain")
+                raise CodecError(
+                    f"{stage.codec_id} needs an array but follows a byte-level stage; reorder the chain"
+                )
             self.stages.append(stage)
             self._slots.append(index)
             kind = stage.output_kind
@@ -175,7 +179,9 @@ class Chain:
         if isinstance(config, dict):
             config = [config]
         if not isinstance(config, list) or not config:
-            raise CodecError(f"a codec chain is a non-empty list of codec configs or a string, got {config!r}")
+            raise CodecError(
+                f"a codec chain is a non-empty list of codec configs or a string, got {config!r}"
+            )
         return cls([get_codec(c) for c in config])
 
     def get_config(self) -> list[dict[str, Any]]:
@@ -230,7 +236,9 @@ class Chain:
         self._update(state, specs, recon, ios)
         x_hat = np.asarray(recon[0], dtype=np.float32)
         err = x - x_hat
-        with np.errstate(over="ignore", invalid="ignore"):  # |x| near float32's limit: the sums overflow to inf
+        with np.errstate(
+            over="ignore", invalid="ignore"
+        ):  # |x| near float32's limit: the sums overflow to inf
             denom, error = float(np.dot(x, x)), float(np.dot(err, err))
         nmse = error / denom if denom > 0 and math.isfinite(denom) else error
         stats = EncodeStats(
@@ -269,7 +277,9 @@ class Chain:
             recon[i] = specs[i].check(y, f"{stage.codec_id} decode")
         return recon
 
-    def _update(self, state: CodecState, specs: list[Spec], recon: list[Data], ios: list[Data] | None) -> None:
+    def _update(
+        self, state: CodecState, specs: list[Spec], recon: list[Data], ios: list[Data] | None
+    ) -> None:
         for i, stage in enumerate(self.stages):
             if stage.stateful:
                 event = StageUpdate(
@@ -306,7 +316,9 @@ class Chain:
         for i, stage in enumerate(self.stages):
             length, pos = decode_varint(data, pos, "chain header")
             if pos + length > len(data):
-                raise CodecError(f"{stage.codec_id}: header of {length} bytes runs past the end of the message")
+                raise CodecError(
+                    f"{stage.codec_id}: header of {length} bytes runs past the end of the message"
+                )
             side = data[pos : pos + length]
             pos += length
             specs.append(stage.output_spec(specs[i], side))

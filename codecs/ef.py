@@ -34,7 +34,9 @@ def with_memory(x: np.ndarray, state: StageState) -> np.ndarray:
 
 def remember(state: StageState, sent: np.ndarray, received: np.ndarray, decay: float = 1.0) -> None:
     """Keep what the receiver did not get of `sent` (it reconstructs `received`), faded by `decay`."""
-    memory = (np.asarray(sent) - np.asarray(received)).astype(np.float32, copy=False)  # a new array: scaled in place
+    memory = (np.asarray(sent) - np.asarray(received)).astype(
+        np.float32, copy=False
+    )  # a new array: scaled in place
     if decay != 1.0:
         memory *= np.float32(decay)
     state[MEMORY] = memory
@@ -50,7 +52,11 @@ class ErrorFeedback(Codec):
     stateful: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.decay, bool) or not isinstance(self.decay, int | float) or not 0.0 <= self.decay <= 1.0:
+        if (
+            isinstance(self.decay, bool)
+            or not isinstance(self.decay, int | float)
+            or not 0.0 <= self.decay <= 1.0
+        ):
             raise CodecError(f"ef: decay must be in [0, 1], got {self.decay!r}")
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:

@@ -47,7 +47,9 @@ PACKED, LEGACY, CODED, CONSTANT = 0, 1, 2, 3
 
 def _symbol_spec(spec: Spec) -> ArraySpec:
     if not isinstance(spec, ArraySpec) or spec.symbols is None:
-        raise CodecError("entropy codes integer symbols: put a quantizer (quantize, qsgd, sign, stc) before it")
+        raise CodecError(
+            "entropy codes integer symbols: put a quantizer (quantize, qsgd, sign, stc) before it"
+        )
     if spec.dtype.kind not in "iu":
         raise CodecError(f"entropy codes integer symbols, got {spec.dtype}")
     lo, hi = spec.symbols
@@ -79,20 +81,24 @@ def _range_encode(symbols: np.ndarray, alphabet: int) -> bytes:
         block = symbols[start:end]
         encoder.encode(block, _model(counts))
         counts += np.bincount(block, minlength=alphabet)
-    return encoder.get_compressed().astype("<u4").tobytes()
+    return bytes(encoder.get_compressed().astype("<u4").tobytes())
 
 
 def _range_decode(data: bytes, count: int, alphabet: int, legacy: bool) -> np.ndarray:
     """Exactly `count` symbols in [0, alphabet); CodecError if constriction refuses the data."""
     if len(data) % 4:
-        raise CodecError(f"entropy: {len(data)} bytes of range-coded data is not a whole number of 32-bit words")
+        raise CodecError(
+            f"entropy: {len(data)} bytes of range-coded data is not a whole number of 32-bit words"
+        )
     out = np.empty(count, dtype=np.int32)
     counts = np.full(alphabet, PRIOR)
     try:
         decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
         for start, end in _blocks(count, legacy):
             block = np.asarray(decoder.decode(_model(counts), end - start))
-            if block.shape != (end - start,) or (block.size and (int(block.min()) < 0 or int(block.max()) >= alphabet)):
+            if block.shape != (end - start,) or (
+                block.size and (int(block.min()) < 0 or int(block.max()) >= alphabet)
+            ):
                 raise CodecError("entropy: the range decoder returned out-of-range symbols")
             out[start:end] = block
             counts += np.bincount(block, minlength=alphabet)
@@ -131,7 +137,9 @@ class Entropy(Codec):
                 return SideWriter().u8(CONSTANT).varint(first).getvalue(), b""
             symbols = (arr.astype(np.int64) - (lo + first)).astype(np.int32)
             coded = _range_encode(symbols, last - first + 1)
-            side = SideWriter().u8(CODED).varint(first).varint(last - first).varint(len(coded) // 4).getvalue()
+            side = (
+                SideWriter().u8(CODED).varint(first).varint(last - first).varint(len(coded) // 4).getvalue()
+            )
             if len(side) + len(coded) < 1 + Raw.serialized_size(s):  # else bit-packing is smaller
                 return side, coded
         _, packed = Raw().encode(arr, s, {})
@@ -151,7 +159,9 @@ class Entropy(Codec):
         elif mode == CODED:
             first, width, words = r.varint(), r.varint(), r.varint()
             if width < 1 or first + width > span:
-                raise CodecError(f"entropy: symbol range [{first}, {first + width}] outside the declared [0, {span}]")
+                raise CodecError(
+                    f"entropy: symbol range [{first}, {first + width}] outside the declared [0, {span}]"
+                )
             header = _Header(mode, first, width, words)
         elif mode == CONSTANT:
             first = r.varint()
@@ -173,7 +183,9 @@ class Entropy(Codec):
             return BytesSpec(0)
         if header.mode in (LEGACY, CODED):
             if 4 * header.words > limit:
-                raise CodecError(f"entropy: {4 * header.words} coded bytes exceed the bit-packed size {limit}")
+                raise CodecError(
+                    f"entropy: {4 * header.words} coded bytes exceed the bit-packed size {limit}"
+                )
             return BytesSpec(4 * header.words)
         return BytesSpec(limit)
 

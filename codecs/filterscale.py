@@ -67,14 +67,23 @@ class FilterScale(Codec):
         sums = np.bincount(owner, weights=kept, minlength=filters)
         scales = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
         scales = np.minimum(scales, FP16_MAX).astype(np.float16)
-        side = SideWriter().varint(idx.size).varint(len(pos := encode_positions(idx, arr.size))).raw(pos).array(scales).getvalue()
+        side = (
+            SideWriter()
+            .varint(idx.size)
+            .varint(len(pos := encode_positions(idx, arr.size)))
+            .raw(pos)
+            .array(scales)
+            .getvalue()
+        )
         return side, (arr[idx] > 0).astype(np.int8), idx
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         side, y, _ = self.encode_with_hint(x, spec, state)
         return side, y
 
-    def _read(self, spec: Spec, side: bytes, hint: object = None) -> tuple[ArraySpec, np.ndarray, np.ndarray, np.ndarray]:
+    def _read(
+        self, spec: Spec, side: bytes, hint: object = None
+    ) -> tuple[ArraySpec, np.ndarray, np.ndarray, np.ndarray]:
         s = require_array_spec(spec, "filterscale", dense_model=True)
         bounds = group_bounds(s, "channel", "filterscale")
         r = SideReader(side, "filterscale")

@@ -50,9 +50,18 @@ class Lattice(SparseCodec):
 
     def __post_init__(self) -> None:
         s = self.step
-        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s) or not 1e-30 <= s <= 1e30:
+        if (
+            isinstance(s, bool)
+            or not isinstance(s, int | float)
+            or not math.isfinite(s)
+            or not 1e-30 <= s <= 1e30
+        ):
             raise CodecError(f"lattice: step must be a number in [1e-30, 1e30], got {s!r}")
-        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 1 <= self.levels <= MAX_LEVELS:
+        if (
+            isinstance(self.levels, bool)
+            or not isinstance(self.levels, int)
+            or not 1 <= self.levels <= MAX_LEVELS
+        ):
             raise CodecError(f"lattice: levels must be an integer in [1, {MAX_LEVELS}], got {self.levels!r}")
         check_positions_mode("lattice", self.positions)
 
@@ -63,7 +72,7 @@ class Lattice(SparseCodec):
     def _levels(self, x: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # |x| / step beyond float range: clipped below
             scaled = np.rint(x.astype(np.float64) / float(self._step32))
-        return np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16)
+        return np.asarray(np.clip(np.nan_to_num(scaled, nan=0.0), -self.levels, self.levels).astype(np.int16))
 
     def select(self, x: np.ndarray, spec: ArraySpec) -> np.ndarray:
         return np.flatnonzero(self._levels(x)).astype(np.int64)

@@ -50,7 +50,9 @@ class Layout:
     @classmethod
     def of(cls, tensors: Mapping[str, Any]) -> Layout:
         """The layout of a name -> array (numpy or torch) mapping, in its iteration order."""
-        return cls(tuple(TensorInfo(name, tuple(int(d) for d in t.shape), "float32") for name, t in tensors.items()))
+        return cls(
+            tuple(TensorInfo(name, tuple(int(d) for d in t.shape), "float32") for name, t in tensors.items())
+        )
 
     @property
     def numel(self) -> int:
@@ -79,7 +81,9 @@ class Layout:
         if set(tensors) != {t.name for t in self.tensors}:
             missing = {t.name for t in self.tensors} - set(tensors)
             extra = set(tensors) - {t.name for t in self.tensors}
-            raise CodecError(f"tensors do not match the layout: missing {sorted(missing)}, extra {sorted(extra)}")
+            raise CodecError(
+                f"tensors do not match the layout: missing {sorted(missing)}, extra {sorted(extra)}"
+            )
         out = np.empty(self.numel, dtype=np.float32)
         for t, sl in self.slices():
             arr = np.asarray(tensors[t.name])
@@ -102,7 +106,14 @@ class Layout:
         if not isinstance(data, list):
             raise CodecError("layout must be a list of {name, shape, dtype}")
         try:
-            return cls(tuple(TensorInfo(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d.get("dtype", "float32"))) for d in data))
+            return cls(
+                tuple(
+                    TensorInfo(
+                        str(d["name"]), tuple(int(s) for s in d["shape"]), str(d.get("dtype", "float32"))
+                    )
+                    for d in data
+                )
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed layout: {exc}") from exc
 

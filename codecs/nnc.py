@@ -21,19 +21,23 @@ import numpy as np
 from .base import BytesSpec, Codec, Data, Spec, StageState, register_codec, require_array_spec
 from .errors import CodecError
 
-MISSING = "deepcabac needs the optional NNCodec backend: pip install 'fedsqueeze[nnc]' (NNCodec requires numpy<2)"
+MISSING = (
+    "deepcabac needs the optional NNCodec backend: pip install 'fedsqueeze[nnc]' (NNCodec requires numpy<2)"
+)
 
 
 def _nnc() -> Any:
     try:
-        from nncodec import nnc  # type: ignore[import-not-found]  # NNCodec 2.x (PyPI: nncodec)
+        from nncodec import nnc  # NNCodec 2.x (PyPI: nncodec)
     except ImportError:
         try:
-            import nnc  # type: ignore[import-not-found,no-redef]  # NNCodec 1.x from source
+            import nnc  # NNCodec 1.x from source
         except ImportError as exc:
             raise CodecError(MISSING) from exc
     if not (callable(getattr(nnc, "compress", None)) and callable(getattr(nnc, "decompress", None))):
-        raise CodecError(MISSING + f"; the installed module {getattr(nnc, '__name__', 'nnc')!r} is not NNCodec")
+        raise CodecError(
+            MISSING + f"; the installed module {getattr(nnc, '__name__', 'nnc')!r} is not NNCodec"
+        )
     return nnc
 
 
@@ -57,7 +61,9 @@ class DeepCABAC(Codec):
         flat = s.check(x, "deepcabac input").astype(np.float32, copy=False)
         tensors = {name: np.ascontiguousarray(t) for name, t in s.layout.unflatten(flat).items()}
         try:
-            bitstream = nnc.compress(tensors, bitstream_path=None, qp=self.qp, verbose=False, return_bitstream=True)
+            bitstream = nnc.compress(
+                tensors, bitstream_path=None, qp=self.qp, verbose=False, return_bitstream=True
+            )
         except (Exception, SystemExit) as exc:  # NNCodec reports bad input with SystemExit
             raise CodecError(f"deepcabac: NNCodec could not encode the model: {exc}") from exc
         return b"", bytes(bitstream)

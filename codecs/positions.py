@@ -158,7 +158,9 @@ def encode_interleaved(idx: np.ndarray, n: int) -> tuple[int, np.ndarray]:
     return b, bits
 
 
-def decode_interleaved(bits: np.ndarray, start: int, k: int, b: int, n: int, who: str) -> tuple[np.ndarray, int]:
+def decode_interleaved(
+    bits: np.ndarray, start: int, k: int, b: int, n: int, who: str
+) -> tuple[np.ndarray, int]:
     """k positions in [0, n) from the interleaved code words at bits[start:]; returns (positions, end).
 
     CodecError when the code words run past the bits or a position falls outside [0, n)."""

@@ -115,7 +115,9 @@ class PowerSGD(Codec):
     def _warm_start(self, state: StageState, index: int, cols: int) -> np.ndarray:
         """Q_prev for tensor `index`, columns normalised; random where there is nothing usable."""
         q = state.get(f"q/{index}")
-        fresh = np.random.default_rng([self.seed, index]).standard_normal((cols, self.rank)).astype(np.float32)
+        fresh = (
+            np.random.default_rng([self.seed, index]).standard_normal((cols, self.rank)).astype(np.float32)
+        )
         if q is None or q.shape != (cols, self.rank) or not np.isfinite(q).all():
             q = fresh
         norms = np.linalg.norm(q.astype(np.float64), axis=0)

@@ -61,7 +61,7 @@ class QSGD(Codec):
 
     def _bounds(self, spec: ArraySpec) -> np.ndarray:
         if self.bucket:
-            return np.append(np.arange(0, spec.count, self.bucket, dtype=np.int64), spec.count)
+            return np.asarray(np.append(np.arange(0, spec.count, self.bucket, dtype=np.int64), spec.count))
         return group_bounds(spec, "layer" if self.per_layer else "tensor", "qsgd")
 
     @property
@@ -108,4 +108,4 @@ class QSGD(Codec):
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s, bounds, norms = self._read(spec, side)
         scale = norms / np.float32(self.levels)  # float32 arithmetic: |x_hat| <= norm, no overflow
-        return (np.asarray(y).astype(np.float32) * scale[segment_ids(bounds)]).astype(s.dtype)
+        return np.asarray((np.asarray(y).astype(np.float32) * scale[segment_ids(bounds)]).astype(s.dtype))

@@ -128,15 +128,27 @@ def _round_up_f32(step64: np.ndarray) -> np.ndarray:
     """float32 steps, never below the float64 ones (so the grid still reaches what it must cover)."""
     with np.errstate(over="ignore"):  # a range beyond float32 becomes inf: refused by the caller
         step32 = step64.astype(np.float32)
-        return np.where(np.abs(step32) < np.abs(step64), np.nextafter(step32, np.where(step32 < 0, -np.inf, np.inf).astype(np.float32)), step32)
+        return np.where(
+            np.abs(step32) < np.abs(step64),
+            np.nextafter(step32, np.where(step32 < 0, -np.inf, np.inf).astype(np.float32)),
+            step32,
+        )
 
 
 def zero_grid_steps(arr: np.ndarray, bounds: np.ndarray, bits: int, clip: str) -> np.ndarray:
     """The signed float64 step of each group's zero-containing grid (see the module docstring)."""
     starts = bounds[:-1]
     z = (1 << (bits - 1)) - 1
-    hi = np.maximum(np.maximum.reduceat(arr, starts).astype(np.float64), 0) if arr.size else np.zeros(len(starts))
-    lo = np.maximum(-np.minimum.reduceat(arr, starts).astype(np.float64), 0) if arr.size else np.zeros(len(starts))
+    hi = (
+        np.maximum(np.maximum.reduceat(arr, starts).astype(np.float64), 0)
+        if arr.size
+        else np.zeros(len(starts))
+    )
+    lo = (
+        np.maximum(-np.minimum.reduceat(arr, starts).astype(np.float64), 0)
+        if arr.size
+        else np.zeros(len(starts))
+    )
     sign = np.where(lo > hi, -1.0, 1.0)  # the long side gets the z + 1 levels
     long_side, short_side = np.maximum(hi, lo), np.minimum(hi, lo)
     step = long_side / (z + 1)
@@ -148,7 +160,7 @@ def zero_grid_steps(arr: np.ndarray, bounds: np.ndarray, bits: int, clip: str) -
         seg = segment_ids(bounds)
         errors = [_squared_error(arr, seg, len(starts), sign * s, bits) for s in (step, clipped)]
         step = np.where(errors[1] < errors[0], clipped, step)
-    return sign * step
+    return np.asarray(sign * step)
 
 
 def _squared_error(arr: np.ndarray, seg: np.ndarray, groups: int, step: np.ndarray, bits: int) -> np.ndarray:
@@ -159,7 +171,9 @@ def _squared_error(arr: np.ndarray, seg: np.ndarray, groups: int, step: np.ndarr
     return np.bincount(seg, weights=(arr - x_hat) ** 2, minlength=groups)
 
 
-def _best_clip(arr: np.ndarray, bounds: np.ndarray, step0: np.ndarray, sign: np.ndarray, z: int) -> np.ndarray:
+def _best_clip(
+    arr: np.ndarray, bounds: np.ndarray, step0: np.ndarray, sign: np.ndarray, z: int
+) -> np.ndarray:
     """Per group, the j < CLIP_STEPS whose step step0 * 2**(-j/4) has the least expected squared error.
 
     Candidate j clips an entry x at the end e * step_j of its side (e = z + 1 on the long side, z on the
@@ -173,16 +187,22 @@ def _best_clip(arr: np.ndarray, bounds: np.ndarray, step0: np.ndarray, sign: np.
     j = np.arange(CLIP_STEPS)
     with np.errstate(divide="ignore", invalid="ignore"):
         level = np.log2(mag / np.where(step0 > 0, step0, 1.0)[seg])  # log2(|x| / step0); -inf at 0
-        clip_at = np.floor(4 * (np.where(long_side, math.log2(z + 1), math.log2(max(z, 1))) - level)) + 1  # clipped for j >= this
+        clip_at = (
+            np.floor(4 * (np.where(long_side, math.log2(z + 1), math.log2(max(z, 1))) - level)) + 1
+        )  # clipped for j >= this
         zero_until = np.ceil(-4 * (level + 1)) - 1  # rounds to zero for j <= this
-    clip_at = np.clip(np.nan_to_num(clip_at, posinf=CLIP_STEPS), 0, CLIP_STEPS).astype(np.int64)  # 0 never clips
+    clip_at = np.clip(np.nan_to_num(clip_at, posinf=CLIP_STEPS), 0, CLIP_STEPS).astype(
+        np.int64
+    )  # 0 never clips
     if z == 0:  # one bit: the short side has no level but 0
         clip_at[~long_side] = 0
     zero_until = np.clip(np.nan_to_num(zero_until, posinf=CLIP_STEPS), -1, CLIP_STEPS - 1).astype(np.int64)
     width = CLIP_STEPS + 1
 
     def hist(bins: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-        return np.bincount(seg * width + bins, weights=weights, minlength=groups * width).reshape(groups, width)
+        return np.bincount(seg * width + bins, weights=weights, minlength=groups * width).reshape(
+            groups, width
+        )
 
     def up_to(h: np.ndarray) -> np.ndarray:  # per candidate j: the entries with bin <= j
         return np.cumsum(h, axis=1)[:, :CLIP_STEPS]
@@ -202,7 +222,7 @@ def _best_clip(arr: np.ndarray, bounds: np.ndarray, step0: np.ndarray, sign: np.
     s = step0[:, None] * 2.0 ** (-j / 4)[None, :]
     rest = np.maximum(n - clipped_n - zero_n, 0)
     err = clipped_x2 - 2 * s * clipped_ex + s * s * clipped_e2 + zero_x2 + rest * s * s / 12
-    return np.argmin(err, axis=1).astype(np.float64)
+    return np.asarray(np.argmin(err, axis=1).astype(np.float64))
 
 
 @register_codec
@@ -222,7 +242,9 @@ class Quantize(Codec):
         if isinstance(self.bits, bool) or self.bits not in (1, 2, 4, 8):
             raise CodecError(f"quantize: bits must be 1, 2, 4 or 8, got {self.bits!r}")
         if self.granularity not in ("tensor", "layer", "channel"):
-            raise CodecError(f"quantize: granularity must be tensor, layer or channel, got {self.granularity!r}")
+            raise CodecError(
+                f"quantize: granularity must be tensor, layer or channel, got {self.granularity!r}"
+            )
         if self.rounding not in ("nearest", "stochastic"):
             raise CodecError(f"quantize: rounding must be nearest or stochastic, got {self.rounding!r}")
         check_seed("quantize", self.seed)
@@ -253,7 +275,9 @@ class Quantize(Codec):
         return (1 << self.bits) - 1
 
     def _flags(self, spec: ArraySpec) -> int:
-        return (STOCHASTIC if self.rounding == "stochastic" else 0) | (ZERO_GRID if self.grid_for(spec) == "zero" else 0)
+        return (STOCHASTIC if self.rounding == "stochastic" else 0) | (
+            ZERO_GRID if self.grid_for(spec) == "zero" else 0
+        )
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         s = require_array_spec(spec, "quantize")
@@ -280,7 +304,9 @@ class Quantize(Codec):
             # Round the step up, never down, so the grid's top lo + levels * step reaches max.
             step32 = _round_up_f32((hi - lo) / self.levels)
             if not np.isfinite(step32).all() or (hi - lo > F32_MAX).any():
-                raise CodecError("quantize: a group's value range (max - min) exceeds float32; scale the input down")
+                raise CodecError(
+                    "quantize: a group's value range (max - min) exceeds float32; scale the input down"
+                )
             lo32 = lo.astype(np.float32)  # exact: lo is a float32 input value
             params = np.stack([lo32, step32], axis=1).reshape(-1)
             # The grid both sides use is lo32 + q * step32; round onto that grid, in float64.
@@ -334,6 +360,6 @@ class Quantize(Codec):
         seg = segment_ids(bounds)
         q = np.asarray(y).astype(np.float32)
         if lo is None:  # (q - z) is exact in float32: one rounding, of the product
-            return ((q - np.float32((1 << (self.bits - 1)) - 1)) * step[seg]).astype(s.dtype)
+            return np.asarray(((q - np.float32((1 << (self.bits - 1)) - 1)) * step[seg]).astype(s.dtype))
         # float32, as in every release: the ranges were checked above, so nothing overflows.
-        return (lo[seg] + q * step[seg]).astype(s.dtype)
+        return np.asarray((lo[seg] + q * step[seg]).astype(s.dtype))

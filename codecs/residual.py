@@ -61,8 +61,8 @@ class Residual(Codec):
             with np.errstate(over="ignore", invalid="ignore"):
                 pred = (2 * history[-1] - history[-2]).astype(np.float32)
             # Extrapolating a huge model can overflow; fall back to the last one (both sides alike).
-            return pred if np.isfinite(pred).all() else history[-1]
-        return history[-1]
+            return np.asarray(pred if np.isfinite(pred).all() else history[-1])
+        return np.asarray(history[-1])
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         s = require_array_spec(spec, "residual")
@@ -91,12 +91,15 @@ class Residual(Codec):
             raise CodecError(
                 f"residual: predictor out of sync (sender's reference checksum {expected:08x}, ours "
                 f"{zlib.crc32(pred.tobytes()):08x}); the receiver's state does not match the sender's"
-                + ("" if state.get("count") is None or int(state["count"][0]) != 1 else
-                   " (if downlink.prior is 'initial': the two sides built different initial models; they need "
-                   "the same torch version)")
+                + (
+                    ""
+                    if state.get("count") is None or int(state["count"][0]) != 1
+                    else " (if downlink.prior is 'initial': the two sides built different initial models; they need "
+                    "the same torch version)"
+                )
             )
         with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf: refused by the chain
-            return (np.asarray(y, dtype=np.float32) + pred).astype(s.dtype)
+            return np.asarray((np.asarray(y, dtype=np.float32) + pred).astype(s.dtype))
 
     def update(self, state: StageState, event: StageUpdate) -> None:
         x_hat = np.asarray(event.x_hat, dtype=np.float32)[None, :]

@@ -74,7 +74,10 @@ def matrix_shapes(spec: ArraySpec) -> list[tuple[int, int]]:
     layout = spec.layout
     if layout is None or layout.numel != spec.count:
         return [(1, spec.count)]
-    return [(t.shape[0], t.numel // t.shape[0]) if len(t.shape) >= 2 and t.shape[0] else (1, t.numel) for t in layout]
+    return [
+        (t.shape[0], t.numel // t.shape[0]) if len(t.shape) >= 2 and t.shape[0] else (1, t.numel)
+        for t in layout
+    ]
 
 
 def block_rows(a: int) -> int:
@@ -104,7 +107,7 @@ def _context_probability(kept: np.ndarray, total: np.ndarray, density: float) ->
 
 
 def _clip(p: np.ndarray) -> np.ndarray:
-    return np.minimum(np.maximum(p, _P_MIN), 1 - _P_MIN)  # np.clip's values, without its overhead
+    return np.asarray(np.minimum(np.maximum(p, _P_MIN), 1 - _P_MIN))  # np.clip's values, without its overhead
 
 
 def _matrix_bits(m: np.ndarray) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
@@ -166,7 +169,13 @@ def _encode_bits(idx: np.ndarray, spec: ArraySpec) -> bytes:
     if all_bits:
         encoder.encode(np.concatenate(all_bits), _MODEL, _clip(np.concatenate(all_probs)))
     words = encoder.get_compressed()
-    return head.raw(np.packbits(flags).tobytes()).raw(counts.getvalue()).varint(words.size).array(words.astype(np.uint32)).getvalue()
+    return (
+        head.raw(np.packbits(flags).tobytes())
+        .raw(counts.getvalue())
+        .varint(words.size)
+        .array(words.astype(np.uint32))
+        .getvalue()
+    )
 
 
 def _split(mask: np.ndarray, shapes: list[tuple[int, int]]) -> Iterator[np.ndarray]:
@@ -184,7 +193,9 @@ def decode_mask(data: bytes, spec: ArraySpec, k: int, who: str) -> np.ndarray:
     rd = SideReader(data, who)
     if rd.varint() != len(shapes):
         raise CodecError(f"{who}: position map for a different number of tensors")
-    flags = np.unpackbits(np.frombuffer(rd.raw(math.ceil(len(shapes) / 8)), dtype=np.uint8))[: len(shapes)].astype(bool)
+    flags = np.unpackbits(np.frombuffer(rd.raw(math.ceil(len(shapes) / 8)), dtype=np.uint8))[
+        : len(shapes)
+    ].astype(bool)
     plan: list[tuple[int, int]] = []
     for r, c in shapes:
         k_t = rd.varint()
@@ -275,7 +286,9 @@ class _Coder:
         if self.encoding:
             assert values is not None
             if n:
-                self.coder.encode(values.astype(np.int32), constriction.stream.model.Categorical(row, perfect=False))  # type: ignore[attr-defined]
+                self.coder.encode(
+                    values.astype(np.int32), constriction.stream.model.Categorical(row, perfect=False)
+                )
             return values
         return self._code(constriction.stream.model.Categorical(row, perfect=False), None, n, None)
 
@@ -287,11 +300,11 @@ class _Coder:
             return np.zeros(0, dtype=np.int64)
         if self.encoding:
             assert values is not None and param is not None
-            self.coder.encode(values.astype(np.int32), model, param)  # type: ignore[attr-defined]
+            self.coder.encode(values.astype(np.int32), model, param)
             return values.astype(np.int64)
         try:
             args = (n,) if param is None else (param,)
-            return np.asarray(self.coder.decode(model, *args), dtype=np.int64)  # type: ignore[attr-defined]
+            return np.asarray(self.coder.decode(model, *args), dtype=np.int64)
         except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
             raise
         except BaseException as exc:  # constriction raises ValueError/RuntimeError, or pyo3's PanicException
@@ -334,7 +347,7 @@ def _hypergeometric_table(left: np.ndarray, right: np.ndarray, count: np.ndarray
     inside = (j >= lo) & (j < hi)  # ratio term j -> j + 1 within the support
     ratio = np.where(inside, (L - j) * (c - j), 1) / np.where(inside, (j + 1) * (R - c + j + 1), 1)
     table = np.cumprod(np.concatenate([np.ones((count.size, 1)), ratio[:, :-1]], axis=1), axis=1)
-    return np.where((j >= lo) & (j <= hi), table, 0.0)
+    return np.asarray(np.where((j >= lo) & (j <= hi), table, 0.0))
 
 
 def _count_in(ones: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
@@ -357,7 +370,9 @@ def _is_leaf(sizes: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return (counts < sizes) & (sizes <= _LEAF_SIZE[np.minimum(counts, _LEAF_MAX + 1)])
 
 
-def _leaves(io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray, ones: np.ndarray | None) -> np.ndarray:
+def _leaves(
+    io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray, ones: np.ndarray | None
+) -> np.ndarray:
     """Nodes of 1.._LEAF_MAX entries, each subset coded as one uniform symbol: its combinadic rank
     sum_j C(x_j, j) over its sorted offsets x_1 < ... < x_c (colex order)."""
     subsets = _subsets(sizes, counts)
@@ -384,16 +399,18 @@ def _leaf_ranks(starts: np.ndarray, counts: np.ndarray, ones: np.ndarray) -> np.
     for j in range(2, _LEAF_MAX + 1):
         has = np.flatnonzero(counts >= j)
         rank[has] += _choose(ones[first[has] + j - 1] - starts[has], j)
-    return rank
+    return np.asarray(rank)
 
 
 def _choose(x: np.ndarray, j: int) -> np.ndarray:
     """C(x, j) for j = 2, 3, exact in int64 (x below 2**20)."""
     pairs = x * (x - 1) // 2
-    return pairs if j == 2 else pairs * (x - 2) // 3
+    return np.asarray(pairs if j == 2 else pairs * (x - 2) // 3)
 
 
-def _tree(io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray, ones: np.ndarray | None) -> np.ndarray:
+def _tree(
+    io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray, ones: np.ndarray | None
+) -> np.ndarray:
     """Positions of `counts` entries in each [start, start + size): a node of a few entries is one subset
     rank (`_leaves`), a larger one is split in halves by the hypergeometric law. Together: log2 C(size,
     count) bits, what a uniformly random subset of that size costs."""
@@ -419,7 +436,9 @@ def _tree(io: _Coder, starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
     return ones if ones is not None else np.sort(np.concatenate(found))
 
 
-def _left_counts(io: _Coder, left: np.ndarray, right: np.ndarray, count: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+def _left_counts(
+    io: _Coder, left: np.ndarray, right: np.ndarray, count: np.ndarray, truth: np.ndarray | None
+) -> np.ndarray:
     """How many of each node's entries lie in its left half: exact law up to _EXACT_SPLIT entries, in groups
     of equal table width; uniform over the possible counts above (only a badly predicted dense chunk)."""
     out = np.zeros(count.size, dtype=np.int64)
@@ -463,7 +482,9 @@ def _segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, ones: np.ndarray |
     counts[last] = io.categorical(rows[lengths.size :], None if capped is None else capped[last])
     io.check((counts <= sizes).all(), "a chunk count above the chunk's size")
     more = np.flatnonzero((counts == _COUNT_CAP) & (sizes > _COUNT_CAP))
-    counts[more] += io.uniform(sizes[more] - _COUNT_CAP + 1, None if truth is None else truth[more] - _COUNT_CAP)
+    counts[more] += io.uniform(
+        sizes[more] - _COUNT_CAP + 1, None if truth is None else truth[more] - _COUNT_CAP
+    )
     some = np.flatnonzero(counts)
     return _tree(io, starts[some], sizes[some], counts[some], ones)
 
@@ -501,12 +522,17 @@ def _active_rows(io: _Coder, maps: _Maps, rows: np.ndarray | None) -> np.ndarray
     got = _segments(io, lengths, _clip(maps.active[partial] / lengths), virtual)
     seg = np.searchsorted(seg_off, got, side="right") - 1
     decoded = offsets[partial[seg]] + got - seg_off[seg]
-    io.check((np.bincount(partial[seg], minlength=maps.rows.size)[partial] == maps.active[partial]).all(), "active rows do not match the header")
+    io.check(
+        (np.bincount(partial[seg], minlength=maps.rows.size)[partial] == maps.active[partial]).all(),
+        "active rows do not match the header",
+    )
     full = np.flatnonzero(maps.active == maps.rows)
     return np.sort(np.concatenate([decoded, _ranges(offsets[full], maps.rows[full])]))
 
 
-def _rounds(io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, ...]:
+def _rounds(
+    io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, ...]:
     """Every block of every matrix, block b of all matrices in round b (at most _MAX_BLOCKS rounds):
     within a block the context of each column is fixed, so its entries form three i.i.d. segments
     (per matrix and context: the block's rows times the columns at that context, in order).
@@ -593,7 +619,11 @@ def _rounds(io: _Coder, maps: _Maps, entries: tuple[np.ndarray, np.ndarray, np.n
 
 def _distinct(sorted_values: np.ndarray) -> np.ndarray:
     """Where each run of equal values starts, in a sorted array (np.unique without its hashing)."""
-    return np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1]))) if sorted_values.size else np.zeros(0, np.int64)
+    return (
+        np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
+        if sorted_values.size
+        else np.zeros(0, np.int64)
+    )
 
 
 def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray, e_col: np.ndarray) -> None:
@@ -611,7 +641,9 @@ def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray
     new_col = np.concatenate(([True], g[1:] != g[:-1]))
     at = np.arange(g.size)
     ctx = np.empty(g.size, dtype=np.int64)
-    ctx[order] = np.minimum(np.maximum.accumulate(np.where(new_group, at, 0)) - np.maximum.accumulate(np.where(new_col, at, 0)), 2)
+    ctx[order] = np.minimum(
+        np.maximum.accumulate(np.where(new_group, at, 0)) - np.maximum.accumulate(np.where(new_col, at, 0)), 2
+    )
     # Per distinct column: the blocks of its first and second entries, after which its context is 1 and 2.
     first = np.flatnonzero(new_col)
     column = np.cumsum(new_col) - 1  # distinct-column index, in sorted order
@@ -619,14 +651,24 @@ def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray
     f1 = b_sorted[first]
     nxt = np.minimum(first + 1, g.size - 1)
     f2 = np.where((first + 1 < g.size) & ~new_col[nxt], b_sorted[nxt], rounds)  # `rounds`: never
-    per_block = [np.bincount(d_mat * width + f, minlength=n_mat * width).reshape(n_mat, width) for f in (f1, f2)]
+    per_block = [
+        np.bincount(d_mat * width + f, minlength=n_mat * width).reshape(n_mat, width) for f in (f1, f2)
+    ]
     above = [np.cumsum(h, axis=1) - h for h in per_block]  # columns with f < b, per (matrix, block)
-    ncols = np.stack([maps.cols[:, None] - above[0], above[0] - above[1], above[1]], axis=2)[:, :rounds]  # (M, B, 3)
-    n_rows = np.clip(maps.active[:, None] - np.arange(rounds)[None, :] * maps.size[:, None], 0, maps.size[:, None])
+    ncols = np.stack([maps.cols[:, None] - above[0], above[0] - above[1], above[1]], axis=2)[
+        :, :rounds
+    ]  # (M, B, 3)
+    n_rows = np.clip(
+        maps.active[:, None] - np.arange(rounds)[None, :] * maps.size[:, None], 0, maps.size[:, None]
+    )
     total = n_rows[:, :, None] * ncols
-    kept = np.bincount((e_mat * rounds + block) * _CONTEXTS + ctx, minlength=n_mat * rounds * _CONTEXTS).reshape(n_mat, rounds, _CONTEXTS)
+    kept = np.bincount(
+        (e_mat * rounds + block) * _CONTEXTS + ctx, minlength=n_mat * rounds * _CONTEXTS
+    ).reshape(n_mat, rounds, _CONTEXTS)
     p_all = _context_probability(
-        (np.cumsum(kept, axis=1) - kept).astype(np.float64), (np.cumsum(total, axis=1) - total).astype(np.float64), maps.density[:, None, None]
+        (np.cumsum(kept, axis=1) - kept).astype(np.float64),
+        (np.cumsum(total, axis=1) - total).astype(np.float64),
+        maps.density[:, None, None],
     )
     # Segments in stream order: round, matrix, context.
     lengths = total.transpose(1, 0, 2).ravel()
@@ -649,11 +691,15 @@ def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray
     t1, t2 = below[0][block, e_col_index], below[1][block, e_col_index]
     rank = np.select([ctx == 0, ctx == 1], [e_col - t1, t1 - t2], t2)
     flat = (block * n_mat + e_mat) * _CONTEXTS + ctx
-    ones = np.sort(seg_off[seg_of[flat]] + (e_row - block * maps.size[e_mat]) * ncols[e_mat, block, ctx] + rank)
+    ones = np.sort(
+        seg_off[seg_of[flat]] + (e_row - block * maps.size[e_mat]) * ncols[e_mat, block, ctx] + rank
+    )
     _emit_segments(io, seg_len, seg_p, seg_round, rounds, ones)
 
 
-def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np.ndarray, rounds: int, ones: np.ndarray) -> None:
+def _emit_segments(
+    io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np.ndarray, rounds: int, ones: np.ndarray
+) -> None:
     """`_segments` for every round's segments at once, the symbols coded round by round in its order."""
     per = np.minimum(np.maximum(1, np.floor(_CHUNK_LOAD / p)).astype(np.int64), lengths)
     chunks = -(-lengths // per)
@@ -672,7 +718,9 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
     more = np.flatnonzero((capped == _COUNT_CAP) & (sizes > _COUNT_CAP))
     chunk_round = seg_round[seg]
     # The tree, level by level over all rounds: (round, level, kind, node order) of every symbol.
-    splits: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # level, round, left, right, count, truth
+    splits: list[
+        tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    ] = []  # level, round, left, right, count, truth
     leaf_parts = [(chunk_round[:0], starts[:0], sizes[:0], truth[:0])]  # round, start, size, count
     some = np.flatnonzero(truth)
     n_starts, n_sizes, n_counts, n_round = starts[some], sizes[some], truth[some], chunk_round[some]
@@ -682,16 +730,26 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
         leaf = _is_leaf(n_sizes, n_counts)
         leaf_parts.append((n_round[leaf], n_starts[leaf], n_sizes[leaf], n_counts[leaf]))
         split = (n_counts >= 1) & ~full & ~leaf
-        n_starts, n_sizes, n_counts, n_round = n_starts[split], n_sizes[split], n_counts[split], n_round[split]
+        n_starts, n_sizes, n_counts, n_round = (
+            n_starts[split],
+            n_sizes[split],
+            n_counts[split],
+            n_round[split],
+        )
         if not n_starts.size:
             break
         half = n_sizes // 2
         left = _count_in(ones, n_starts, n_starts + half)
         splits.append((level, n_round, half, n_sizes - half, n_counts, left))
-        n_starts, n_sizes = np.concatenate([n_starts, n_starts + half]), np.concatenate([half, n_sizes - half])
+        n_starts, n_sizes = (
+            np.concatenate([n_starts, n_starts + half]),
+            np.concatenate([half, n_sizes - half]),
+        )
         n_counts, n_round = np.concatenate([left, n_counts - left]), np.concatenate([n_round, n_round])
         level += 1
-    leaf_round, leaf_start, leaf_size, leaf_count = (np.concatenate(parts) for parts in zip(*leaf_parts, strict=True))
+    leaf_round, leaf_start, leaf_size, leaf_count = (
+        np.concatenate(parts) for parts in zip(*leaf_parts, strict=True)
+    )
     leaf_order = np.argsort(leaf_round, kind="stable")  # per round: level by level, as `_tree` collects them
     leaf_bounds = np.searchsorted(leaf_round[leaf_order], np.arange(rounds + 1))
     leaf_subsets = _subsets(leaf_size, leaf_count)[leaf_order]
@@ -718,7 +776,12 @@ def _emit_segments(io: _Coder, lengths: np.ndarray, p: np.ndarray, seg_round: np
 
 
 def _split_groups(
-    rounds: int, node_round: np.ndarray, left: np.ndarray, right: np.ndarray, count: np.ndarray, truth: np.ndarray
+    rounds: int,
+    node_round: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    count: np.ndarray,
+    truth: np.ndarray,
 ) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]:
     """One tree level's split symbols for every round, grouped as `_left_counts` codes them in each:
     (table, values, None) per table width, ascending, then (None, offsets, sizes) for the uniform ones."""
@@ -765,7 +828,9 @@ def _map_cost(row: np.ndarray, col: np.ndarray, r: int, c: int, row_major: bool)
     col_start = starts[new_col][np.cumsum(new_col) - 1]  # first entry of the group's column
     context = np.minimum(starts - col_start, 2)  # kept entries in the column's earlier blocks
     sizes = np.diff(np.append(starts, key.size))
-    kept = np.bincount(group_block * _CONTEXTS + context, weights=sizes, minlength=blocks * _CONTEXTS).reshape(blocks, _CONTEXTS)
+    kept = np.bincount(
+        group_block * _CONTEXTS + context, weights=sizes, minlength=blocks * _CONTEXTS
+    ).reshape(blocks, _CONTEXTS)
     # A column's context reaches 1 after the block of its first entry, 2 after that of its second.
     first = np.flatnonzero(new_col)
     following = np.minimum(first + 1, starts.size - 1)
@@ -781,7 +846,9 @@ def _map_cost(row: np.ndarray, col: np.ndarray, r: int, c: int, row_major: bool)
     ncols[:, 1] -= ncols[:, 2]
     n_rows = np.minimum(size, a - np.arange(blocks) * size)
     total = n_rows[:, None] * ncols
-    p = _context_probability(np.cumsum(kept, axis=0) - kept, np.cumsum(total, axis=0) - total, row.size / (a * c))
+    p = _context_probability(
+        np.cumsum(kept, axis=0) - kept, np.cumsum(total, axis=0) - total, row.size / (a * c)
+    )
     bits = -(kept * np.log2(p) + (total - kept) * np.log2(1 - p)).sum()
     if a < r:
         q = float(_clip(np.array(a / r)))
@@ -835,8 +902,10 @@ def _encode_counts(idx: np.ndarray, spec: ArraySpec, reference: bool = False) ->
             _rounds(io, maps, (e_mat, rank, e_col))
         else:
             _encode_rounds(io, maps, e_mat, rank, e_col)
-    words = io.coder.get_compressed()  # type: ignore[attr-defined]
-    head = SideWriter().raw(FORMAT2).varint(len(shapes)).raw(np.packbits(flags).tobytes()).raw(counts.getvalue())
+    words = io.coder.get_compressed()
+    head = (
+        SideWriter().raw(FORMAT2).varint(len(shapes)).raw(np.packbits(flags).tobytes()).raw(counts.getvalue())
+    )
     return head.varint(words.size).array(words.astype(np.uint32)).getvalue()
 
 
@@ -846,7 +915,9 @@ def _decode_counts(data: bytes, spec: ArraySpec, k: int, who: str) -> np.ndarray
     rd.raw(len(FORMAT2))
     if rd.varint() != len(shapes):
         raise CodecError(f"{who}: position map for a different number of tensors")
-    flags = np.unpackbits(np.frombuffer(rd.raw(math.ceil(len(shapes) / 8)), dtype=np.uint8))[: len(shapes)].astype(bool)
+    flags = np.unpackbits(np.frombuffer(rd.raw(math.ceil(len(shapes) / 8)), dtype=np.uint8))[
+        : len(shapes)
+    ].astype(bool)
     numel = np.array([r * c for r, c in shapes], dtype=np.int64)
     offsets = np.cumsum(numel) - numel
     rows: list[int] = []
@@ -885,9 +956,15 @@ def _decode_counts(data: bytes, spec: ArraySpec, k: int, who: str) -> np.ndarray
         maps = _Maps(np.array(rows), np.array(cols), np.array(active), np.array(coded))
         act = _active_rows(io, maps, None)
         m, rank, col = _rounds(io, maps, None)
-        io.check((np.bincount(m, minlength=maps.rows.size) == maps.kept).all(), f"fewer entries than the header's {k}")
+        io.check(
+            (np.bincount(m, minlength=maps.rows.size) == maps.kept).all(),
+            f"fewer entries than the header's {k}",
+        )
         row = act[(np.cumsum(maps.active) - maps.active)[m] + rank] - (np.cumsum(maps.rows) - maps.rows)[m]
-        io.check(_distinct(np.sort(m * maps.rows.max() + row)).size == int(maps.active.sum()), "an active row without entries")
+        io.check(
+            _distinct(np.sort(m * maps.rows.max() + row)).size == int(maps.active.sum()),
+            "an active row without entries",
+        )
         t = np.array(where)[m]
         flip = flags[t]
         parts.append(offsets[t] + np.where(flip, col * maps.rows[m] + row, row * maps.cols[m] + col))

@@ -74,4 +74,4 @@ class Sign(Codec):
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s, bounds, scales = self._read(spec, side)
         signs = np.asarray(y).astype(np.float32) * 2 - 1
-        return (signs * scales[segment_ids(bounds)]).astype(s.dtype)
+        return np.asarray((signs * scales[segment_ids(bounds)]).astype(s.dtype))

@@ -55,7 +55,9 @@ def kept_count(n: int, fraction: float, count: int | None = None) -> int:
     return max(0, min(n, int(k)))
 
 
-SAMPLED_TOP_K = 1 << 20  # above this many entries, top-k partitions only the candidates above a sampled threshold
+SAMPLED_TOP_K = (
+    1 << 20
+)  # above this many entries, top-k partitions only the candidates above a sampled threshold
 
 
 def top_indices(x: np.ndarray, k: int) -> np.ndarray:
@@ -77,7 +79,9 @@ def top_indices(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(idx).astype(np.int64)
 
 
-def select_top(x: np.ndarray, spec: ArraySpec, keep: float, count: int | None, scope: str, who: str) -> np.ndarray:
+def select_top(
+    x: np.ndarray, spec: ArraySpec, keep: float, count: int | None, scope: str, who: str
+) -> np.ndarray:
     """Sorted indices of the entries to keep by magnitude: over the whole vector, or `keep` of each layer."""
     if scope == "global":
         return top_indices(x, kept_count(x.size, keep, count))
@@ -162,7 +166,9 @@ class SparseCodec(Codec):
         arr = s.check(x, f"{self.codec_id} input")
         idx = self.select(arr, s)
         fields, y = self.kept_values(arr, idx)
-        side = SideWriter().varint(idx.size).raw(fields).raw(code_positions(idx, s, self.positions)).getvalue()
+        side = (
+            SideWriter().varint(idx.size).raw(fields).raw(code_positions(idx, s, self.positions)).getvalue()
+        )
         return side, y, idx
 
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:

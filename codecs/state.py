@@ -50,7 +50,9 @@ class CodecState:
         return sum(a.nbytes for s in self._stages.values() for a in s.values())
 
     def to_bytes(self) -> bytes:
-        tensors = {f"{i}/{name}": np.ascontiguousarray(a) for i, s in self._stages.items() for name, a in s.items()}
+        tensors = {
+            f"{i}/{name}": np.ascontiguousarray(a) for i, s in self._stages.items() for name, a in s.items()
+        }
         return st_save(tensors, metadata={"messages": str(self.messages)})
 
     @classmethod

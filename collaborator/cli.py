@@ -1,6 +1,6 @@
 """`collaborator`: the command line of a collaborator process.
 
-    collaborator join --server localhost:50051 [--data digits | file.npz | mnist:DIR | cifar10:DIR]
+collaborator join --server localhost:50051 [--data digits | file.npz | mnist:DIR | cifar10:DIR]
 """
 
 from __future__ import annotations
@@ -42,8 +42,14 @@ def _join(args: argparse.Namespace) -> int:
     if args.metrics_port is not None and args.metrics_linger > 0:
         time.sleep(args.metrics_linger)  # let Prometheus scrape the final counts
     if not result["completed"]:
-        die(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds, but the federation {result['outcome']}", 1)
-    print(f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished", flush=True)
+        die(
+            f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds, but the federation {result['outcome']}",
+            1,
+        )
+    print(
+        f"{result['collaborator_id']}: trained {result['rounds_trained']} rounds; federation finished",
+        flush=True,
+    )
     return 0
 
 
@@ -70,22 +76,46 @@ def build_parser() -> argparse.ArgumentParser:
         "or FILE.npz (x, y), mnist:DIR or cifar10:DIR in torchvision's layout",
     )
     join.add_argument("--name", help="a display name (default: the hostname)")
-    join.add_argument("--connect-timeout", type=float, default=60.0, help="give up after this many seconds without the aggregator")
     join.add_argument(
-        "--reconnect-timeout", type=float, default=300.0, help="after joining: keep retrying an unreachable aggregator this many seconds"
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        help="give up after this many seconds without the aggregator",
+    )
+    join.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=300.0,
+        help="after joining: keep retrying an unreachable aggregator this many seconds",
     )
     join.add_argument("--tls-ca", help="connect with TLS, verifying the aggregator against this CA (PEM)")
-    join.add_argument("--tls-cert", help="mutual TLS: client certificate (PEM); its common name is this collaborator's id")
+    join.add_argument(
+        "--tls-cert", help="mutual TLS: client certificate (PEM); its common name is this collaborator's id"
+    )
     join.add_argument("--tls-key", help="mutual TLS: private key of --tls-cert (PEM)")
-    join.add_argument("--tls-server-name", help="the name to check the aggregator's certificate against (default: the host of --server)")
+    join.add_argument(
+        "--tls-server-name",
+        help="the name to check the aggregator's certificate against (default: the host of --server)",
+    )
     join.add_argument("--join-token-file", help="the federation's join secret or this collaborator's enrollment token "
                       "(default: $FEDSQUEEZE_JOIN_TOKEN)")  # fmt: skip
     join.add_argument("--report", help="write what this collaborator sent and received (JSON)")
     join.add_argument("--no-progress", action="store_true", help="no progress bar")
-    join.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)")
-    join.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default: all interfaces)")
     join.add_argument(
-        "--metrics-linger", type=float, default=0.0, help="with --metrics-port: keep serving metrics this many seconds after the federation ends"
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port)",
+    )
+    join.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="address the metrics endpoint binds (default: all interfaces)",
+    )
+    join.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        help="with --metrics-port: keep serving metrics this many seconds after the federation ends",
     )
     join.set_defaults(func=_join)
     return parser

@@ -67,7 +67,9 @@ def training_set(snaps: np.ndarray, plan: Plan, num_samples: int) -> np.ndarray:
     span = min(span, len(snaps) - 1)
     deltas = snaps[span:] - snaps[:-span]
     if spec.snapshot_every == "batch" and span > 1:
-        deltas = np.concatenate([deltas, snaps[1:] - snaps[:-1]])  # short deltas too: error feedback mixes scales
+        deltas = np.concatenate(
+            [deltas, snaps[1:] - snaps[:-1]]
+        )  # short deltas too: error feedback mixes scales
     rms = np.sqrt(np.mean(np.square(deltas, dtype=np.float64), axis=1, keepdims=True))
     keep = rms[:, 0] > 0
     return (deltas[keep] / rms[keep]).astype(np.float32)
@@ -162,7 +164,9 @@ def train_autoencoder(
 class PrepassContext:
     """What the collaborator loop hands to the prepass, and what the prepass leaves behind."""
 
-    upload_decoder: Callable[[dict[str, Any], bytes], int]  # (architecture, safetensors bytes) -> bytes accepted
+    upload_decoder: Callable[
+        [dict[str, Any], bytes], int
+    ]  # (architecture, safetensors bytes) -> bytes accepted
     member_id: str
     shard_index: int
     plan: Plan
@@ -197,12 +201,16 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
     if task.message == SHARED_DECODER:
         if task.model is None or zlib.crc32(task.model.data) != task.model.fingerprint:
             raise CodecError("shared decoder: missing or corrupt")
-        tensors, _ = validate_decoder(task.model.data, stage.decoder_shapes(n), stage.decoder_nbytes(n) + (1 << 16))
+        tensors, _ = validate_decoder(
+            task.model.data, stage.decoder_shapes(n), stage.decoder_nbytes(n) + (1 << 16)
+        )
         rec["down_wire"] = rec.get("down_wire", 0) + task.model.wire_size
         rec["down_raw"] = rec.get("down_raw", 0) + len(task.model.data)
         if ctx.samples is None:
             raise CodecError("shared decoder arrived before this collaborator's prepass")
-        enc, dec, losses = train_autoencoder(stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed, decoder=tensors)
+        enc, dec, losses = train_autoencoder(
+            stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed, decoder=tensors
+        )
         state.update(enc)
         state.update(dec)
         rec.update(role=ROLE_ENCODER, encoder_loss=losses[-1], encoder_seconds=time.perf_counter() - t0)
@@ -215,11 +223,18 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
     snaps = record_snapshots(ctx.model, ctx.x, ctx.y, plan, seed=prepass_seed(plan, ctx.shard_index))
     ctx.samples = training_set(snaps, plan, len(ctx.y))
     set_flat(ctx.model, start)
-    rec.update(down_raw=ctx.layout.raw_bytes, down_wire=task.model.wire_size, snapshots=len(snaps), samples=len(ctx.samples))
+    rec.update(
+        down_raw=ctx.layout.raw_bytes,
+        down_wire=task.model.wire_size,
+        snapshots=len(snaps),
+        samples=len(ctx.samples),
+    )
     if task.message == ROLE_ENCODER:
         rec["role"] = ROLE_ENCODER
         return rec  # the shared decoder comes with a later PREPASS task
-    enc, dec, losses = train_autoencoder(stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed)
+    enc, dec, losses = train_autoencoder(
+        stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed
+    )
     state.update(enc)
     state.update(dec)
     blob = decoder_to_bytes(dec, ctx.member_id)

@@ -156,7 +156,10 @@ class RoundStep:
         """Handle one TRAIN task; None when the aggregator did not take the update (the round goes on without it)."""
         assert task.kind == "TRAIN" and task.model is not None
         if self._snapshot is not None and self._snapshot[0] == task.round:
-            log.warning("round %d again (the aggregator resumed from its checkpoint): restoring the codec states", task.round)
+            log.warning(
+                "round %d again (the aggregator resumed from its checkpoint): restoring the codec states",
+                task.round,
+            )
             self.states.restore(self._snapshot[1])
         else:
             self._snapshot = (task.round, self.states.snapshot())

@@ -47,13 +47,17 @@ def load_local_data(session: Session, data_arg: str | None) -> LocalData:
         name, path = plan.task.dataset, plan.task.data_path
     else:
         name, path = parse_data_arg(data_arg)
-    ds: Dataset = load_dataset(name, path, plan.seed, plan.task.num_samples if name == plan.task.dataset else 0)
+    ds: Dataset = load_dataset(
+        name, path, plan.seed, plan.task.num_samples if name == plan.task.dataset else 0
+    )
     if data_arg is None or name in GENERATED:
         shards = partition(ds.y_train, session.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
         idx = shards[session.shard_index % len(shards)]
         desc = f"{name} shard {session.shard_index + 1}/{session.num_shards} ({len(idx)} samples)"
         return LocalData(ds.x_train[idx], ds.y_train[idx], ds.input_shape, ds.num_classes, desc)
-    return LocalData(ds.x_train, ds.y_train, ds.input_shape, ds.num_classes, f"{name} {path} ({len(ds.y_train)} samples)")
+    return LocalData(
+        ds.x_train, ds.y_train, ds.input_shape, ds.num_classes, f"{name} {path} ({len(ds.y_train)} samples)"
+    )
 
 
 @dataclass
@@ -66,7 +70,9 @@ class CollaboratorReport:
     prepass: dict[str, Any] = field(default_factory=dict)
 
     def add_round(self, record: dict[str, Any]) -> None:
-        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [record]  # a round trained again replaces its record
+        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [
+            record
+        ]  # a round trained again replaces its record
         self.write()
 
     def write(self) -> None:
@@ -80,16 +86,31 @@ class CollaboratorReport:
 class CollaboratorRun:
     """One collaborator process's membership: its session, data, model, round step and report."""
 
-    def __init__(self, client: FederationClient, session: Session, data_arg: str | None, metrics: Metrics, report: CollaboratorReport) -> None:
+    def __init__(
+        self,
+        client: FederationClient,
+        session: Session,
+        data_arg: str | None,
+        metrics: Metrics,
+        report: CollaboratorReport,
+    ) -> None:
         from fedsqueeze.models import build_model, get_flat, model_layout
 
         self.client, self.data_arg, self.metrics, self.report = client, data_arg, metrics, report
         self.plan = session.plan
         self.chains = LinkChains.from_plan(self.plan)
         self.local = load_local_data(session, data_arg)
-        self.model = build_model(self.plan.model.name, self.local.input_shape, self.local.num_classes, self.plan.model.args, self.plan.seed)
+        self.model = build_model(
+            self.plan.model.name,
+            self.local.input_shape,
+            self.local.num_classes,
+            self.plan.model.args,
+            self.plan.seed,
+        )
         self.layout = model_layout(self.model)
-        self.initial_model = get_flat(self.model)  # downlink.prior "initial": the aggregator builds the same one
+        self.initial_model = get_flat(
+            self.model
+        )  # downlink.prior "initial": the aggregator builds the same one
         self.prepass: Any = None
         self._start(session)
 
@@ -151,18 +172,34 @@ def run_collaborator(
     torch.set_num_threads(1)  # several collaborators share a machine in the demo and tests
     # torch's first optimizer imports torch._dynamo (seconds): pay for it before joining, not in round 1.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    client = FederationClient(server, connect_timeout=connect_timeout, reconnect_timeout=reconnect_timeout, tls=tls, join_token=join_token)
+    client = FederationClient(
+        server,
+        connect_timeout=connect_timeout,
+        reconnect_timeout=reconnect_timeout,
+        tls=tls,
+        join_token=join_token,
+    )
     try:
         run = CollaboratorRun(client, client.join(name or socket.gethostname()), data, prom or Metrics("collaborator"),
                               CollaboratorReport(report_path))  # fmt: skip
         log.info("joined as %s: %s", run.session.collaborator_id, run.local.description)
-        bar = tqdm(total=run.plan.rounds, desc=run.session.collaborator_id, unit="round", disable=not progress, leave=False)
+        bar = tqdm(
+            total=run.plan.rounds,
+            desc=run.session.collaborator_id,
+            unit="round",
+            disable=not progress,
+            leave=False,
+        )
         trained = 0
         while True:
             try:
                 task = client.get_task(wait_s=10.0)
             except Unauthenticated as exc:
-                log.warning("the aggregator does not know %s any more (%s): joining again", run.session.collaborator_id, exc)
+                log.warning(
+                    "the aggregator does not know %s any more (%s): joining again",
+                    run.session.collaborator_id,
+                    exc,
+                )
                 run.rejoin()
                 continue
             if task.kind == "DONE":
@@ -172,7 +209,9 @@ def run_collaborator(
             if record is not None:
                 trained += 1
                 bar.update(task.round - bar.n)
-                bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.3f}", up=f"{record['ratio']:.0f}x")
+                bar.set_postfix(
+                    loss=f"{record.get('train_loss', float('nan')):.3f}", up=f"{record['ratio']:.0f}x"
+                )
         bar.close()
         client.leave("done")
         run.report.write()

@@ -35,7 +35,11 @@ from fedsqueeze.wire import error_from_status, payload_from_proto, payload_to_by
 log = logging.getLogger("fedsqueeze.collaborator")
 
 CHUNK_SIZE = 1 << 20  # the aggregator accepts chunks of at most 1 MiB (aggregator/servicer.py MAX_CHUNK)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_CAP_S = 5.0
 
@@ -84,7 +88,10 @@ class FederationClient:
         self.join_token = join_token  # the federation's join secret or this collaborator's enrollment token
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
-        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.max_receive_message_length", max_message),
+        ]
         if tls is not None:
             self.channel = grpc.secure_channel(address, tls.credentials(), options=options + tls.options())
         else:
@@ -103,7 +110,11 @@ class FederationClient:
         if timeout is not None:
             budget = timeout
         else:
-            budget = self.connect_timeout if self.session is None else max(self.connect_timeout, self.reconnect_timeout)
+            budget = (
+                self.connect_timeout
+                if self.session is None
+                else max(self.connect_timeout, self.reconnect_timeout)
+            )
         deadline = time.monotonic() + budget
         delays = backoff_delays()
         while True:
@@ -116,8 +127,14 @@ class FederationClient:
                     raise error_from_status(code, details) from None
                 delay = next(delays)
                 if time.monotonic() + delay > deadline:
-                    problem = "the aggregator stayed busy at" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "could not reach the aggregator at"
-                    raise Unreachable(f"{problem} {self.address} for {budget:.0f} s ({what}: {code.name})") from None
+                    problem = (
+                        "the aggregator stayed busy at"
+                        if code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        else "could not reach the aggregator at"
+                    )
+                    raise Unreachable(
+                        f"{problem} {self.address} for {budget:.0f} s ({what}: {code.name})"
+                    ) from None
                 log.info("%s: %s, retrying in %.1f s", what, code.name, delay)
                 time.sleep(delay)
 
@@ -129,8 +146,11 @@ class FederationClient:
         """Join; joining again (see `rejoin`) must find the same plan."""
         resp = self._call(
             "join",
-            lambda: self.stub.Join(pb.JoinRequest(name=name, num_samples=num_samples, join_token=self.join_token), timeout=30,
-                                   wait_for_ready=False),
+            lambda: self.stub.Join(
+                pb.JoinRequest(name=name, num_samples=num_samples, join_token=self.join_token),
+                timeout=30,
+                wait_for_ready=False,
+            ),
         )
         plan = Plan.from_json(json.loads(resp.plan.json))
         if plan.sha256 != resp.plan.sha256:
@@ -159,7 +179,9 @@ class FederationClient:
         model = payload_from_proto(resp.model) if resp.HasField("model") else None
         return Task(kind, resp.round, model, resp.message, resp.completed)  # type: ignore[arg-type]
 
-    def submit_update(self, round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
+    def submit_update(
+        self, round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]
+    ) -> int:
         """Stream the serialized Payload in chunks; returns the wire bytes (its serialized size)."""
         blob = payload_to_bytes(payload)
         header = pb.UpdateHeader(
@@ -182,7 +204,10 @@ class FederationClient:
         return len(blob)
 
     def upload_decoder(self, architecture: dict[str, Any], blob: bytes) -> int:
-        arch = pb.DecoderArchitecture(kind=str(architecture["kind"]), sizes={k: int(v) for k, v in architecture.get("sizes", {}).items()})
+        arch = pb.DecoderArchitecture(
+            kind=str(architecture["kind"]),
+            sizes={k: int(v) for k, v in architecture.get("sizes", {}).items()},
+        )
         header = pb.DecoderHeader(credentials=self._credentials(), architecture=arch, size=len(blob))
 
         def requests() -> Iterator[pb.UploadDecoderRequest]:

@@ -1,9 +1,9 @@
 """`fedsqueeze`: project-level commands.
 
-    fedsqueeze demo [--collaborators 4] [--rounds 20] [--uplink CHAIN] [--downlink CHAIN] [--downlink-update CHAIN]
-                    [--downlink-prior initial] [--server-optimizer adam:0.03]
-    fedsqueeze codecs          # list the registered codecs
-    fedsqueeze health --server HOST:PORT   # exit 0 when the aggregator's gRPC health service says SERVING
+fedsqueeze demo [--collaborators 4] [--rounds 20] [--uplink CHAIN] [--downlink CHAIN] [--downlink-update CHAIN]
+                [--downlink-prior initial] [--server-optimizer adam:0.03]
+fedsqueeze codecs          # list the registered codecs
+fedsqueeze health --server HOST:PORT   # exit 0 when the aggregator's gRPC health service says SERVING
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def _demo_plan(args: argparse.Namespace) -> Plan:
     if args.downlink:
         plan.downlink.chain = args.downlink
     if getattr(args, "downlink_update", None):
-        plan.downlink.update_chain = None if args.downlink_update.strip().lower() in ("none", "null") else args.downlink_update
+        plan.downlink.update_chain = (
+            None if args.downlink_update.strip().lower() in ("none", "null") else args.downlink_update
+        )
     if getattr(args, "downlink_prior", None):
         plan.downlink.prior = args.downlink_prior
     if getattr(args, "server_optimizer", None):
@@ -55,7 +57,9 @@ def _demo_plan(args: argparse.Namespace) -> Plan:
             try:
                 plan.aggregation.server_optimizer.lr = float(lr)
             except ValueError:
-                raise PlanError(f"--server-optimizer: the learning rate after ':' must be a number, got {lr!r}") from None
+                raise PlanError(
+                    f"--server-optimizer: the learning rate after ':' must be a number, got {lr!r}"
+                ) from None
     plan.round_timeout_s = min(plan.round_timeout_s, 120.0)
     plan.collaborators.join_timeout_s = min(plan.collaborators.join_timeout_s, 120.0)
     plan.validate()
@@ -70,7 +74,10 @@ def run_demo(args: argparse.Namespace) -> int:
     plan_path, report_path = out / "plan.json", out / "report.json"
     plan_path.write_text(json.dumps(plan.to_json(), indent=2))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    print(f"fedsqueeze demo: {args.collaborators} collaborator processes, {plan.rounds} rounds, run folder {out}", flush=True)
+    print(
+        f"fedsqueeze demo: {args.collaborators} collaborator processes, {plan.rounds} rounds, run folder {out}",
+        flush=True,
+    )
     agg = subprocess.Popen(
         [sys.executable, "-m", "fedsqueeze.aggregator", "serve", "--port", "0", "--host", "127.0.0.1",
          "--plan", str(plan_path), "--report", str(report_path)],
@@ -91,9 +98,22 @@ def run_demo(args: argparse.Namespace) -> int:
                     log = open(out / f"collaborator-{i}.log", "w")
                     collaborators.append(
                         subprocess.Popen(
-                            [sys.executable, "-m", "fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}",
-                             "--name", f"demo-{i}", "--no-progress", "--report", str(out / f"collaborator-{i}.json")],
-                            stdout=log, stderr=subprocess.STDOUT, env=env,
+                            [
+                                sys.executable,
+                                "-m",
+                                "fedsqueeze.collaborator",
+                                "join",
+                                "--server",
+                                f"127.0.0.1:{port}",
+                                "--name",
+                                f"demo-{i}",
+                                "--no-progress",
+                                "--report",
+                                str(out / f"collaborator-{i}.json"),
+                            ],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=env,
                         )  # fmt: skip
                     )
         code = agg.wait()
@@ -123,7 +143,12 @@ def _is_uncompressed(plan: Plan) -> bool:
     from fedsqueeze.chains import LinkChains
 
     chains = LinkChains.from_plan(plan)
-    return str(chains.uplink) == "identity" and str(chains.downlink) == "identity" and chains.global_update is None and not plan.prepass.enabled
+    return (
+        str(chains.uplink) == "identity"
+        and str(chains.downlink) == "identity"
+        and chains.global_update is None
+        and not plan.prepass.enabled
+    )
 
 
 def _add_baseline(plan: Plan, report_path: Path) -> None:
@@ -131,7 +156,10 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
     from fedsqueeze.console import human_bytes
     from fedsqueeze.simulation import run_plan, uncompressed
 
-    print("baseline: the same federation uncompressed (identity codec, same seed and shards), in-process ...", flush=True)
+    print(
+        "baseline: the same federation uncompressed (identity codec, same seed and shards), in-process ...",
+        flush=True,
+    )
     base = run_plan(uncompressed(plan))
     base_accuracy = base.final_accuracy or 0.0
     report = json.loads(report_path.read_text())
@@ -148,7 +176,11 @@ def _add_baseline(plan: Plan, report_path: Path) -> None:
     write_json_atomic(report_path, report)
     acc = s["final_accuracy"]
     opt = plan.aggregation.server_optimizer
-    baseline = "FedAvg baseline (same seed)" if opt.is_plain else f"baseline (same seed, server {opt.name} lr {opt.lr})"
+    baseline = (
+        "FedAvg baseline (same seed)"
+        if opt.is_plain
+        else f"baseline (same seed, server {opt.name} lr {opt.lr})"
+    )
     print(f"accuracy         : {acc:.2%}   uncompressed {baseline}: {base_accuracy:.2%}   "
           f"difference {100 * (acc - base_accuracy):+.2f} pp")  # fmt: skip
     decoders = f"; decoders uploaded: {human_bytes(s['decoder'])}" if s["decoder"] else ""
@@ -177,7 +209,9 @@ def check_health(args: argparse.Namespace) -> int:
 
     with grpc.insecure_channel(args.server) as channel:
         try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as exc:
             print(f"unhealthy: {exc.code().name}", file=sys.stderr)  # type: ignore[attr-defined]
             return 1
@@ -187,7 +221,9 @@ def check_health(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsqueeze", description="fedsqueeze: compressed federated learning")
+    parser = argparse.ArgumentParser(
+        prog="fedsqueeze", description="fedsqueeze: compressed federated learning"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a real local federation (aggregator + collaborator processes)")
     demo.add_argument("--collaborators", type=int, default=4)
@@ -197,25 +233,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="mlp or cnn")
     demo.add_argument("--uplink", help="uplink codec chain, e.g. 'ef | topk:0.01 | qsgd:4 | entropy'")
     demo.add_argument("--downlink", help="downlink codec chain")
-    demo.add_argument("--downlink-update", help="server-side chain for the global update, e.g. 'ef | topk:0.01' ('none': off)")
-    demo.add_argument("--downlink-prior", choices=["none", "initial"],
-                      help="'initial': a residual downlink starts from the initial model both sides build from the seed")
-    demo.add_argument("--server-optimizer", metavar="NAME[:LR]", help="sgd, momentum, adam or yogi, e.g. 'adam:0.03' (default: sgd:1, FedAvg)")
+    demo.add_argument(
+        "--downlink-update",
+        help="server-side chain for the global update, e.g. 'ef | topk:0.01' ('none': off)",
+    )
+    demo.add_argument(
+        "--downlink-prior",
+        choices=["none", "initial"],
+        help="'initial': a residual downlink starts from the initial model both sides build from the seed",
+    )
+    demo.add_argument(
+        "--server-optimizer",
+        metavar="NAME[:LR]",
+        help="sgd, momentum, adam or yogi, e.g. 'adam:0.03' (default: sgd:1, FedAvg)",
+    )
     demo.add_argument("--out", help="run folder (default: runs/demo-<time>)")
-    demo.add_argument("--ae", action="store_true", help="the autoencoder federation: prepass, decoder uploads, AE rounds, baseline")
-    demo.add_argument("--paper", action="store_true", help="with --ae: the paper's literal method (weights through a FC AE)")
-    demo.add_argument("--no-baseline", action="store_true", help="skip the in-process uncompressed run with the same seed")
+    demo.add_argument(
+        "--ae",
+        action="store_true",
+        help="the autoencoder federation: prepass, decoder uploads, AE rounds, baseline",
+    )
+    demo.add_argument(
+        "--paper", action="store_true", help="with --ae: the paper's literal method (weights through a FC AE)"
+    )
+    demo.add_argument(
+        "--no-baseline", action="store_true", help="skip the in-process uncompressed run with the same seed"
+    )
     demo.set_defaults(func=run_demo)
-    demo_ae = sub.add_parser("demo-ae", help="the autoencoder demo: same as `demo --ae`", parents=[], add_help=True)
+    demo_ae = sub.add_parser(
+        "demo-ae", help="the autoencoder demo: same as `demo --ae`", parents=[], add_help=True
+    )
     for a in demo._actions[1:]:
         if a.dest not in ("ae",):
             demo_ae._add_action(a)
     demo_ae.set_defaults(func=run_demo_ae)
     codecs = sub.add_parser("codecs", help="list the registered codecs")
     codecs.set_defaults(func=list_codecs)
-    health = sub.add_parser("health", help="check an aggregator through the gRPC health service (exit 0: SERVING)")
+    health = sub.add_parser(
+        "health", help="check an aggregator through the gRPC health service (exit 0: SERVING)"
+    )
     health.add_argument("--server", default="localhost:50051", help="aggregator address HOST:PORT")
-    health.add_argument("--service", default="", help="service name ('' is the whole server; fedsqueeze.v1.Federation)")
+    health.add_argument(
+        "--service", default="", help="service name ('' is the whole server; fedsqueeze.v1.Federation)"
+    )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
     health.set_defaults(func=check_health)
     return parser

@@ -44,7 +44,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     ]
     if s.get("decoder"):
         lines.append(f"decoder uploads  : {human_bytes(s['decoder'])}")
-    lines.append(f"total            : {s['total_ratio']:.1f}x less traffic than fp32 (decoder uploads included)")
+    lines.append(
+        f"total            : {s['total_ratio']:.1f}x less traffic than fp32 (decoder uploads included)"
+    )
     return lines
 
 

@@ -32,6 +32,10 @@ class Task:
 
     kind: TaskKind  # WAIT: ask again | TRAIN: train on `model`, submit for `round` | PREPASS | DONE: leave
     round: int = 0
-    model: Payload | None = None  # the global model, encoded by the downlink chain (PREPASS: or the shared decoder)
+    model: Payload | None = (
+        None  # the global model, encoded by the downlink chain (PREPASS: or the shared decoder)
+    )
     message: str = ""  # WAIT/DONE: why; PREPASS: the role (train-autoencoder, train-encoder, shared-decoder)
-    completed: bool = False  # DONE: the federation ran all its rounds (False: it ended early, `message` says why)
+    completed: bool = (
+        False  # DONE: the federation ran all its rounds (False: it ended early, `message` says why)
+    )

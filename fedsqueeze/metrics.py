@@ -55,7 +55,25 @@ log = logging.getLogger("fedsqueeze.metrics")
 AGGREGATOR_JOB = "fedsqueeze-aggregator"
 COLLABORATOR_JOB = "fedsqueeze-collaborator"
 
-TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TIME_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 TRAIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 NMSE_BUCKETS = (1e-12, 1e-10, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -67,54 +85,127 @@ def _ratio(raw: float, wire: float) -> float:
 class Metrics:
     """The metrics of one process (role: aggregator or collaborator), in a registry of its own."""
 
-    def __init__(self, role: str, *, per_collaborator: bool = True, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, role: str, *, per_collaborator: bool = True, registry: CollectorRegistry | None = None
+    ) -> None:
         self.role = role
         self.per_collaborator = per_collaborator
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        byte_labels = ("direction", "kind", "codec", "collaborator") if per_collaborator else ("direction", "kind", "codec")
-        self.bytes = Counter(
-            "fedsqueeze_bytes", "Bytes exchanged: raw (fp32 size), wire (serialized Payload) or decoder uploads", byte_labels, registry=r
+        byte_labels = (
+            ("direction", "kind", "codec", "collaborator")
+            if per_collaborator
+            else ("direction", "kind", "codec")
         )
-        self.messages = Counter("fedsqueeze_messages", "Model messages by direction, type and gRPC status", ("direction", "type", "status"), registry=r)
+        self.bytes = Counter(
+            "fedsqueeze_bytes",
+            "Bytes exchanged: raw (fp32 size), wire (serialized Payload) or decoder uploads",
+            byte_labels,
+            registry=r,
+        )
+        self.messages = Counter(
+            "fedsqueeze_messages",
+            "Model messages by direction, type and gRPC status",
+            ("direction", "type", "status"),
+            registry=r,
+        )
         self.rounds = Counter("fedsqueeze_rounds", "Finished rounds by status", ("status",), registry=r)
-        self.round = Gauge("fedsqueeze_round", "The last finished (aggregator) or trained (collaborator) round", registry=r)
-        self.round_duration = Gauge("fedsqueeze_round_duration_seconds", "Duration of the last round", registry=r)
-        self.round_participants = Gauge("fedsqueeze_round_participants", "Updates accepted in the last round", registry=r)
-        self.round_dropped = Gauge("fedsqueeze_round_dropped", "Selected collaborators whose update did not arrive in the last round", registry=r)
-        self.accuracy = Gauge("fedsqueeze_model_accuracy_ratio", "Accuracy of the global model on held-out data", registry=r)
+        self.round = Gauge(
+            "fedsqueeze_round", "The last finished (aggregator) or trained (collaborator) round", registry=r
+        )
+        self.round_duration = Gauge(
+            "fedsqueeze_round_duration_seconds", "Duration of the last round", registry=r
+        )
+        self.round_participants = Gauge(
+            "fedsqueeze_round_participants", "Updates accepted in the last round", registry=r
+        )
+        self.round_dropped = Gauge(
+            "fedsqueeze_round_dropped",
+            "Selected collaborators whose update did not arrive in the last round",
+            registry=r,
+        )
+        self.accuracy = Gauge(
+            "fedsqueeze_model_accuracy_ratio", "Accuracy of the global model on held-out data", registry=r
+        )
         self.loss = Gauge("fedsqueeze_model_loss", "Loss of the global model on held-out data", registry=r)
         self.round_ratio = Gauge(
-            "fedsqueeze_round_compression_ratio", "raw / wire bytes of the last round", ("direction",), registry=r
+            "fedsqueeze_round_compression_ratio",
+            "raw / wire bytes of the last round",
+            ("direction",),
+            registry=r,
         )
         self.cumulative_ratio = Gauge(
-            "fedsqueeze_cumulative_compression_ratio", "raw / (wire + decoder) bytes since the start", ("direction",), registry=r
+            "fedsqueeze_cumulative_compression_ratio",
+            "raw / (wire + decoder) bytes since the start",
+            ("direction",),
+            registry=r,
         )
         self.savings = Gauge(
-            "fedsqueeze_cumulative_savings_ratio", "1 - (wire + decoder) / raw bytes since the start, decoder uploads included", registry=r
+            "fedsqueeze_cumulative_savings_ratio",
+            "1 - (wire + decoder) / raw bytes since the start, decoder uploads included",
+            registry=r,
         )
-        self.collaborators_active = Gauge("fedsqueeze_collaborators_active", "Collaborators that joined and have not left", registry=r)
-        self.uploads_in_flight = Gauge("fedsqueeze_uploads_in_flight", "Uploads (updates, decoders) being received and decoded now", registry=r)
-        self.uploads_waiting = Gauge("fedsqueeze_uploads_waiting", "Uploads waiting for a slot (--max-concurrent-uploads)", registry=r)
+        self.collaborators_active = Gauge(
+            "fedsqueeze_collaborators_active", "Collaborators that joined and have not left", registry=r
+        )
+        self.uploads_in_flight = Gauge(
+            "fedsqueeze_uploads_in_flight",
+            "Uploads (updates, decoders) being received and decoded now",
+            registry=r,
+        )
+        self.uploads_waiting = Gauge(
+            "fedsqueeze_uploads_waiting", "Uploads waiting for a slot (--max-concurrent-uploads)", registry=r
+        )
         self.uploads_deferred = Counter(
-            "fedsqueeze_uploads_deferred", "Uploads that found every slot taken: got one later (waited) or were refused with RESOURCE_EXHAUSTED", ("outcome",), registry=r
+            "fedsqueeze_uploads_deferred",
+            "Uploads that found every slot taken: got one later (waited) or were refused with RESOURCE_EXHAUSTED",
+            ("outcome",),
+            registry=r,
         )
         self.encode_seconds = Histogram(
-            "fedsqueeze_encode_seconds", "Time to encode one message with the whole chain", ("direction", "codec"), buckets=TIME_BUCKETS, registry=r
+            "fedsqueeze_encode_seconds",
+            "Time to encode one message with the whole chain",
+            ("direction", "codec"),
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.encode_stage_seconds = Histogram(
-            "fedsqueeze_encode_stage_seconds", "Time of one codec of the chain encoding one message", ("direction", "stage"), buckets=TIME_BUCKETS, registry=r
+            "fedsqueeze_encode_stage_seconds",
+            "Time of one codec of the chain encoding one message",
+            ("direction", "stage"),
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.decode_seconds = Histogram(
-            "fedsqueeze_decode_seconds", "Time to decode one message with the whole chain", ("direction", "codec"), buckets=TIME_BUCKETS, registry=r
+            "fedsqueeze_decode_seconds",
+            "Time to decode one message with the whole chain",
+            ("direction", "codec"),
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.nmse = Histogram(
-            "fedsqueeze_reconstruction_nmse", "Normalised reconstruction error ||x - x_hat||^2 / ||x||^2 per message", ("direction", "codec"), buckets=NMSE_BUCKETS, registry=r
+            "fedsqueeze_reconstruction_nmse",
+            "Normalised reconstruction error ||x - x_hat||^2 / ||x||^2 per message",
+            ("direction", "codec"),
+            buckets=NMSE_BUCKETS,
+            registry=r,
         )
-        self.nmse_last = Gauge("fedsqueeze_reconstruction_nmse_last", "NMSE of the last message", ("direction", "codec"), registry=r)
-        self.train_seconds = Histogram("fedsqueeze_local_training_seconds", "Local training time per round", buckets=TRAIN_BUCKETS, registry=r)
+        self.nmse_last = Gauge(
+            "fedsqueeze_reconstruction_nmse_last",
+            "NMSE of the last message",
+            ("direction", "codec"),
+            registry=r,
+        )
+        self.train_seconds = Histogram(
+            "fedsqueeze_local_training_seconds",
+            "Local training time per round",
+            buckets=TRAIN_BUCKETS,
+            registry=r,
+        )
         self.local_loss = Gauge("fedsqueeze_local_loss", "Training loss of the last local round", registry=r)
-        self._cumulative: dict[str, int] = dict.fromkeys(("up_raw", "up_wire", "down_raw", "down_wire", "decoder"), 0)
+        self._cumulative: dict[str, int] = dict.fromkeys(
+            ("up_raw", "up_wire", "down_raw", "down_wire", "decoder"), 0
+        )
 
     # -- bytes and messages --------------------------------------------------------------------------
     def _bytes(self, direction: str, kind: str, codec: str, collaborator: str) -> Any:
@@ -126,7 +217,9 @@ class Metrics:
         """Count `nbytes` of one kind (raw, wire, decoder) travelling in one direction (up, down)."""
         self._bytes(direction, kind, codec, collaborator).inc(nbytes)
 
-    def record_transfer(self, direction: str, codec: str, collaborator: str, *, raw: int, wire: int, status: str = "OK") -> None:
+    def record_transfer(
+        self, direction: str, codec: str, collaborator: str, *, raw: int, wire: int, status: str = "OK"
+    ) -> None:
         """One model message that travelled: its raw and wire bytes, and the message itself."""
         self._bytes(direction, "raw", codec, collaborator).inc(raw)
         self._bytes(direction, "wire", codec, collaborator).inc(wire)
@@ -172,14 +265,18 @@ class Metrics:
         self.loss.set(record.loss)
         self.round_ratio.labels("up").set(_ratio(b["up_raw"], b["up_wire"]))
         self.round_ratio.labels("down").set(_ratio(b["down_raw"], b["down_wire"]))
-        self.round_ratio.labels("total").set(_ratio(b["up_raw"] + b["down_raw"], b["up_wire"] + b["down_wire"] + b.get("decoder", 0)))
+        self.round_ratio.labels("total").set(
+            _ratio(b["up_raw"] + b["down_raw"], b["up_wire"] + b["down_wire"] + b.get("decoder", 0))
+        )
         if totals is None:
             for k in self._cumulative:
                 self._cumulative[k] += int(b.get(k, 0))
             totals = self._cumulative
         raw = totals["up_raw"] + totals["down_raw"]
         sent = totals["up_wire"] + totals["down_wire"] + totals["decoder"]
-        self.cumulative_ratio.labels("up").set(_ratio(totals["up_raw"], totals["up_wire"] + totals["decoder"]))
+        self.cumulative_ratio.labels("up").set(
+            _ratio(totals["up_raw"], totals["up_wire"] + totals["decoder"])
+        )
         self.cumulative_ratio.labels("down").set(_ratio(totals["down_raw"], totals["down_wire"]))
         self.cumulative_ratio.labels("total").set(_ratio(raw, sent))
         self.savings.set(1.0 - sent / raw if raw else 0.0)

@@ -28,7 +28,9 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | Non
     return nn.Sequential(*layers)
 
 
-def _cnn(input_shape: tuple[int, ...], num_classes: int, channels: list[int] | None = None, hidden: int = 64) -> nn.Module:
+def _cnn(
+    input_shape: tuple[int, ...], num_classes: int, channels: list[int] | None = None, hidden: int = 64
+) -> nn.Module:
     c1, c2 = channels if channels is not None else [16, 32]
     conv: Any = nn.Conv1d if len(input_shape) == 2 else nn.Conv2d
     pool: Any = nn.AdaptiveAvgPool1d(4) if len(input_shape) == 2 else nn.AdaptiveAvgPool2d(2)
@@ -53,7 +55,13 @@ class ModelError(ValueError):
     pass
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, args: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    args: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     if len(input_shape) not in (2, 3) and name == "cnn":
@@ -70,7 +78,9 @@ def model_layout(model: nn.Module) -> Layout:
 
 
 def get_flat(model: nn.Module) -> np.ndarray:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().astype(np.float32, copy=True)
+    return (
+        torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().astype(np.float32, copy=True)
+    )
 
 
 def set_flat(model: nn.Module, flat: np.ndarray) -> None:

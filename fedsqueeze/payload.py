@@ -21,7 +21,9 @@ from fedsqueeze.errors import InvalidArgument
 class Payload:
     data: bytes
     fingerprint: int
-    chain: Any = None  # the codec chain config the sender declares (a list of codec configs); None: not declared
+    chain: Any = (
+        None  # the codec chain config the sender declares (a list of codec configs); None: not declared
+    )
     layout: Layout | None = None  # the layout the sender declares; None: not declared
 
     @property
@@ -45,11 +47,17 @@ class Payload:
             try:
                 declared = Chain.from_config(self.chain)
             except CodecError as exc:
-                raise InvalidArgument(f"{what}: the payload declares a codec chain that is not valid: {exc}") from exc
+                raise InvalidArgument(
+                    f"{what}: the payload declares a codec chain that is not valid: {exc}"
+                ) from exc
             if declared.get_config() != chain.get_config():
-                raise InvalidArgument(f"{what}: the payload was encoded with '{declared}', but this federation's chain is '{chain}'")
+                raise InvalidArgument(
+                    f"{what}: the payload was encoded with '{declared}', but this federation's chain is '{chain}'"
+                )
         if self.layout is not None and self.layout != layout:
-            raise InvalidArgument(f"{what}: the payload's layout differs from this federation's model: {layout_difference(self.layout, layout)}")
+            raise InvalidArgument(
+                f"{what}: the payload's layout differs from this federation's model: {layout_difference(self.layout, layout)}"
+            )
         expected = chain.fingerprint(layout)
         if self.fingerprint != expected:
             raise InvalidArgument(

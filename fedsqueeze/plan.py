@@ -68,8 +68,20 @@ class Range:
         return None if ok else f"must be {self.describe()}"
 
     def describe(self) -> str:
-        low = f"[{_fmt(self.ge)}" if self.ge is not None else f"({_fmt(self.gt)}" if self.gt is not None else None
-        high = f"{_fmt(self.le)}]" if self.le is not None else f"{_fmt(self.lt)})" if self.lt is not None else None
+        low = (
+            f"[{_fmt(self.ge)}"
+            if self.ge is not None
+            else f"({_fmt(self.gt)}"
+            if self.gt is not None
+            else None
+        )
+        high = (
+            f"{_fmt(self.le)}]"
+            if self.le is not None
+            else f"{_fmt(self.lt)})"
+            if self.lt is not None
+            else None
+        )
         if low is not None and high is not None:
             return f"in {low}, {high}"
         if low is not None:
@@ -96,7 +108,9 @@ class TaskSpec:
     data_path: str | None = None  # for npz/mnist/cifar10: where the aggregator's test set lives
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: Annotated[float, Positive] = 0.5  # Dirichlet concentration for label-skewed shards
-    num_shards: Annotated[int, NonNegative] = 0  # built-in data sets are cut into this many shards (0: collaborators.min)
+    num_shards: Annotated[int, NonNegative] = (
+        0  # built-in data sets are cut into this many shards (0: collaborators.min)
+    )
     # mnist1d only: samples to generate, 80 % train / 20 % test (0: the standard 5,000)
     num_samples: Annotated[int, Range(ge=0, le=2_000_000)] = 0
 
@@ -155,8 +169,12 @@ class PrepassSpec(AutoencoderSettings):
     enabled: bool = False
     epochs: Annotated[int, AtLeastOne] = 5  # local epochs without aggregation
     snapshot_every: Literal["epoch", "batch"] = "epoch"
-    span: Annotated[int, NonNegative] = 0  # update mode: snapshots between the two ends of a delta (0: one round)
-    decoder: Literal["per_collaborator", "shared"] = "per_collaborator"  # case b | case a (trained by the first to join)
+    span: Annotated[int, NonNegative] = (
+        0  # update mode: snapshots between the two ends of a delta (0: one round)
+    )
+    decoder: Literal["per_collaborator", "shared"] = (
+        "per_collaborator"  # case b | case a (trained by the first to join)
+    )
     ae_epochs: Annotated[int, AtLeastOne] = 300  # autoencoder training (eq. 3, MSE, Adam)
     ae_lr: Annotated[float, Positive] = 0.001
     allow_retrain: bool = False  # accept a second decoder upload from the same collaborator
@@ -170,11 +188,15 @@ SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 class ServerOptimizerSpec:
     """How the aggregate step moves the global model (aggregator/server_optimizer.py)."""
 
-    name: ServerOptimizerName = "sgd"  # sgd (FedAvg: lr 1) | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi)
+    name: ServerOptimizerName = (
+        "sgd"  # sgd (FedAvg: lr 1) | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi)
+    )
     lr: Annotated[float, Positive] = 1.0  # server learning rate
     beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # momentum / first-moment decay
     beta2: Annotated[float, Range(gt=0, lt=1)] = 0.99  # adam, yogi: second-moment decay
-    tau: Annotated[float, Positive] = 1e-3  # adam, yogi: added to sqrt(v), bounds the step of coordinates that rarely move
+    tau: Annotated[float, Positive] = (
+        1e-3  # adam, yogi: added to sqrt(v), bounds the step of coordinates that rarely move
+    )
 
     @property
     def is_plain(self) -> bool:
@@ -190,11 +212,17 @@ class AggregationSpec:
     # FedAvg: the round's most influential update (weight x norm) is scaled to at most this many times the
     # median delta norm of the others (alone in its round: of the last rounds'); null: off
     norm_bound: Annotated[float | None, Range(ge=1)] = 5.0
-    weighting: Literal["samples", "equal"] = "samples"  # FedAvg weights: declared sample counts (capped, below) or all equal
+    weighting: Literal["samples", "equal"] = (
+        "samples"  # FedAvg weights: declared sample counts (capped, below) or all equal
+    )
     # a cap on every declared sample count; built-in data sets also cap each at the shard the aggregator assigned
     max_samples: Annotated[int | None, AtLeastOne] = None
-    robust: Literal["median", "trimmed_mean"] | None = None  # null: FedAvg (streaming); robust rules keep every update
-    trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = 0.1  # trimmed_mean: fraction cut at each end per coordinate
+    robust: Literal["median", "trimmed_mean"] | None = (
+        None  # null: FedAvg (streaming); robust rules keep every update
+    )
+    trim_fraction: Annotated[float, Range(ge=0, lt=0.5)] = (
+        0.1  # trimmed_mean: fraction cut at each end per coordinate
+    )
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
 
 
@@ -210,9 +238,15 @@ class Plan:
     downlink: DownlinkSpec = field(default_factory=DownlinkSpec)
     prepass: PrepassSpec = field(default_factory=PrepassSpec)
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
-    round_timeout_s: Annotated[float, Positive] = 300.0  # the round's deadline: later updates are refused, missing ones dropped
-    quorum: Annotated[int, AtLeastOne] = 1  # accepted updates a round needs; fewer by the deadline: retry or fail
-    round_retries: Annotated[int, Range(ge=0, le=1000)] = 0  # a round that misses quorum is re-opened this many times
+    round_timeout_s: Annotated[float, Positive] = (
+        300.0  # the round's deadline: later updates are refused, missing ones dropped
+    )
+    quorum: Annotated[int, AtLeastOne] = (
+        1  # accepted updates a round needs; fewer by the deadline: retry or fail
+    )
+    round_retries: Annotated[int, Range(ge=0, le=1000)] = (
+        0  # a round that misses quorum is re-opened this many times
+    )
     keep_serving: bool = False
 
     # -- (de)serialisation ---------------------------------------------------------------------
@@ -268,10 +302,21 @@ class Plan:
         from fedsqueeze.models import MODELS
         from fedsqueeze.tasks import DATASETS
 
-        _check(self.task.dataset in DATASETS, f"task.dataset must be one of {sorted(DATASETS)}, got {self.task.dataset!r}")
-        _check(self.model.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.model.name!r}")
-        _check(self.task.num_samples == 0 or self.task.dataset == "mnist1d", "task.num_samples applies to the mnist1d data set only")
-        _check(self.task.num_samples == 0 or self.task.num_samples >= 100, "task.num_samples must be 0 or in [100, 2000000]")
+        _check(
+            self.task.dataset in DATASETS,
+            f"task.dataset must be one of {sorted(DATASETS)}, got {self.task.dataset!r}",
+        )
+        _check(
+            self.model.name in MODELS, f"model.name must be one of {sorted(MODELS)}, got {self.model.name!r}"
+        )
+        _check(
+            self.task.num_samples == 0 or self.task.dataset == "mnist1d",
+            "task.num_samples applies to the mnist1d data set only",
+        )
+        _check(
+            self.task.num_samples == 0 or self.task.num_samples >= 100,
+            "task.num_samples must be 0 or in [100, 2000000]",
+        )
         _check(self.collaborators.max == 0 or self.collaborators.max >= self.collaborators.min,
                f"collaborators.max ({self.collaborators.max}) must be 0 or at least collaborators.min ({self.collaborators.min})")  # fmt: skip
         chains: dict[str, Chain | None] = {}
@@ -283,7 +328,10 @@ class Plan:
                 raise PlanError(f"{name}: {exc}") from exc
         down = chains["downlink.chain"]
         if self.downlink.prior == "initial":
-            _check(down is not None and down.primable, f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got '{down}'")
+            _check(
+                down is not None and down.primable,
+                f"downlink.prior 'initial' needs a downlink chain that starts with 'residual', got '{down}'",
+            )
         uplink = chains["uplink.chain"]
         assert uplink is not None
         from fedsqueeze.codecs.autoencoder import find_stage
@@ -292,9 +340,15 @@ class Plan:
         if self.prepass.enabled:
             _check(found is not None, "prepass.enabled needs an `ae` stage in uplink.chain")
         if found is not None:
-            _check(self.prepass.enabled, "the uplink chain's `ae` stage needs prepass.enabled: true (the prepass trains the autoencoder)")
+            _check(
+                self.prepass.enabled,
+                "the uplink chain's `ae` stage needs prepass.enabled: true (the prepass trains the autoencoder)",
+            )
             want = "delta" if found[1].what == "update" else "weights"
-            _check(self.uplink.target == want, f"the `ae` stage encodes {found[1].what!r}: uplink.target must be {want!r}")
+            _check(
+                self.uplink.target == want,
+                f"the `ae` stage encodes {found[1].what!r}: uplink.target must be {want!r}",
+            )
 
 
 def _check(ok: bool, message: str) -> None:
@@ -397,7 +451,9 @@ def _coerce_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise PlanError(f"{where} must be a JSON object, got {value!r}")
         args = get_args(tp)
-        return {k: _coerce_type(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+        return (
+            {k: _coerce_type(v, args[1], f"{where}.{k}") for k, v in value.items()} if args else dict(value)
+        )
     if tp is bool:
         if not isinstance(value, bool):
             raise PlanError(f"{where} must be true or false, got {value!r}")
@@ -414,7 +470,9 @@ def _coerce_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise PlanError(f"{where} must be a string, got {value!r}")
         return value
-    raise TypeError(f"plan field {where}: unsupported declaration {tp!r}")  # a bug in this module, not bad input
+    raise TypeError(
+        f"plan field {where}: unsupported declaration {tp!r}"
+    )  # a bug in this module, not bad input
 
 
 def check_spec(spec: Any, where: str) -> None:

@@ -33,12 +33,16 @@ class RoundRecord:
     dropped: int = 0
     seconds: float = 0.0
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
-    status: str = "ok"  # ok | retried (quorum met after a retry) | failed: ... (quorum missed, model unchanged)
+    status: str = (
+        "ok"  # ok | retried (quorum met after a retry) | failed: ... (quorum missed, model unchanged)
+    )
     attempts: int = 1  # 1 + retries of this round
     # Downloads handed out again to a member that already had this round's (a lost response, a
     # client that asks twice): not part of `bytes`, which counts each member's download once.
     resent: dict[str, int] = field(default_factory=lambda: {"messages": 0, "wire": 0})
-    aggregation: dict[str, Any] = field(default_factory=dict)  # what the strategy did beyond averaging (clipped, bounded, trimmed)
+    aggregation: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the strategy did beyond averaging (clipped, bounded, trimmed)
 
     @property
     def ok(self) -> bool:
@@ -86,7 +90,10 @@ class RunReport:
             **totals,
             "up_ratio": ratio(totals["up_raw"], totals["up_wire"]),
             "down_ratio": ratio(totals["down_raw"], totals["down_wire"]),
-            "total_ratio": ratio(totals["up_raw"] + totals["down_raw"], totals["up_wire"] + totals["down_wire"] + totals["decoder"]),
+            "total_ratio": ratio(
+                totals["up_raw"] + totals["down_raw"],
+                totals["up_wire"] + totals["down_wire"] + totals["decoder"],
+            ),
             "seconds": round(sum(r.seconds for r in self.rounds), 3),
         }
 

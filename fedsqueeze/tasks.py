@@ -158,7 +158,9 @@ def _find(root: Path, stem: str) -> Path:
             p = candidate / f"{stem}{suffix}"
             if p.is_file():
                 return p
-    raise DataError(f"MNIST file {stem}[.gz] not found under {root} (expected torchvision's MNIST/raw layout)")
+    raise DataError(
+        f"MNIST file {stem}[.gz] not found under {root} (expected torchvision's MNIST/raw layout)"
+    )
 
 
 def load_mnist(root: str | Path) -> Dataset:
@@ -196,7 +198,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def load_cifar10(root: str | Path) -> Dataset:
     root = Path(root)
-    bin_dir = next((d for d in (root / "cifar-10-batches-bin", root) if (d / "test_batch.bin").is_file()), None)
+    bin_dir = next(
+        (d for d in (root / "cifar-10-batches-bin", root) if (d / "test_batch.bin").is_file()), None
+    )
     py_dir = next((d for d in (root / "cifar-10-batches-py", root) if (d / "test_batch").is_file()), None)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
     names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -211,14 +215,23 @@ def load_cifar10(root: str | Path) -> Dataset:
                 with open(py_dir / name, "rb") as f:
                     batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
                 parts[split].append(
-                    (np.asarray(batch[b"data"]).reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"], dtype=np.int64))
+                    (
+                        np.asarray(batch[b"data"]).reshape(-1, 3, 32, 32),
+                        np.asarray(batch[b"labels"], dtype=np.int64),
+                    )
                 )
     else:
-        raise DataError(f"no CIFAR-10 batches under {root} (expected cifar-10-batches-bin or cifar-10-batches-py)")
+        raise DataError(
+            f"no CIFAR-10 batches under {root} (expected cifar-10-batches-bin or cifar-10-batches-py)"
+        )
     x_tr = np.concatenate([p[0] for p in parts["train"]]).astype(np.float32) / 255.0
     x_te = np.concatenate([p[0] for p in parts["test"]]).astype(np.float32) / 255.0
     return Dataset(
-        x_tr, np.concatenate([p[1] for p in parts["train"]]), x_te, np.concatenate([p[1] for p in parts["test"]]), 10
+        x_tr,
+        np.concatenate([p[1] for p in parts["train"]]),
+        x_te,
+        np.concatenate([p[1] for p in parts["test"]]),
+        10,
     )
 
 
@@ -248,7 +261,9 @@ def load_plan_dataset(plan: Plan) -> Dataset:
     return load_dataset(plan.task.dataset, plan.task.data_path, plan.seed, plan.task.num_samples)
 
 
-def partition(labels: np.ndarray, num_shards: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray, num_shards: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0
+) -> list[np.ndarray]:
     """Indices of each shard: IID, or a Dirichlet(alpha) label split (smaller alpha, more skew)."""
     if num_shards < 1:
         raise DataError("num_shards must be >= 1")
@@ -279,5 +294,7 @@ def parse_data_arg(spec: str) -> tuple[str, str | None]:
         return "npz", spec
     name, sep, path = spec.partition(":")
     if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r} in --data {spec!r}; known: {sorted(DATASETS)} or a .npz file")
+        raise DataError(
+            f"unknown data set {name!r} in --data {spec!r}; known: {sorted(DATASETS)} or a .npz file"
+        )
     return name, (path if sep else None)

@@ -34,7 +34,9 @@ class ServerTLS:
     ca: bytes | None = None  # set: mutual TLS, client certificates required and verified
 
     @classmethod
-    def from_files(cls, cert: str | Path | None, key: str | Path | None, ca: str | Path | None = None) -> ServerTLS | None:
+    def from_files(
+        cls, cert: str | Path | None, key: str | Path | None, ca: str | Path | None = None
+    ) -> ServerTLS | None:
         if cert is None and key is None and ca is None:
             return None
         if cert is None or key is None:
@@ -48,7 +50,9 @@ class ServerTLS:
         return self.ca is not None
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -60,16 +64,24 @@ class ClientTLS:
 
     @classmethod
     def from_files(
-        cls, ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None, server_name: str | None = None
+        cls,
+        ca: str | Path | None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
     ) -> ClientTLS | None:
         if ca is None and cert is None and key is None:
             return None
         if (cert is None) != (key is None):
             raise TLSConfigError("a client certificate needs both --tls-cert and --tls-key")
-        return cls(_read(ca, "CA certificate"), _read(cert, "certificate"), _read(key, "private key"), server_name)
+        return cls(
+            _read(ca, "CA certificate"), _read(cert, "certificate"), _read(key, "private key"), server_name
+        )
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
 
     def options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []

@@ -32,7 +32,16 @@ from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 #: The domain error raised for each status the other side may answer with.
 ERRORS: dict[grpc.StatusCode, type[FederationError]] = {
     grpc.StatusCode[cls.status]: cls
-    for cls in (InvalidArgument, Unauthenticated, PermissionDenied, FailedPrecondition, AlreadyExists, ResourceExhausted, Unavailable, Internal)
+    for cls in (
+        InvalidArgument,
+        Unauthenticated,
+        PermissionDenied,
+        FailedPrecondition,
+        AlreadyExists,
+        ResourceExhausted,
+        Unavailable,
+        Internal,
+    )
 }
 
 
@@ -53,7 +62,9 @@ def layout_to_proto(layout: Layout) -> pb.Layout:
 
 
 def layout_from_proto(msg: pb.Layout) -> Layout:
-    return Layout(tuple(TensorInfo(t.name, tuple(int(d) for d in t.shape), t.dtype or "float32") for t in msg.tensors))
+    return Layout(
+        tuple(TensorInfo(t.name, tuple(int(d) for d in t.shape), t.dtype or "float32") for t in msg.tensors)
+    )
 
 
 def payload_to_proto(p: Payload) -> pb.Payload:

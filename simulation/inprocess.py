@@ -95,10 +95,14 @@ class InProcessFederation:
         self.fed = Federation(plan)
         self.data = data if data is not None else load_plan_dataset(plan)
         self.chains = LinkChains.from_plan(plan)
-        self.model = build_model(plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed)
+        self.model = build_model(
+            plan.model.name, self.data.input_shape, self.data.num_classes, plan.model.args, plan.seed
+        )
         self.layout = model_layout(self.model)
         initial_model = get_flat(self.model)
-        shards = partition(self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
+        shards = partition(
+            self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed
+        )
         self.collaborators: list[SimCollaborator] = []
         self.encode_seconds = 0.0
         self.train_seconds = 0.0
@@ -106,14 +110,29 @@ class InProcessFederation:
             # Join order = shard index, as for real collaborators (Federation assigns shards by join order).
             admission = self.fed.join(f"sim-{i}", 0)
             idx = shards[admission.shard_index % len(shards)]
-            trainer = _TimedTrainer(BuiltinTrainer(plan, self.model, self.data.x_train[idx], self.data.y_train[idx], admission.shard_index), self)
+            trainer = _TimedTrainer(
+                BuiltinTrainer(
+                    plan, self.model, self.data.x_train[idx], self.data.y_train[idx], admission.shard_index
+                ),
+                self,
+            )
             states = LinkStates(up=CodecState(), down=self.chains.downlink_state(initial_model))
-            step = RoundStep(plan, self.chains, self.layout, trainer, states, self._submitter(admission), member_id=admission.collaborator_id)
+            step = RoundStep(
+                plan,
+                self.chains,
+                self.layout,
+                trainer,
+                states,
+                self._submitter(admission),
+                member_id=admission.collaborator_id,
+            )
             self.collaborators.append(SimCollaborator(admission, step))
 
     def _submitter(self, a: Admission) -> Callable[[int, int, Payload, dict[str, float]], int]:
         def submit(round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
-            return self.fed.submit_update(a.collaborator_id, a.token, round_number, num_samples, payload, payload.wire_size, metrics)
+            return self.fed.submit_update(
+                a.collaborator_id, a.token, round_number, num_samples, payload, payload.wire_size, metrics
+            )
 
         return submit
 
@@ -180,7 +199,13 @@ class InProcessFederation:
             thread.join(30)
         if error:
             raise error[0]
-        return SimResult(fed.report.to_json(), time.perf_counter() - t0, self.collaborators, self.encode_seconds, self.train_seconds)
+        return SimResult(
+            fed.report.to_json(),
+            time.perf_counter() - t0,
+            self.collaborators,
+            self.encode_seconds,
+            self.train_seconds,
+        )
 
 
 class _TimedTrainer:
@@ -201,5 +226,7 @@ class _TimedTrainer:
             self.sim.train_seconds += time.perf_counter() - t0
 
 
-def run_plan(plan: Plan, data: Dataset | None = None, on_round: Callable[[RoundRecord], Any] | None = None) -> SimResult:
+def run_plan(
+    plan: Plan, data: Dataset | None = None, on_round: Callable[[RoundRecord], Any] | None = None
+) -> SimResult:
     return InProcessFederation(plan, data).run(on_round)

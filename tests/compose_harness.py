@@ -91,7 +91,9 @@ def run(
     """Run a command, capturing stdout and stderr together (also into `output`, when given)."""
     args = [str(c) for c in cmd]
     try:
-        proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired as exc:
         raise HarnessError(f"timed out after {timeout:.0f} s: {' '.join(args)}") from exc
     text = proc.stdout + proc.stderr
@@ -119,7 +121,9 @@ def ensure_packages() -> dict[str, str]:
     missing = [pkg for command, pkg in APT_PACKAGES.items() if find_command(command) is None]
     if missing:
         if os.geteuid() != 0:
-            raise HarnessError(f"the compose test needs {', '.join(missing)}: run it as root, or `apt-get install {' '.join(missing)}`")
+            raise HarnessError(
+                f"the compose test needs {', '.join(missing)}: run it as root, or `apt-get install {' '.join(missing)}`"
+            )
         log(f"installing {', '.join(missing)} (apt-get)")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         run(["apt-get", "update", "-qq"], env=env, timeout=900)
@@ -169,21 +173,32 @@ class DockerEngine:
             "--ip-forward=false",
         ]
         with self.log_path.open("w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise HarnessError(f"dockerd exited with {self.proc.returncode}:\n{tail(self.log_path.read_text())}")
-            if self.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=10).returncode == 0:
+                raise HarnessError(
+                    f"dockerd exited with {self.proc.returncode}:\n{tail(self.log_path.read_text())}"
+                )
+            if (
+                self.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=10).returncode
+                == 0
+            ):
                 break
             if time.monotonic() > deadline:
-                raise HarnessError(f"dockerd not ready after {timeout:.0f} s:\n{tail(self.log_path.read_text())}")
+                raise HarnessError(
+                    f"dockerd not ready after {timeout:.0f} s:\n{tail(self.log_path.read_text())}"
+                )
             time.sleep(0.3)
         version = self.docker("version", "--format", "{{.Server.Version}}").stdout.strip()
         log(f"dockerd {version} (pid {self.proc.pid}) on {self.socket}")
         return self
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         return run([self.cli, *args], env=self.env, check=check, timeout=timeout)
 
     def _leftover_pids(self) -> list[int]:
@@ -246,7 +261,9 @@ def apt_mirror() -> str:
     for path in candidates:
         with contextlib.suppress(OSError):
             text = path.read_text()
-            m = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", text, re.MULTILINE) or re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)/?\s", text, re.MULTILINE)
+            m = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", text, re.MULTILINE) or re.search(
+                r"^deb\s+(?:\[[^]]*\]\s+)?(\S+/debian)/?\s", text, re.MULTILINE
+            )
             if m:
                 return m.group(1)
     return "http://deb.debian.org/debian"
@@ -267,7 +284,9 @@ def _make_rootfs(rootfs: Path, mirror: str, output: Path) -> None:
     r = BASE_RECIPE
     run(["debootstrap", f"--variant={r['variant']}", f"--include={','.join(r['include'])}", r["suite"], rootfs, mirror],
         output=output, timeout=1200)  # fmt: skip
-    for path in list((rootfs / "var/cache/apt/archives").glob("*.deb")) + list((rootfs / "var/lib/apt/lists").glob("*_*")):
+    for path in list((rootfs / "var/cache/apt/archives").glob("*.deb")) + list(
+        (rootfs / "var/lib/apt/lists").glob("*_*")
+    ):
         path.unlink()
     (rootfs / "etc/dpkg/dpkg.cfg.d/slim").write_text(DPKG_SLIM)
     for folder in ("usr/share/man", "usr/share/info", "usr/share/locale"):
@@ -295,7 +314,9 @@ def base_image(engine: DockerEngine, output: Path) -> tuple[str, list[str], bool
     for name in wanted:
         m = re.match(r"python:(\d+\.\d+)", name)
         if not m or "bookworm" not in name:
-            raise HarnessError(f"the local base image stands in for python:3.11-...-bookworm only, not {name}")
+            raise HarnessError(
+                f"the local base image stands in for python:3.11-...-bookworm only, not {name}"
+            )
     mirror = apt_mirror()
     key = base_key(mirror)
     tarball = CACHE / f"base-{key}.tar"
@@ -316,7 +337,9 @@ def base_image(engine: DockerEngine, output: Path) -> tuple[str, list[str], bool
         finally:
             shutil.rmtree(rootfs, ignore_errors=True)
         built = True
-        log(f"base root file system: {tarball.stat().st_size / 2**20:.0f} MiB in {time.monotonic() - t0:.0f} s (cached as {tarball})")
+        log(
+            f"base root file system: {tarball.stat().st_size / 2**20:.0f} MiB in {time.monotonic() - t0:.0f} s (cached as {tarball})"
+        )
     else:
         log(f"reusing the local base image {tarball}")
     tag = f"fedsqueeze-compose-test/base:{key}"
@@ -324,7 +347,16 @@ def base_image(engine: DockerEngine, output: Path) -> tuple[str, list[str], bool
                f"ENV SSL_CERT_FILE={SYSTEM_BUNDLE}", 'CMD ["python3"]']  # fmt: skip
     args = [engine.cli, "import", *(a for c in changes for a in ("--change", c)), str(tarball), tag]
     run(args, env=engine.env, output=output, timeout=600)
-    python = engine.docker("run", "--rm", "--network", "none", tag, "python", "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])").stdout.strip()
+    python = engine.docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        tag,
+        "python",
+        "-c",
+        "import sys, venv; print('%d.%d' % sys.version_info[:2])",
+    ).stdout.strip()
     for name in wanted:
         if not name.startswith(f"python:{python}"):
             raise HarnessError(f"the local base has Python {python}, deploy/Dockerfile wants {name}")
@@ -340,10 +372,24 @@ def torch_wheel(version: str, output: Path) -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(folder)]
+    base = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--dest",
+        str(folder),
+    ]
     proc = run([*base, f"torch=={version}+cpu"], output=output, check=False, timeout=1200)
     if proc.returncode != 0:
-        run([*base, "--index-url", "https://download.pytorch.org/whl/cpu", f"torch=={version}"], output=output, timeout=1200)
+        run(
+            [*base, "--index-url", "https://download.pytorch.org/whl/cpu", f"torch=={version}"],
+            output=output,
+            timeout=1200,
+        )
     found = sorted(folder.glob(f"torch-{version}*.whl"))
     if not found:
         raise HarnessError(f"pip downloaded no torch {version} wheel into {folder}")
@@ -368,7 +414,9 @@ def serve_folder(folder: Path) -> Iterator[str]:
         server.server_close()
 
 
-def build(engine: DockerEngine, dockerfile: Path, context: Path, tag: str, build_args: dict[str, str], output: Path) -> float:
+def build(
+    engine: DockerEngine, dockerfile: Path, context: Path, tag: str, build_args: dict[str, str], output: Path
+) -> float:
     """`docker build` on the host network (BuildKit); returns the seconds it took."""
     t0 = time.monotonic()
     args = ["build", "--network=host", "--progress=plain", "-f", str(dockerfile), "-t", tag]
@@ -382,21 +430,37 @@ def build(engine: DockerEngine, dockerfile: Path, context: Path, tag: str, build
 class Compose:
     """docker-compose on the deployment's file and the test override, as one project."""
 
-    def __init__(self, engine: DockerEngine, compose: str, project: str, env: dict[str, str], output: Path) -> None:
+    def __init__(
+        self, engine: DockerEngine, compose: str, project: str, env: dict[str, str], output: Path
+    ) -> None:
         self.engine = engine
         self.project = project
-        self.base = [compose, "--ansi", "never", "-p", project, "-f", str(COMPOSE_FILE), "-f", str(TEST_OVERRIDE)]
+        self.base = [
+            compose,
+            "--ansi",
+            "never",
+            "-p",
+            project,
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(TEST_OVERRIDE),
+        ]
         self.env = {**engine.env, **env}
         self.output = output
 
-    def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return run([*self.base, *args], env=self.env, timeout=timeout, check=check, output=self.output)
 
     def containers(self, service: str | None = None, *, running_only: bool = False) -> list[str]:
         filters = ["--filter", f"label=com.docker.compose.project={self.project}"]
         if service:
             filters += ["--filter", f"label=com.docker.compose.service={service}"]
-        out = self.engine.docker("ps", *([] if running_only else ["-a"]), "--no-trunc", "--format", "{{.ID}}", *filters).stdout
+        out = self.engine.docker(
+            "ps", *([] if running_only else ["-a"]), "--no-trunc", "--format", "{{.ID}}", *filters
+        ).stdout
         return out.split()
 
     def inspect(self, container: str) -> dict[str, Any]:

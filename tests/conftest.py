@@ -23,10 +23,14 @@ def free_port() -> int:
 def spawn(args: list[str], log: Path | None = None, **kw: object) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env, text=True, **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env, text=True, **kw
+    )  # type: ignore[call-overload]
 
 
-def start_federation(tmp_path: Path, procs: list[subprocess.Popen], collaborators: int) -> tuple[subprocess.Popen, Path]:
+def start_federation(
+    tmp_path: Path, procs: list[subprocess.Popen], collaborators: int
+) -> tuple[subprocess.Popen, Path]:
     """`aggregator serve` on tmp_path/plan.json and N `collaborator join` processes, all on loopback.
 
     Logs: agg.log and c<i>.log; reports: report.json and c<i>.json, in tmp_path. Returns (aggregator, report path)."""

@@ -25,22 +25,49 @@ def ensure_prometheus() -> tuple[str | None, str]:
     if found:
         return found, ""
     if shutil.which("apt-get") is None:
-        return None, "prometheus is not on PATH and there is no apt-get to install Debian's `prometheus` package"
+        return (
+            None,
+            "prometheus is not on PATH and there is no apt-get to install Debian's `prometheus` package",
+        )
     if os.geteuid() != 0:
-        return None, "prometheus is not on PATH and installing Debian's `prometheus` package needs root (run `make prometheus` as root)"
+        return (
+            None,
+            "prometheus is not on PATH and installing Debian's `prometheus` package needs root (run `make prometheus` as root)",
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", "prometheus"]
+    install = [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=300",
+        "prometheus",
+    ]
     try:
         proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
         if proc.returncode != 0:  # the package lists may be missing or stale
-            subprocess.run(["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"], env=env, capture_output=True, timeout=APT_TIMEOUT_S)
+            subprocess.run(
+                ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"],
+                env=env,
+                capture_output=True,
+                timeout=APT_TIMEOUT_S,
+            )
             proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"installing Debian's `prometheus` package failed: {exc}"
-    found = shutil.which("prometheus") or (os.path.exists("/usr/bin/prometheus") and "/usr/bin/prometheus") or None
+    found = (
+        shutil.which("prometheus")
+        or (os.path.exists("/usr/bin/prometheus") and "/usr/bin/prometheus")
+        or None
+    )
     if not found:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        return None, f"`apt-get install prometheus` did not give a prometheus binary (exit {proc.returncode}): {' | '.join(tail)}"
+        return (
+            None,
+            f"`apt-get install prometheus` did not give a prometheus binary (exit {proc.returncode}): {' | '.join(tail)}",
+        )
     return found, ""
 
 
@@ -68,7 +95,9 @@ class Prometheus:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"prometheus exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
                     if resp.status == 200:

@@ -69,7 +69,16 @@ def test_only_the_transport_touches_grpc_and_protobuf() -> None:
 
 def test_the_aggregators_domain_never_imports_torch() -> None:
     """The Federation works on flat vectors and a layout; only the built-in evaluation loads torch (lazily)."""
-    assert offenders("aggregator", ("torch", "fedsqueeze.models", "fedsqueeze.training"), {"aggregator/evaluation.py"}) == []
+    assert (
+        offenders(
+            "aggregator", ("torch", "fedsqueeze.models", "fedsqueeze.training"), {"aggregator/evaluation.py"}
+        )
+        == []
+    )
     evaluation = ROOT / "aggregator" / "evaluation.py"
-    top_level = [n for n in ast.parse(evaluation.read_text()).body if isinstance(n, ast.Import | ast.ImportFrom)]
-    assert not [n for n in top_level if "torch" in ast.dump(n) or "models" in ast.dump(n) or "training" in ast.dump(n)]
+    top_level = [
+        n for n in ast.parse(evaluation.read_text()).body if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    assert not [
+        n for n in top_level if "torch" in ast.dump(n) or "models" in ast.dump(n) or "training" in ast.dump(n)
+    ]

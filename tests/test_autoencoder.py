@@ -21,7 +21,9 @@ from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan, PlanError
 
 N = 15_010  # the digits MLP
-LAYOUT = Layout.of({"w": np.zeros((200, 64)), "b": np.zeros(200), "w2": np.zeros((10, 200)), "b2": np.zeros(10)})
+LAYOUT = Layout.of(
+    {"w": np.zeros((200, 64)), "b": np.zeros(200), "w2": np.zeros((10, 200)), "b2": np.zeros(10)}
+)
 
 
 def random_ae(stage: Autoencoder, n: int, seed: int = 0) -> tuple[dict, dict]:
@@ -49,9 +51,9 @@ def test_layout_is_the_digits_mlp() -> None:
     [
         "ae",
         "ae:variant=chunked,latent=2,chunk=512",
-        'ae:hidden=[16],latent=8,bits=4,correction=0.01',
+        "ae:hidden=[16],latent=8,bits=4,correction=0.01",
         "ae:what=weights,correction=0",
-        'ae:variant=chunked,hidden=[8],latent=2,chunk=256,refine=false',
+        "ae:variant=chunked,hidden=[8],latent=2,chunk=256,refine=false",
     ],
 )
 def test_round_trip_keeps_sender_and_receiver_in_sync(chain: str) -> None:
@@ -124,7 +126,10 @@ def test_interleaved_rice_positions_round_trip() -> None:
     for n, k in ((15010, 30), (100, 100), (1000, 1), (5, 0), (1 << 20, 2000), (7, 3)):
         idx = np.sort(rng.choice(n, size=k, replace=False))
         b, bits = encode_interleaved(idx, n)
-        for start, pad in ((0, np.zeros(0, np.uint8)), (5, np.ones(5, np.uint8))):  # at an offset, with bits after
+        for start, pad in (
+            (0, np.zeros(0, np.uint8)),
+            (5, np.ones(5, np.uint8)),
+        ):  # at an offset, with bits after
             stream = np.concatenate([np.zeros(start, np.uint8), bits, pad, np.ones(3, np.uint8)])
             out, end = decode_interleaved(stream, start, k, b, n, "test")
             assert np.array_equal(out, idx) and end == start + len(bits)
@@ -168,7 +173,9 @@ def test_decoder_validation() -> None:
 
 
 def test_plan_fills_the_stage_from_prepass_and_checks_consistency() -> None:
-    plan = Plan.from_json({"uplink": {"chain": "ae:bits=4"}, "prepass": {"enabled": True, "latent": 16, "correction": 0.001}})
+    plan = Plan.from_json(
+        {"uplink": {"chain": "ae:bits=4"}, "prepass": {"enabled": True, "latent": 16, "correction": 0.001}}
+    )
     stage = find_stage(LinkChains.from_plan(plan).uplink)[1]
     assert (stage.latent, stage.bits, stage.correction, stage.what) == (16, 4, 0.001, "update")
     with pytest.raises(PlanError, match="prepass.enabled"):
@@ -190,10 +197,14 @@ def test_savings_ratio_matches_hand_computed_values() -> None:
     assert sv.savings_ratio(s, 20, 4, "shared") == pytest.approx(4.8e6 / 1.008e6)
     # case (b): cost 4e6 -> 4.8e6 / 4.008e6, independent of C
     assert sv.savings_ratio(s, 20, 4, "per_collaborator") == pytest.approx(4.8e6 / 4.008e6)
-    assert sv.savings_ratio(s, 20, 40, "per_collaborator") == pytest.approx(sv.savings_ratio(s, 20, 4, "per_collaborator"))
+    assert sv.savings_ratio(s, 20, 40, "per_collaborator") == pytest.approx(
+        sv.savings_ratio(s, 20, 4, "per_collaborator")
+    )
     # break-even (b): R* = D / (O - S) = 1e6 / 59900 = 16.69 -> 17 rounds
     assert sv.break_even_rounds(s, 4, "per_collaborator") == 17
-    assert sv.savings_ratio(s, 17, 4, "per_collaborator") >= 1 > sv.savings_ratio(s, 16, 4, "per_collaborator")
+    assert (
+        sv.savings_ratio(s, 17, 4, "per_collaborator") >= 1 > sv.savings_ratio(s, 16, 4, "per_collaborator")
+    )
     # break-even (a): C* = D / (R (O - S)) = 1e6 / (5 * 59900) = 3.34 -> 4 collaborators for 5 rounds
     assert sv.break_even_collaborators(s, 5, "shared") == 4
     assert sv.break_even_rounds(s, 4, "shared") == 5  # 1e6 / (4 * 59900) = 4.17

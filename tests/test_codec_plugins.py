@@ -34,7 +34,9 @@ def install_example(site: Path) -> None:
     shutil.copy(EXAMPLE / "fedsqueeze_example_codec.py", site)
     info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
     lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{name} = {target}" for name, target in points.items()]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
@@ -70,7 +72,9 @@ def test_an_installed_plugin_is_registered_and_keeps_the_codec_contract(example_
 
 
 @pytest.mark.slow
-def test_a_plugin_codec_works_in_a_federation_over_grpc(example_installed: Path, tmp_path: Path, procs: list) -> None:
+def test_a_plugin_codec_works_in_a_federation_over_grpc(
+    example_installed: Path, tmp_path: Path, procs: list
+) -> None:
     plan = {"rounds": 4, "collaborators": {"min": 2, "join_timeout_s": 120}, "training": {"local_epochs": 2, "lr": 0.1},
             "uplink": {"chain": "ef | topk:0.1 | absmax8 | entropy"}, "downlink": {"chain": "residual | absmax8 | entropy"},
             "round_timeout_s": 120}  # fmt: skip
@@ -81,7 +85,9 @@ def test_a_plugin_codec_works_in_a_federation_over_grpc(example_installed: Path,
         assert p.wait(timeout=60) == 0, (tmp_path / "c0.log").read_text()
     data = json.loads(report.read_text())
     assert "absmax8" in data["uplink_chain"] and "absmax8" in data["downlink_chain"]
-    assert [r["status"] for r in data["rounds"]] == ["ok"] * 4 and all(r["participants"] == 2 for r in data["rounds"])
+    assert [r["status"] for r in data["rounds"]] == ["ok"] * 4 and all(
+        r["participants"] == 2 for r in data["rounds"]
+    )
     s = data["summary"]
     assert s["final_accuracy"] > 0.8
     assert s["up_ratio"] > 20 and s["down_ratio"] > 3

@@ -64,8 +64,12 @@ def test_docker_compose_1_29_accepts_the_files(tools) -> None:
         config = yaml.safe_load(proc.stdout)
         assert set(config["services"]) == {"aggregator", "collaborator", "prometheus", "grafana"}, version
     assert config["services"]["grafana"]["profiles"] == ["grafana"]  # left out unless asked for
-    plans = [v for v in config["services"]["aggregator"]["volumes"] if v.endswith(":/etc/fedsqueeze/plan.json:ro")]
-    assert len(plans) == 1 and plans[0].endswith("/deploy/compose-test/plan.json:/etc/fedsqueeze/plan.json:ro"), plans
+    plans = [
+        v for v in config["services"]["aggregator"]["volumes"] if v.endswith(":/etc/fedsqueeze/plan.json:ro")
+    ]
+    assert len(plans) == 1 and plans[0].endswith(
+        "/deploy/compose-test/plan.json:/etc/fedsqueeze/plan.json:ro"
+    ), plans
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
@@ -96,10 +100,14 @@ class Deployment:
         except ValueError:
             return None
 
-    def wait_report(self, what: str, check: Callable[[dict[str, Any]], bool], timeout: float = 300) -> dict[str, Any]:
+    def wait_report(
+        self, what: str, check: Callable[[dict[str, Any]], bool], timeout: float = 300
+    ) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
             state = self.compose.inspect(self.aggregator)["State"]
-            assert state["Status"] in ("running", "restarting"), f"the aggregator is {state['Status']}:\n{self.compose.logs(self.aggregator)}"
+            assert state["Status"] in ("running", "restarting"), (
+                f"the aggregator is {state['Status']}:\n{self.compose.logs(self.aggregator)}"
+            )
             report = self.report()
             return report if report and check(report) else None
 
@@ -118,7 +126,9 @@ class Deployment:
         return proc.returncode == 0 and "SERVING" in proc.stdout
 
     def query(self, expr: str, at: float) -> list[dict[str, Any]]:
-        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"})
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr, "time": f"{at:.3f}"}
+        )
         body = h.http_json(url)
         assert body["status"] == "success", body
         return body["data"]["result"]  # type: ignore[no-any-return]
@@ -165,7 +175,10 @@ def run_federation(d: Deployment, collaborators: list[str]) -> None:
     h.log(f"aggregator restarted (SIGTERM, then started again) after round {before}")
     # Fault 2: as soon as the restarted aggregator has finished a round, one collaborator's container
     # is killed: rounds run back to back, so it dies in an open round.
-    report = d.wait_report("the restarted aggregator's first round", lambda r: bool(r.get("resumed_after_round")) and len(r["rounds"]) > r["resumed_after_round"][-1])
+    report = d.wait_report(
+        "the restarted aggregator's first round",
+        lambda r: bool(r.get("resumed_after_round")) and len(r["rounds"]) > r["resumed_after_round"][-1],
+    )
     victim = collaborators[1]
     d.docker("kill", victim)
     killed_after, resumed = len(report["rounds"]), report["resumed_after_round"][-1]
@@ -186,7 +199,9 @@ def run_federation(d: Deployment, collaborators: list[str]) -> None:
 
     # The survivors leave when the federation is done (exit 0 after --metrics-linger): no restart.
     survivors = [c for c in collaborators if c != victim]
-    wait_until("the collaborators to exit", lambda: all(d.state(c)["Status"] == "exited" for c in survivors), 120)
+    wait_until(
+        "the collaborators to exit", lambda: all(d.state(c)["Status"] == "exited" for c in survivors), 120
+    )
     for c in survivors:
         state = d.state(c)
         assert (state["ExitCode"], state["RestartCount"]) == (0, 0), (state, d.compose.logs(c))
@@ -204,7 +219,9 @@ def check_report(d: Deployment, report: dict[str, Any], resumed: int, killed_aft
     assert report["summary"]["final_accuracy"] > 0.85
     # The victim's round waited for its deadline and closed with the other three; later rounds select those.
     dropped = [r for r in rounds if r["dropped"]]
-    assert len(dropped) == 1 and dropped[0]["dropped"] == 1 and dropped[0]["participants"] == COLLABORATORS - 1, dropped
+    assert (
+        len(dropped) == 1 and dropped[0]["dropped"] == 1 and dropped[0]["participants"] == COLLABORATORS - 1
+    ), dropped
     lost_round = dropped[0]["round"]
     assert lost_round > killed_after
     assert all(r["participants"] == COLLABORATORS for r in rounds[:resumed])
@@ -253,7 +270,11 @@ def check_prometheus(d: Deployment, report: dict[str, Any], resumed: int, done: 
         (m["metric"]["direction"], m["metric"]["kind"]): float(m["value"][1])
         for m in d.query(f"sum by (direction, kind) (fedsqueeze_bytes_total{{{AGG}}})", at)
     }
-    expected = {(key.split("_")[0], key.split("_")[1]): float(sum(r["bytes"][key] for r in after)) for key in KEYS if key != "decoder"}
+    expected = {
+        (key.split("_")[0], key.split("_")[1]): float(sum(r["bytes"][key] for r in after))
+        for key in KEYS
+        if key != "decoder"
+    }
     assert counted == {**expected, ("up", "decoder"): 0.0}
     assert [float(m["value"][1]) for m in d.query(f"fedsqueeze_round{{{AGG}}}", at)] == [ROUNDS]
     empty = []
@@ -263,7 +284,9 @@ def check_prometheus(d: Deployment, report: dict[str, Any], resumed: int, done: 
         if not finite:
             empty.append((title, expr))
     assert not empty, f"dashboard queries without data: {empty}"
-    h.log(f"Prometheus: every target up, {len(exprs)} dashboard expressions with data, the aggregator's counters match")
+    h.log(
+        f"Prometheus: every target up, {len(exprs)} dashboard expressions with data, the aggregator's counters match"
+    )
 
 
 def test_compose_deployment(tools, tmp_path: Path) -> None:
@@ -286,7 +309,14 @@ def test_compose_deployment(tools, tmp_path: Path) -> None:
         h.log(f"{image}: {size / 1e9:.2f} GB ({timings['fedsqueeze image']:.0f} s)")
         t0 = time.monotonic()
         prometheus = yaml.safe_load(h.TEST_OVERRIDE.read_text())["services"]["prometheus"]["image"]
-        h.build(engine, h.PROMETHEUS_DOCKERFILE, h.PROMETHEUS_DOCKERFILE.parent, prometheus, {"BASE_IMAGE": base}, build_log)
+        h.build(
+            engine,
+            h.PROMETHEUS_DOCKERFILE,
+            h.PROMETHEUS_DOCKERFILE.parent,
+            prometheus,
+            {"BASE_IMAGE": base},
+            build_log,
+        )
         timings["Prometheus image"] = time.monotonic() - t0
 
         agg_port, prom_port = h.free_port(), h.free_port()
@@ -297,8 +327,15 @@ def test_compose_deployment(tools, tmp_path: Path) -> None:
         down = False
         try:
             compose("up", "-d", "--no-build", "--scale", f"collaborator={COLLABORATORS}")
-            services = {s: compose.containers(s) for s in ("aggregator", "collaborator", "prometheus", "grafana")}
-            assert {s: len(c) for s, c in services.items()} == {"aggregator": 1, "collaborator": COLLABORATORS, "prometheus": 1, "grafana": 0}
+            services = {
+                s: compose.containers(s) for s in ("aggregator", "collaborator", "prometheus", "grafana")
+            }
+            assert {s: len(c) for s, c in services.items()} == {
+                "aggregator": 1,
+                "collaborator": COLLABORATORS,
+                "prometheus": 1,
+                "grafana": 0,
+            }
             run_federation(Deployment(compose, agg_port, prom_port), services["collaborator"])
             timings["federation with faults"] = time.monotonic() - t0
 
@@ -314,7 +351,9 @@ def test_compose_deployment(tools, tmp_path: Path) -> None:
             dump = tmp_path / "containers.log"
             with dump.open("w") as f:
                 for container in compose.containers():
-                    f.write(f"==== {container[:12]} {compose.inspect(container)['Name']}\n{compose.logs(container, 400)}\n")
+                    f.write(
+                        f"==== {container[:12]} {compose.inspect(container)['Name']}\n{compose.logs(container, 400)}\n"
+                    )
             h.log(f"failed; container logs in {dump}, compose output in {compose_log}, builds in {build_log}")
             raise
         finally:
@@ -323,4 +362,6 @@ def test_compose_deployment(tools, tmp_path: Path) -> None:
     finally:
         engine.stop()
     timings["total"] = time.monotonic() - started
-    h.log("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; image {size / 1e9:.2f} GB")
+    h.log(
+        "timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; image {size / 1e9:.2f} GB"
+    )

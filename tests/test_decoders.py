@@ -51,7 +51,9 @@ def upload(stub, cred, blob: bytes, arch: dict, size: int | None = None):
     sizes = {k: int(v) for k, v in arch["sizes"].items()}
     hdr = pb.DecoderHeader(credentials=cred, architecture=pb.DecoderArchitecture(kind=arch["kind"], sizes=sizes),
                            size=len(blob) if size is None else size)  # fmt: skip
-    parts = [pb.UploadDecoderRequest(header=hdr)] + [pb.UploadDecoderRequest(chunk=blob[i : i + (1 << 20)]) for i in range(0, len(blob), 1 << 20)]
+    parts = [pb.UploadDecoderRequest(header=hdr)] + [
+        pb.UploadDecoderRequest(chunk=blob[i : i + (1 << 20)]) for i in range(0, len(blob), 1 << 20)
+    ]
     return stub.UploadDecoder(iter(parts), timeout=30)
 
 
@@ -73,32 +75,55 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
     big = decoder_to_bytes(dec, a.collaborator_id) + b"\x00" * (fed.prepass.max_bytes + 10)
     cases = {
         "pickled": (pickle.dumps(dec), arch),
-        "extra key": (decoder_to_bytes({**dec, "dec.1.weight": np.zeros((2, 2), np.float32)}, a.collaborator_id), arch),
+        "extra key": (
+            decoder_to_bytes({**dec, "dec.1.weight": np.zeros((2, 2), np.float32)}, a.collaborator_id),
+            arch,
+        ),
         "missing key": (decoder_to_bytes({"dec.0.weight": dec["dec.0.weight"]}, a.collaborator_id), arch),
-        "wrong shape": (decoder_to_bytes({**dec, "dec.0.weight": np.zeros((n, 5), np.float32)}, a.collaborator_id), arch),
+        "wrong shape": (
+            decoder_to_bytes({**dec, "dec.0.weight": np.zeros((n, 5), np.float32)}, a.collaborator_id),
+            arch,
+        ),
         "NaN": (decoder_to_bytes(nan, a.collaborator_id), arch),
         "size cap": (big, arch),
         "another collaborator's decoder": (decoder_to_bytes(dec, b.collaborator_id), arch),
         "unbound decoder": (decoder_to_bytes(dec), arch),
-        "kind not allowed": (decoder_to_bytes(dec, a.collaborator_id), {"kind": "pickle", "sizes": arch["sizes"]}),
-        "sizes not the plan's": (decoder_to_bytes(dec, a.collaborator_id), {"kind": "dense", "sizes": {**arch["sizes"], "latent": 5}}),
+        "kind not allowed": (
+            decoder_to_bytes(dec, a.collaborator_id),
+            {"kind": "pickle", "sizes": arch["sizes"]},
+        ),
+        "sizes not the plan's": (
+            decoder_to_bytes(dec, a.collaborator_id),
+            {"kind": "dense", "sizes": {**arch["sizes"], "latent": 5}},
+        ),
     }
     for name, (blob, arc) in cases.items():
-        assert code_of(lambda blob=blob, arc=arc: upload(stub, a, blob, arc)) == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert (
+            code_of(lambda blob=blob, arc=arc: upload(stub, a, blob, arc)) == grpc.StatusCode.INVALID_ARGUMENT
+        ), name
     # A's token with B's id: not B.
     forged = pb.Credentials(collaborator_id=b.collaborator_id, token=a.token)
-    assert code_of(lambda: upload(stub, forged, decoder_to_bytes(dec, b.collaborator_id), arch)) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        code_of(lambda: upload(stub, forged, decoder_to_bytes(dec, b.collaborator_id), arch))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert not fed.prepass.installed
 
     good = decoder_to_bytes(dec, a.collaborator_id)
     assert upload(stub, a, good, arch).bytes_received == len(good)
-    assert code_of(lambda: upload(stub, a, good, arch)) == grpc.StatusCode.ALREADY_EXISTS  # no re-training in this plan
-    assert np.array_equal(fed.links.link(a.collaborator_id).up.stage(index)["dec.0.weight"], dec["dec.0.weight"])
+    assert (
+        code_of(lambda: upload(stub, a, good, arch)) == grpc.StatusCode.ALREADY_EXISTS
+    )  # no re-training in this plan
+    assert np.array_equal(
+        fed.links.link(a.collaborator_id).up.stage(index)["dec.0.weight"], dec["dec.0.weight"]
+    )
     assert "dec.0.weight" not in fed.links.link(b.collaborator_id).up.stage(index)
 
     # Still serving.
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation"))
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation")
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     channel.close()
 
@@ -112,7 +137,9 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
     tx.stage(index).update({**enc, **dec})
     data = fed.up_chain.encode((rng.standard_normal(n) * 0.01).astype(np.float32), fed.layout, tx).data
     blob = payload_to_bytes(Payload(data=data, fingerprint=fed.up_fingerprint))
-    hdr = pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=a, round=1, num_samples=10, payload_size=len(blob)))
+    hdr = pb.SubmitUpdateRequest(
+        header=pb.UpdateHeader(credentials=a, round=1, num_samples=10, payload_size=len(blob))
+    )
     resp = stub.SubmitUpdate(iter([hdr, pb.SubmitUpdateRequest(chunk=blob)]), timeout=10)
     assert resp.accepted and resp.bytes_received == len(blob) < 130
     report = fed.report.to_json()

@@ -85,7 +85,10 @@ def test_compose_services_fit_together() -> None:
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/fedsqueeze.yml").read_text())
     assert grafana["./grafana/dashboards"] == provider["providers"][0]["options"]["path"]
     assert grafana["./grafana/provisioning"] == "/etc/grafana/provisioning"
-    assert dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])["./prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert (
+        dict(v.split(":")[:2] for v in services["prometheus"]["volumes"])["./prometheus.yml"]
+        == "/etc/prometheus/prometheus.yml"
+    )
 
 
 def compose_client() -> list[str] | None:
@@ -99,10 +102,14 @@ def compose_client() -> list[str] | None:
 def test_docker_compose_config_accepts_the_file() -> None:
     client = compose_client()
     if client is None:
-        pytest.skip("no compose client here (`docker compose` plugin or docker-compose); the schema test covers the file")
+        pytest.skip(
+            "no compose client here (`docker compose` plugin or docker-compose); the schema test covers the file"
+        )
     for files in (COMPOSE_FILES[:1], COMPOSE_FILES):
         args = [a for f in files for a in ("-f", str(f))]
-        proc = subprocess.run([*client, *args, "config", "--quiet"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*client, *args, "config", "--quiet"], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
 
 
@@ -120,7 +127,9 @@ def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
     return [(p.name, doc) for p in K8S_FILES for doc in yaml.safe_load_all(p.read_text()) if doc]
 
 
-@pytest.mark.parametrize(("name", "doc"), k8s_documents(), ids=lambda v: v if isinstance(v, str) else v.get("kind"))
+@pytest.mark.parametrize(
+    ("name", "doc"), k8s_documents(), ids=lambda v: v if isinstance(v, str) else v.get("kind")
+)
 def test_kubernetes_manifest_matches_the_schema(name, doc) -> None:
     import kubernetes_validate
 
@@ -148,11 +157,15 @@ def test_kubernetes_resources_fit_together() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == 50051  # the gRPC health service
     assert ("Service", agg["spec"]["serviceName"]) in kinds
-    collab = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "fedsqueeze-collaborator")
+    collab = next(
+        d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "fedsqueeze-collaborator"
+    )
     assert collab["spec"]["replicas"] >= 2
     args = collab["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--server={agg['spec']['serviceName']}:50051" in args
-    plan = json.loads(next(d for _, d in docs if d["metadata"]["name"] == "fedsqueeze-plan")["data"]["plan.json"])
+    plan = json.loads(
+        next(d for _, d in docs if d["metadata"]["name"] == "fedsqueeze-plan")["data"]["plan.json"]
+    )
     assert plan["collaborators"]["min"] <= collab["spec"]["replicas"]
 
 
@@ -207,7 +220,9 @@ def test_prometheus_configs_pass_promtool(tmp_path) -> None:
     if promtool is None:
         pytest.skip("promtool is not installed (`make prometheus` installs Debian's prometheus package)")
     for path in prometheus_configs(tmp_path):
-        proc = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         jobs = {j["job_name"] for j in yaml.safe_load(path.read_text())["scrape_configs"]}
         assert jobs == {"fedsqueeze-aggregator", "fedsqueeze-collaborator"}  # the dashboard selects on these
@@ -215,7 +230,9 @@ def test_prometheus_configs_pass_promtool(tmp_path) -> None:
 
 def test_dashboard_has_the_issues_panels_on_the_provisioned_datasource() -> None:
     dashboard = json.loads((DEPLOY / "grafana/dashboards/fedsqueeze.json").read_text())
-    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
     uid = datasources[0]["uid"]
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     titles = " | ".join(p["title"].lower() for p in panels)

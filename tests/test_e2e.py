@@ -50,12 +50,26 @@ def test_federation_learns_and_counts_bytes_exactly(tmp_path, procs) -> None:
 
 def test_collaborator_started_first_waits_and_retries(tmp_path, procs) -> None:
     port = free_port()
-    collab = spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress"], log=tmp_path / "c.log")
+    collab = spawn(
+        ["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--no-progress"],
+        log=tmp_path / "c.log",
+    )
     procs.append(collab)
     time.sleep(3)
     assert collab.poll() is None, "the collaborator must keep retrying"
     write_plan(tmp_path / "plan.json", rounds=1, collaborators={"min": 1})
-    agg = spawn(["fedsqueeze.aggregator", "serve", "--port", str(port), "--host", "127.0.0.1", "--plan", str(tmp_path / "plan.json")])
+    agg = spawn(
+        [
+            "fedsqueeze.aggregator",
+            "serve",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--plan",
+            str(tmp_path / "plan.json"),
+        ]
+    )
     procs.append(agg)
     assert collab.wait(timeout=120) == 0, (tmp_path / "c.log").read_text()
     assert agg.wait(timeout=60) == 0
@@ -64,7 +78,9 @@ def test_collaborator_started_first_waits_and_retries(tmp_path, procs) -> None:
 def test_closed_port_gives_up_with_one_line(tmp_path) -> None:
     port = free_port()
     start = time.monotonic()
-    proc = spawn(["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--connect-timeout", "3"])
+    proc = spawn(
+        ["fedsqueeze.collaborator", "join", "--server", f"127.0.0.1:{port}", "--connect-timeout", "3"]
+    )
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert time.monotonic() - start < 30
@@ -74,7 +90,11 @@ def test_closed_port_gives_up_with_one_line(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{not json", "not valid JSON"), ('{"rounds": -1}', "rounds must be in"), ('{"uplink": {"chain": "topq"}}', "unknown codec")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"rounds": -1}', "rounds must be in"),
+        ('{"uplink": {"chain": "topq"}}', "unknown codec"),
+    ],
 )
 def test_malformed_plan_exits_nonzero_naming_the_problem(tmp_path, content, message) -> None:
     (tmp_path / "plan.json").write_text(content)

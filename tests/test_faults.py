@@ -134,7 +134,9 @@ def test_the_fault_sequence_that_lost_a_federation_now_completes(tmp_path, procs
     agg2 = spawn(agg_cmd(port, tmp_path, *enroll), log=tmp_path / "agg2.log")
     procs.append(agg2)
     deadline = time.monotonic() + 300
-    while "resuming with 5 of the 6 members" not in (tmp_path / "agg2.log").read_text():  # it does not wait for the dead one
+    while (
+        "resuming with 5 of the 6 members" not in (tmp_path / "agg2.log").read_text()
+    ):  # it does not wait for the dead one
         assert agg2.poll() is None and time.monotonic() < deadline, (tmp_path / "agg2.log").read_text()
         time.sleep(0.2)
     returned = collaborator(1)  # the dead one comes back, as the same member

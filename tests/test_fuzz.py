@@ -100,10 +100,15 @@ class Cases:
             "zstd trailing": self.good + b"\x00" * 9,
             "wire version": b"\x07" + good[1:],
         }
-        self.pickles = [pickle.dumps(o) for o in ({"w": [1.0] * 10}, np.zeros(10), list(range(50)), "x" * 100, (1, 2, {3: 4}))]
+        self.pickles = [
+            pickle.dumps(o)
+            for o in ({"w": [1.0] * 10}, np.zeros(10), list(range(50)), "x" * 100, (1, 2, {3: 4}))
+        ]
 
     def payload(self, data: bytes, fingerprint: int | None = None, codec: str = "") -> bytes:
-        msg = payload_to_proto(Payload(data=data, fingerprint=self.fp if fingerprint is None else fingerprint))
+        msg = payload_to_proto(
+            Payload(data=data, fingerprint=self.fp if fingerprint is None else fingerprint)
+        )
         if codec:
             msg.codec = codec
         return msg.SerializeToString()
@@ -113,7 +118,9 @@ class Cases:
         hdr = pb.UpdateHeader(credentials=cred or self.cred, round=round_number, num_samples=samples,
                               payload_size=len(blob) if declared is None else declared)  # fmt: skip
         size = chunk or max(1, len(blob))
-        return [pb.SubmitUpdateRequest(header=hdr)] + [pb.SubmitUpdateRequest(chunk=blob[i : i + size]) for i in range(0, len(blob), size)]
+        return [pb.SubmitUpdateRequest(header=hdr)] + [
+            pb.SubmitUpdateRequest(chunk=blob[i : i + size]) for i in range(0, len(blob), size)
+        ]
 
     def one(self, i: int) -> tuple[str, list]:
         r = self.rng
@@ -135,9 +142,13 @@ class Cases:
             return "truncated codec data", self.stream(self.payload(self.good[:cut]))
         if kind == 5:
             blob = self.payload(self.good)
-            return "stream shorter than declared", self.stream(blob, declared=len(blob) + r.randrange(1, 1000), chunk=4096)
+            return "stream shorter than declared", self.stream(
+                blob, declared=len(blob) + r.randrange(1, 1000), chunk=4096
+            )
         if kind == 6:
-            return "huge declared size", self.stream(b"", declared=r.choice([1 << 31, 1 << 40, (1 << 63) - 1, -1]))
+            return "huge declared size", self.stream(
+                b"", declared=r.choice([1 << 31, 1 << 40, (1 << 63) - 1, -1])
+            )
         if kind == 7:
             name = r.choice(list(self.bodies))
             return name, self.stream(self.payload(self.bodies[name]))
@@ -150,10 +161,16 @@ class Cases:
         if kind == 10:
             header = bytearray(self.prefix)
             j = r.randrange(1, len(header))
-            header[j] = (header[j] + r.randrange(1, 256)) % 256 | 0x80  # varint continuation: the lengths run off
-            return "corrupt side headers", self.stream(self.payload(bytes(header) + self.good[len(self.prefix):]))
+            header[j] = (
+                header[j] + r.randrange(1, 256)
+            ) % 256 | 0x80  # varint continuation: the lengths run off
+            return "corrupt side headers", self.stream(
+                self.payload(bytes(header) + self.good[len(self.prefix) :])
+            )
         if kind == 11:
-            return "no header", [pb.SubmitUpdateRequest(chunk=r.randbytes(r.randrange(0, 64)))] * r.randrange(1, 4)
+            return "no header", [pb.SubmitUpdateRequest(chunk=r.randbytes(r.randrange(0, 64)))] * r.randrange(
+                1, 4
+            )
         if kind == 12:
             return "two headers", self.stream(self.payload(self.good))[:1] * 2
         if kind == 13:
@@ -251,10 +268,16 @@ def test_malformed_messages_over_grpc(server) -> None:
     # Other RPCs with hostile fields.
     call(lambda: stub.Join(pb.JoinRequest(name="x" * 10_000), timeout=10))
     call(lambda: stub.Join(pb.JoinRequest(name="x", num_samples=-1), timeout=10))
-    call(lambda: stub.GetTask(pb.GetTaskRequest(credentials=pb.Credentials(collaborator_id="x" * 1000, token="y")), timeout=10))
+    call(
+        lambda: stub.GetTask(
+            pb.GetTaskRequest(credentials=pb.Credentials(collaborator_id="x" * 1000, token="y")), timeout=10
+        )
+    )
     call(lambda: stub.Leave(pb.LeaveRequest(), timeout=10))
     assert sum(codes.values()) >= 300
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation"))
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation")
+    )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     resp = stub.SubmitUpdate(iter(cases.stream(cases.payload(cases.good))), timeout=10)
     assert resp.accepted

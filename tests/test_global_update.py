@@ -48,8 +48,13 @@ def test_without_a_chain_the_proposal_is_applied_as_is() -> None:
 
 
 def test_plan_field_is_checked_and_hashed() -> None:
-    plan = make_plan(downlink={"chain": "residual | lattice:0.001 | entropy", "update_chain": "ef | topk:0.01"})
-    assert str(LinkChains.from_plan(plan).global_update) == "ef:decay=1.0 | topk:fraction=0.01,count=null,scope=\"global\",positions=\"rice\""
+    plan = make_plan(
+        downlink={"chain": "residual | lattice:0.001 | entropy", "update_chain": "ef | topk:0.01"}
+    )
+    assert (
+        str(LinkChains.from_plan(plan).global_update)
+        == 'ef:decay=1.0 | topk:fraction=0.01,count=null,scope="global",positions="rice"'
+    )
     assert plan.sha256 != make_plan(downlink={"chain": "residual | lattice:0.001 | entropy"}).sha256
     assert LinkChains.from_plan(make_plan()).global_update is None
     with pytest.raises(PlanError, match="downlink.update_chain: unknown codec"):
@@ -80,11 +85,15 @@ def test_partial_participation_catch_up_keeps_every_collaborator_within_half_a_s
     assert len(rounds) == 6 and all(r.status == "ok" for r in rounds)
     for member, step in zip(sim.members, sim.steps, strict=True):
         receiver = step.states.down
-        assert receiver.fingerprint() == fed.links.link(member.collaborator_id).down.fingerprint()  # both sides hold the same copy
+        assert (
+            receiver.fingerprint() == fed.links.link(member.collaborator_id).down.fingerprint()
+        )  # both sides hold the same copy
         copy = receiver.stage(0)["history"][-1]
         assert np.abs(copy.astype(np.float64) - seen[member.collaborator_id][-1]).max() <= STEP / 2 * 1.001
     later = [r for r in rounds[1:] if r.bytes["down_raw"]]
     # After the first full model, catch-ups carry a few per cent of the coordinates: far below 4 bytes each.
     assert sum(r.bytes["down_wire"] for r in later) < 0.15 * sum(r.bytes["down_raw"] for r in later)
     assert fed.report.summary()["final_accuracy"] > 0.5
-    assert np.count_nonzero(fed.global_update.state.stage(0)["memory"]) > 0  # what was not applied is delayed, not lost
+    assert (
+        np.count_nonzero(fed.global_update.state.stage(0)["memory"]) > 0
+    )  # what was not applied is delayed, not lost

@@ -39,7 +39,9 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def start_aggregator(tmp_path: Path, procs: list, plan: dict, *extra: str, verbose: bool = False) -> tuple[int, object]:
+def start_aggregator(
+    tmp_path: Path, procs: list, plan: dict, *extra: str, verbose: bool = False
+) -> tuple[int, object]:
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     port = free_port()
     agg = spawn(["fedsqueeze.aggregator", *(["-v"] if verbose else []), "serve", "--port", str(port), "--host", "127.0.0.1", "--plan", str(tmp_path / "plan.json"),
@@ -59,7 +61,9 @@ def collaborator(tmp_path: Path, port: int, i: int, *extra: str) -> object:
 
 async def health_ms(channel: grpc.aio.Channel) -> float:
     t0 = time.perf_counter()
-    resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+    resp = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=SERVICE), timeout=5
+    )
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
     return (time.perf_counter() - t0) * 1000
 
@@ -85,7 +89,9 @@ PLAN = {"rounds": 3, "collaborators": {"min": 2, "max": 20, "join_timeout_s": 30
         "training": {"local_epochs": 1}, "keep_serving": True}  # fmt: skip
 
 
-def test_stalled_streams_and_long_poll_floods_do_not_freeze_the_aggregator(tmp_path: Path, procs: list) -> None:
+def test_stalled_streams_and_long_poll_floods_do_not_freeze_the_aggregator(
+    tmp_path: Path, procs: list
+) -> None:
     """Items 1, 2, 4: 200 streams that send nothing, 200 long polls of one identity (wait_ms 2^31-1) and
     streams stalled after a valid header: health answers in well under a second throughout, the flood
     is answered (polls past the identity's limit at once, stalled streams at their timeouts), and a
@@ -99,7 +105,9 @@ def test_stalled_streams_and_long_poll_floods_do_not_freeze_the_aggregator(tmp_p
         cred = pb.Credentials(collaborator_id=joined.collaborator_id, token=joined.token)
         before = rss(agg.pid)  # type: ignore[attr-defined]
         silent = [stub.SubmitUpdate(never()) for _ in range(200)]
-        header = pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=1, num_samples=1, payload_size=1 << 20))
+        header = pb.SubmitUpdateRequest(
+            header=pb.UpdateHeader(credentials=cred, round=1, num_samples=1, payload_size=1 << 20)
+        )
         slow = [stub.SubmitUpdate(never(header)) for _ in range(8)]
         polls = [stub.GetTask(pb.GetTaskRequest(credentials=cred, wait_ms=2**31 - 1)) for _ in range(200)]
         await asyncio.sleep(2)
@@ -117,7 +125,12 @@ def test_stalled_streams_and_long_poll_floods_do_not_freeze_the_aggregator(tmp_p
         for s in slow:
             s.cancel()
         await channel.close()
-        return {"latencies": latencies, "growth": peak - before, "refused_polls": refused_polls, "silent": silent_codes}
+        return {
+            "latencies": latencies,
+            "growth": peak - before,
+            "refused_polls": refused_polls,
+            "silent": silent_codes,
+        }
 
     out = asyncio.run(attack())
     legit_rc = procs[-1].wait(timeout=300)
@@ -125,7 +138,9 @@ def test_stalled_streams_and_long_poll_floods_do_not_freeze_the_aggregator(tmp_p
     report = json.loads((tmp_path / "report.json").read_text())
     assert [r["status"] for r in report["rounds"]] == ["ok"] * 3
     latencies = out["latencies"]
-    print(f"\nhealth during the flood: max {max(latencies):.0f} ms over {len(latencies)} checks; RSS +{out['growth'] / 2**20:.1f} MiB")
+    print(
+        f"\nhealth during the flood: max {max(latencies):.0f} ms over {len(latencies)} checks; RSS +{out['growth'] / 2**20:.1f} MiB"
+    )
     assert max(latencies) < 1000
     assert out["refused_polls"] >= 196  # only the identity's limit of long polls is held
     assert set(out["silent"]) == {grpc.StatusCode.UNAVAILABLE}  # no header within the header timeout: dropped
@@ -139,7 +154,9 @@ def test_decoder_bytes_tiny_chunks_and_cancelled_uploads(tmp_path: Path, procs: 
     port, agg = start_aggregator(tmp_path, procs, {**PLAN, "uplink": {"chain": "fp16 | zstd"}}, verbose=True)
 
     async def attack() -> dict[str, object]:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 << 20)])
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 << 20)]
+        )
         stub = pb_grpc.FederationStub(channel)
         joined = await stub.Join(pb.JoinRequest(name="mallory"))
         cred = pb.Credentials(collaborator_id=joined.collaborator_id, token=joined.token)
@@ -160,7 +177,9 @@ def test_decoder_bytes_tiny_chunks_and_cancelled_uploads(tmp_path: Path, procs: 
         assert task.kind == pb.GetTaskResponse.TRAIN
 
         async def empty_chunks():
-            yield pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=1, num_samples=1, payload_size=1 << 16))
+            yield pb.SubmitUpdateRequest(
+                header=pb.UpdateHeader(credentials=cred, round=1, num_samples=1, payload_size=1 << 16)
+            )
             for _ in range(100_000):
                 yield pb.SubmitUpdateRequest(chunk=b"")
 
@@ -169,7 +188,9 @@ def test_decoder_bytes_tiny_chunks_and_cancelled_uploads(tmp_path: Path, procs: 
         empty_seconds = time.perf_counter() - t0
 
         async def cancelled():
-            yield pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=1, num_samples=1, payload_size=1 << 16))
+            yield pb.SubmitUpdateRequest(
+                header=pb.UpdateHeader(credentials=cred, round=1, num_samples=1, payload_size=1 << 16)
+            )
             yield pb.SubmitUpdateRequest(chunk=bytes(8 << 10))
             await asyncio.Event().wait()
 
@@ -178,7 +199,13 @@ def test_decoder_bytes_tiny_chunks_and_cancelled_uploads(tmp_path: Path, procs: 
         call.cancel()
         await asyncio.sleep(1.0)
         await channel.close()
-        return {"bombs": bombs, "bomb_seconds": bomb_seconds, "growth": growth, "empties": empties, "empty_seconds": empty_seconds}
+        return {
+            "bombs": bombs,
+            "bomb_seconds": bomb_seconds,
+            "growth": growth,
+            "empties": empties,
+            "empty_seconds": empty_seconds,
+        }
 
     out = asyncio.run(attack())
     print(f"\n8 decoder bombs refused in {out['bomb_seconds']:.2f} s, RSS +{out['growth'] / 2**20:.1f} MiB; "
@@ -205,7 +232,10 @@ def test_joins_are_capped_and_admission_tokens_are_enforced(tmp_path: Path, proc
         stub = pb_grpc.FederationStub(channel)
         no_token = await code_of(stub.Join(pb.JoinRequest(name="x")))
         wrong = await code_of(stub.Join(pb.JoinRequest(name="x", join_token="guess")))
-        ids = [(await stub.Join(pb.JoinRequest(name=f"a{i}", join_token="alpha-token-1"))).collaborator_id for i in range(50)]
+        ids = [
+            (await stub.Join(pb.JoinRequest(name=f"a{i}", join_token="alpha-token-1"))).collaborator_id
+            for i in range(50)
+        ]
         beta = (await stub.Join(pb.JoinRequest(name="b", join_token="beta-token-2"))).collaborator_id
         await channel.close()
         return {"no_token": no_token, "wrong": wrong, "ids": ids, "beta": beta}
@@ -217,7 +247,9 @@ def test_joins_are_capped_and_admission_tokens_are_enforced(tmp_path: Path, proc
     # Open joins: at most collaborators.max members.
     capped = tmp_path / "open"
     capped.mkdir()
-    port2, _ = start_aggregator(capped, procs, {**PLAN, "collaborators": {"min": 2, "max": 3, "join_timeout_s": 300}})
+    port2, _ = start_aggregator(
+        capped, procs, {**PLAN, "collaborators": {"min": 2, "max": 3, "join_timeout_s": 300}}
+    )
 
     async def flood() -> list[grpc.StatusCode]:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port2}")

@@ -32,8 +32,18 @@ def test_registries_are_separate_and_the_collaborator_label_is_optional() -> Non
     assert a.registry.get_sample_value("fedsqueeze_bytes_total", {**labels, "collaborator": "c2"}) == 50
     assert b.registry.get_sample_value("fedsqueeze_bytes_total", labels) == 250
     assert b.registry.get_sample_value("fedsqueeze_bytes_total", {**labels, "collaborator": "c1"}) is None
-    assert b.registry.get_sample_value("fedsqueeze_bytes_total", {"direction": "up", "kind": "decoder", "codec": "fp16 | zstd"}) == 0
-    assert b.registry.get_sample_value("fedsqueeze_messages_total", {"direction": "up", "type": "update", "status": "OK"}) == 2
+    assert (
+        b.registry.get_sample_value(
+            "fedsqueeze_bytes_total", {"direction": "up", "kind": "decoder", "codec": "fp16 | zstd"}
+        )
+        == 0
+    )
+    assert (
+        b.registry.get_sample_value(
+            "fedsqueeze_messages_total", {"direction": "up", "type": "update", "status": "OK"}
+        )
+        == 2
+    )
 
 
 def test_round_gauges_and_codec_histograms() -> None:
@@ -73,7 +83,10 @@ def test_endpoint_serves_the_registry_on_a_free_port() -> None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        assert 'fedsqueeze_bytes_total{codec="identity",collaborator="c9",direction="down",kind="wire"} 12.0' in text
+        assert (
+            'fedsqueeze_bytes_total{codec="identity",collaborator="c9",direction="down",kind="wire"} 12.0'
+            in text
+        )
     finally:
         server.shutdown()
 
@@ -81,7 +94,13 @@ def test_endpoint_serves_the_registry_on_a_free_port() -> None:
 @pytest.fixture
 def server():
     plan = Plan.from_json(
-        {"rounds": 2, "collaborators": {"min": 1}, "round_timeout_s": 30, "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}
+        {
+            "rounds": 2,
+            "collaborators": {"min": 1},
+            "round_timeout_s": 30,
+            "uplink": {"chain": "identity"},
+            "downlink": {"chain": "identity"},
+        }
     )
     srv = AggregatorServer(plan, host="127.0.0.1", port=0, metrics=Metrics("aggregator")).start()
     yield srv
@@ -97,10 +116,19 @@ def test_messages_are_counted_by_status_and_health_answers(server, capsys) -> No
     cred = pb.Credentials(collaborator_id=joined.collaborator_id, token=joined.token)
     task = stub.GetTask(pb.GetTaskRequest(credentials=cred, wait_ms=10_000))
     fed = server.federation
-    good = payload_to_proto(Payload(data=b"\x01\x00" + np.zeros(fed.layout.numel, np.float32).tobytes(), fingerprint=fed.up_fingerprint)).SerializeToString()
+    good = payload_to_proto(
+        Payload(
+            data=b"\x01\x00" + np.zeros(fed.layout.numel, np.float32).tobytes(),
+            fingerprint=fed.up_fingerprint,
+        )
+    ).SerializeToString()
 
     def submit(round_number: int, blob: bytes) -> None:
-        hdr = pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=round_number, num_samples=10, payload_size=len(blob)))
+        hdr = pb.SubmitUpdateRequest(
+            header=pb.UpdateHeader(
+                credentials=cred, round=round_number, num_samples=10, payload_size=len(blob)
+            )
+        )
         stub.SubmitUpdate(iter([hdr, pb.SubmitUpdateRequest(chunk=blob)]), timeout=10)
 
     for round_number, blob in ((task.round, b"\xff\x00\x13"), (task.round + 5, good), (task.round, good)):
@@ -110,13 +138,20 @@ def test_messages_are_counted_by_status_and_health_answers(server, capsys) -> No
             pass
     channel.close()
     get = fed.metrics.registry.get_sample_value
-    status = {s: get("fedsqueeze_messages_total", {"direction": "up", "type": "update", "status": s}) for s in ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION")}
+    status = {
+        s: get("fedsqueeze_messages_total", {"direction": "up", "type": "update", "status": s})
+        for s in ("OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION")
+    }
     assert status == {"OK": 1, "INVALID_ARGUMENT": 1, "FAILED_PRECONDITION": 1}
     assert get("fedsqueeze_messages_total", {"direction": "down", "type": "model", "status": "OK"}) == 1
     labels = {"codec": "identity", "collaborator": joined.collaborator_id}
     assert get("fedsqueeze_bytes_total", {**labels, "direction": "up", "kind": "wire"}) == len(good)
-    assert get("fedsqueeze_bytes_total", {**labels, "direction": "down", "kind": "raw"}) == fed.layout.raw_bytes
-    assert get("fedsqueeze_decode_seconds_count", {"direction": "up", "codec": "identity"}) == 1  # the others fail before decoding
+    assert (
+        get("fedsqueeze_bytes_total", {**labels, "direction": "down", "kind": "raw"}) == fed.layout.raw_bytes
+    )
+    assert (
+        get("fedsqueeze_decode_seconds_count", {"direction": "up", "codec": "identity"}) == 1
+    )  # the others fail before decoding
     assert get("fedsqueeze_collaborators_active") == 1
     server.stop(grace=0.1)
     assert fedsqueeze_main(["health", "--server", f"127.0.0.1:{server.port}", "--timeout", "1"]) == 1

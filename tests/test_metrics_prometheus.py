@@ -69,10 +69,15 @@ def scrape_config(agg_port: int, collab_ports: list[int]) -> dict[str, Any]:
     """deploy/prometheus.yml with its job names, scraping loopback every second."""
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
-    targets = {"fedsqueeze-aggregator": [f"127.0.0.1:{agg_port}"], "fedsqueeze-collaborator": [f"127.0.0.1:{p}" for p in collab_ports]}
+    targets = {
+        "fedsqueeze-aggregator": [f"127.0.0.1:{agg_port}"],
+        "fedsqueeze-collaborator": [f"127.0.0.1:{p}" for p in collab_ports],
+    }
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     assert jobs == set(targets), jobs
-    config["scrape_configs"] = [{"job_name": name, "static_configs": [{"targets": t}]} for name, t in targets.items()]
+    config["scrape_configs"] = [
+        {"job_name": name, "static_configs": [{"targets": t}]} for name, t in targets.items()
+    ]
     return config
 
 
@@ -103,7 +108,9 @@ def values(prom: Prometheus, expr: str, at: float, *labels: str) -> dict[tuple[s
 def test_prometheus_scrapes_a_live_federation(tmp_path, procs, prometheus_binary) -> None:
     agg_port, agg_metrics = free_port(), free_port()
     collab_metrics = [free_port() for _ in range(COLLABORATORS)]
-    prom = Prometheus(prometheus_binary, scrape_config(agg_metrics, collab_metrics), tmp_path / "prometheus", free_port())
+    prom = Prometheus(
+        prometheus_binary, scrape_config(agg_metrics, collab_metrics), tmp_path / "prometheus", free_port()
+    )
     try:
         prom.wait_ready()
         version = prom.version()
@@ -123,10 +130,16 @@ def test_prometheus_scrapes_a_live_federation(tmp_path, procs, prometheus_binary
         while True:
             report = read_json(report_path)
             sent = [read_json(tmp_path / f"c{i}.json") for i in range(COLLABORATORS)]
-            if report and len(report["rounds"]) == ROUNDS and all(s and len(s["rounds"]) == ROUNDS for s in sent):
+            if (
+                report
+                and len(report["rounds"]) == ROUNDS
+                and all(s and len(s["rounds"]) == ROUNDS for s in sent)
+            ):
                 break
             assert agg.poll() is None, (tmp_path / "agg.log").read_text()
-            assert time.monotonic() < deadline, "the federation did not finish: " + (tmp_path / "agg.log").read_text()
+            assert time.monotonic() < deadline, (
+                "the federation did not finish: " + (tmp_path / "agg.log").read_text()
+            )
             time.sleep(0.5)
         done = time.time() + 1.0  # the round gauges are set just after the report is written
 
@@ -144,12 +157,16 @@ def test_prometheus_scrapes_a_live_federation(tmp_path, procs, prometheus_binary
         collaborators = {s["collaborator_id"]: s["rounds"] for s in sent if s}
 
         # Byte counters = the run report, exactly.
-        agg_bytes = values(prom, f"sum by (direction, kind) (fedsqueeze_bytes_total{{{AGG}}})", at, "direction", "kind")
+        agg_bytes = values(
+            prom, f"sum by (direction, kind) (fedsqueeze_bytes_total{{{AGG}}})", at, "direction", "kind"
+        )
         assert agg_bytes == {
             ("up", "raw"): summary["up_raw"], ("up", "wire"): summary["up_wire"], ("up", "decoder"): summary["decoder"],
             ("down", "raw"): summary["down_raw"], ("down", "wire"): summary["down_wire"],
         }  # fmt: skip
-        assert summary["up_wire"] < summary["up_raw"] * 0.6 and summary["down_wire"] < summary["down_raw"] * 0.6
+        assert (
+            summary["up_wire"] < summary["up_raw"] * 0.6 and summary["down_wire"] < summary["down_raw"] * 0.6
+        )
         per_collab = values(prom, f"sum by (collaborator, direction, kind) (fedsqueeze_bytes_total{{{AGG}}})", at,
                             "collaborator", "direction", "kind")  # fmt: skip
         own_side = values(prom, f"sum by (collaborator, direction, kind) (fedsqueeze_bytes_total{{{COL}}})", at,
@@ -164,18 +181,34 @@ def test_prometheus_scrapes_a_live_federation(tmp_path, procs, prometheus_binary
         assert own_side == expected
 
         # Messages and the per-round gauges.
-        messages = values(prom, f"sum by (direction, type, status) (fedsqueeze_messages_total{{{AGG}}})", at, "direction", "type", "status")
-        assert messages == {("up", "update", "OK"): ROUNDS * COLLABORATORS, ("down", "model", "OK"): ROUNDS * COLLABORATORS}
+        messages = values(
+            prom,
+            f"sum by (direction, type, status) (fedsqueeze_messages_total{{{AGG}}})",
+            at,
+            "direction",
+            "type",
+            "status",
+        )
+        assert messages == {
+            ("up", "update", "OK"): ROUNDS * COLLABORATORS,
+            ("down", "model", "OK"): ROUNDS * COLLABORATORS,
+        }
         last = report["rounds"][-1]
         gauges = {name: values(prom, f"{name}{{{AGG}}}", at)[()] for name in (
             "fedsqueeze_round", "fedsqueeze_round_participants", "fedsqueeze_round_dropped",
             "fedsqueeze_model_accuracy_ratio", "fedsqueeze_model_loss", "fedsqueeze_cumulative_savings_ratio",
             "fedsqueeze_collaborators_active")}  # fmt: skip
         assert gauges["fedsqueeze_round"] == ROUNDS
-        assert gauges["fedsqueeze_round_participants"] == COLLABORATORS and gauges["fedsqueeze_round_dropped"] == 0
+        assert (
+            gauges["fedsqueeze_round_participants"] == COLLABORATORS
+            and gauges["fedsqueeze_round_dropped"] == 0
+        )
         assert gauges["fedsqueeze_model_accuracy_ratio"] == pytest.approx(last["accuracy"], abs=1e-12)
         assert gauges["fedsqueeze_model_loss"] == pytest.approx(last["loss"], rel=1e-9)
-        raw, spent = summary["up_raw"] + summary["down_raw"], summary["up_wire"] + summary["down_wire"] + summary["decoder"]
+        raw, spent = (
+            summary["up_raw"] + summary["down_raw"],
+            summary["up_wire"] + summary["down_wire"] + summary["decoder"],
+        )
         assert gauges["fedsqueeze_cumulative_savings_ratio"] == pytest.approx(1 - spent / raw, rel=1e-9)
         nmse = values(prom, f"fedsqueeze_reconstruction_nmse_last{{{COL}}}", at, "instance", "direction")
         assert set(nmse) == {(f"127.0.0.1:{port}", "up") for port in collab_metrics}
@@ -191,7 +224,9 @@ def test_prometheus_scrapes_a_live_federation(tmp_path, procs, prometheus_binary
             if not finite:
                 empty.append((title, expr, result))
         assert not empty, f"dashboard queries without data: {empty}"
-        print(f"Prometheus {version}: {len(exprs)} dashboard expressions returned data; byte counters match the report")
+        print(
+            f"Prometheus {version}: {len(exprs)} dashboard expressions returned data; byte counters match the report"
+        )
 
         agg.send_signal(signal.SIGTERM)
         assert agg.wait(timeout=60) == 0, (tmp_path / "agg.log").read_text()

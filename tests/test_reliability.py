@@ -54,7 +54,13 @@ class Scaled:
 class Sim:
     """Collaborators of one in-process federation, each running the collaborator's RoundStep."""
 
-    def __init__(self, fed: Federation, n: int, scale: dict[int, float] | None = None, declared: dict[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        fed: Federation,
+        n: int,
+        scale: dict[int, float] | None = None,
+        declared: dict[int, int] | None = None,
+    ) -> None:
         self.fed, self.plan = fed, fed.plan
         data = load_plan_dataset(self.plan)
         shards = partition(data.y_train, self.plan.num_shards, "iid", 0.5, self.plan.seed)
@@ -73,7 +79,9 @@ class Sim:
     def _submitter(self, i: int):  # the federation may be replaced (a restart): look it up at each call
         def submit(round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
             m = self.members[i]
-            return self.fed.submit_update(m.collaborator_id, m.token, round_number, num_samples, payload, payload.wire_size, metrics)
+            return self.fed.submit_update(
+                m.collaborator_id, m.token, round_number, num_samples, payload, payload.wire_size, metrics
+            )
 
         return submit
 
@@ -94,7 +102,9 @@ class Sim:
         return task.kind
 
 
-def run_federation(fed: Federation, n: int, *, scale=None, declared=None, alive=None, timeout: float = 120.0) -> Sim:
+def run_federation(
+    fed: Federation, n: int, *, scale=None, declared=None, alive=None, timeout: float = 120.0
+) -> Sim:
     stop = threading.Event()
     t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
     sim = Sim(fed, n, scale, declared)
@@ -123,7 +133,11 @@ def test_plan_reliability_fields() -> None:
 
 def test_robust_strategies_and_clipping() -> None:
     g = np.zeros(4, np.float32)
-    ups = [np.array([1, 1, 1, 1], np.float32), np.array([2, 2, 2, 2], np.float32), np.array([300, -300, 3, 3], np.float32)]
+    ups = [
+        np.array([1, 1, 1, 1], np.float32),
+        np.array([2, 2, 2, 2], np.float32),
+        np.array([300, -300, 3, 3], np.float32),
+    ]
     med = CoordinateMedian()
     med.begin(g)
     for u in ups:
@@ -138,7 +152,9 @@ def test_robust_strategies_and_clipping() -> None:
     avg.begin(g)
     avg.accumulate(np.array([30, 40, 0, 0], np.float32), 1.0)  # norm 50 -> clipped to 2
     assert avg.clipped == 1 and np.allclose(avg.finish(), [1.2, 1.6, 0, 0])
-    w = build_strategy("weights", clip_norm=1.0, robust="median")  # weights: the delta from the global model is clipped
+    w = build_strategy(
+        "weights", clip_norm=1.0, robust="median"
+    )  # weights: the delta from the global model is clipped
     w.begin(np.ones(2, np.float32))
     w.accumulate(np.array([11, 1], np.float32), 1.0)
     assert np.allclose(w.finish(), [2, 1])
@@ -161,7 +177,11 @@ def test_duplicates_stale_rounds_and_other_ids_are_refused() -> None:
         fed.submit_update(a.collaborator_id, "", 1, n, payload, wire)
     with pytest.raises(FailedPrecondition, match="round 2"):
         fed.submit_update(a.collaborator_id, a.token, 2, n, payload, wire)
-    assert fed.submit_update(a.collaborator_id, a.token, 1, n, payload, wire) == wire == len(payload_to_bytes(payload))
+    assert (
+        fed.submit_update(a.collaborator_id, a.token, 1, n, payload, wire)
+        == wire
+        == len(payload_to_bytes(payload))
+    )
     with pytest.raises(AlreadyExists):  # a resend of an accepted update
         fed.submit_update(a.collaborator_id, a.token, 1, n, payload, wire)
     assert sim.step(1, 10) == "TRAIN"  # b completes round 1
@@ -178,11 +198,17 @@ def test_duplicates_stale_rounds_and_other_ids_are_refused() -> None:
 
 def test_quorum_retry_then_failure_are_reported() -> None:
     # Two of three collaborators never answer: quorum 2 is missed, retried once, then the round fails.
-    fed = Federation(make_plan(rounds=2, collaborators={"min": 3}, quorum=2, round_retries=1, round_timeout_s=0.6))
+    fed = Federation(
+        make_plan(rounds=2, collaborators={"min": 3}, quorum=2, round_retries=1, round_timeout_s=0.6)
+    )
     sim = run_federation(fed, 3, alive={0}, timeout=30)
     rounds = fed.report.rounds
     assert [r.status.split(":")[0] for r in rounds] == ["failed", "failed"]
-    assert rounds[0].attempts == 2 and rounds[0].participants == 1 and "quorum not met (1 of 2" in rounds[0].status
+    assert (
+        rounds[0].attempts == 2
+        and rounds[0].participants == 1
+        and "quorum not met (1 of 2" in rounds[0].status
+    )
     assert fed.report.summary()["final_accuracy"] is None
     # The silent ones were marked lost after round 1: round 2 selects only the live one (then tops up, in vain).
     silent = sim.fed.membership.members[sim.members[1].collaborator_id]
@@ -191,7 +217,9 @@ def test_quorum_retry_then_failure_are_reported() -> None:
 
 def test_quorum_met_after_a_retry() -> None:
     # Collaborator 1 only comes back during the retry window: status "retried".
-    fed = Federation(make_plan(rounds=1, collaborators={"min": 2}, quorum=2, round_retries=2, round_timeout_s=0.5))
+    fed = Federation(
+        make_plan(rounds=1, collaborators={"min": 2}, quorum=2, round_retries=2, round_timeout_s=0.5)
+    )
     stop = threading.Event()
     t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
     sim = Sim(fed, 2)
@@ -210,11 +238,16 @@ def test_quorum_met_after_a_retry() -> None:
     [
         ({"chain": "residual | fp16"}, {}),
         ({"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}, {}),
-        ({"chain": "residual | topk:0.2 | quantize:8 | entropy", "prior": "initial"}, {"server_optimizer": {"name": "adam", "lr": 0.01}}),
+        (
+            {"chain": "residual | topk:0.2 | quantize:8 | entropy", "prior": "initial"},
+            {"server_optimizer": {"name": "adam", "lr": 0.01}},
+        ),
     ],
     ids=["residual", "server-update-chain", "fedadam-prior"],
 )
-def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_path: Path, downlink: dict, aggregation: dict) -> None:
+def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(
+    tmp_path: Path, downlink: dict, aggregation: dict
+) -> None:
     # Stateful chains on both links (and the aggregator's own error feedback of the global update,
     # and the server optimizer's moments): the resumed run only matches if every state survives.
     plan = make_plan(rounds=4, uplink={"chain": "ef | topk:0.1"}, downlink=downlink, aggregation=aggregation)
@@ -248,7 +281,9 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(tmp_pa
     th.join(10)
     assert [r.round for r in resumed.report.rounds] == [1, 2, 3, 4]
     assert all(r.status == "ok" for r in resumed.report.rounds)
-    assert resumed.report.summary()["final_accuracy"] == pytest.approx(ref.report.summary()["final_accuracy"], abs=0.005)
+    assert resumed.report.summary()["final_accuracy"] == pytest.approx(
+        ref.report.summary()["final_accuracy"], abs=0.005
+    )
     assert np.array_equal(resumed.global_model, ref.global_model)
     with pytest.raises(CheckpointError, match="belongs to plan"):
         Federation(make_plan(rounds=5), state_dir=tmp_path)
@@ -273,7 +308,9 @@ def test_one_wild_update_is_harmless_by_default_and_ruins_unbounded_fedavg() -> 
     unbounded = final_accuracy({"norm_bound": None}, **wild)
     bounded = final_accuracy({}, **wild)
     median = final_accuracy({"robust": "median"}, **wild)
-    print(f"\ndelta x 1e6: honest {honest:.3f}, unbounded FedAvg {unbounded:.3f}, default {bounded:.3f}, median {median:.3f}")
+    print(
+        f"\ndelta x 1e6: honest {honest:.3f}, unbounded FedAvg {unbounded:.3f}, default {bounded:.3f}, median {median:.3f}"
+    )
     assert unbounded < honest - 0.2
     assert bounded >= honest - 0.03 and median >= honest - 0.03
 
@@ -294,7 +331,9 @@ def test_trimmed_mean_says_when_it_trims_nothing() -> None:
     fed = Federation(make_plan(rounds=1, collaborators={"min": 3}, aggregation={"robust": "trimmed_mean"}))
     run_federation(fed, 3)
     (record,) = fed.report.rounds
-    assert record.aggregation["trimmed_per_side"] == 0  # 0.1 of 3 updates is none: a plain mean, and the record says so
+    assert (
+        record.aggregation["trimmed_per_side"] == 0
+    )  # 0.1 of 3 updates is none: a plain mean, and the record says so
 
 
 def test_re_sent_downloads_are_counted_apart_and_capped() -> None:

@@ -21,7 +21,13 @@ from fedsqueeze.wire import payload_to_proto
 @pytest.fixture
 def server():
     plan = Plan.from_json(
-        {"rounds": 2, "collaborators": {"min": 1}, "round_timeout_s": 30, "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}
+        {
+            "rounds": 2,
+            "collaborators": {"min": 1},
+            "round_timeout_s": 30,
+            "uplink": {"chain": "identity"},
+            "downlink": {"chain": "identity"},
+        }
     )
     srv = AggregatorServer(plan, host="127.0.0.1", port=0).start()
     yield srv
@@ -40,7 +46,11 @@ def submit(stub, parts):
 
 
 def header(cred, round_number, size, num_samples=10):
-    return pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=round_number, num_samples=num_samples, payload_size=size))
+    return pb.SubmitUpdateRequest(
+        header=pb.UpdateHeader(
+            credentials=cred, round=round_number, num_samples=num_samples, payload_size=size
+        )
+    )
 
 
 def code_of(fn) -> grpc.StatusCode:
@@ -51,13 +61,19 @@ def code_of(fn) -> grpc.StatusCode:
 
 def test_health_and_auth(server, stub) -> None:
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation"))
+    resp = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation")
+    )
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
     bad = pb.Credentials(collaborator_id="nobody", token="x")
-    assert code_of(lambda: stub.GetTask(pb.GetTaskRequest(credentials=bad))) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        code_of(lambda: stub.GetTask(pb.GetTaskRequest(credentials=bad))) == grpc.StatusCode.UNAUTHENTICATED
+    )
     joined = stub.Join(pb.JoinRequest(name="t"))
     wrong = pb.Credentials(collaborator_id=joined.collaborator_id, token="wrong")
-    assert code_of(lambda: stub.GetTask(pb.GetTaskRequest(credentials=wrong))) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        code_of(lambda: stub.GetTask(pb.GetTaskRequest(credentials=wrong))) == grpc.StatusCode.UNAUTHENTICATED
+    )
     missing = pb.Credentials(collaborator_id=joined.collaborator_id)
     assert code_of(lambda: submit(stub, [header(missing, 1, 0)])) == grpc.StatusCode.UNAUTHENTICATED
 
@@ -80,13 +96,25 @@ def test_hostile_updates_are_refused_and_the_server_keeps_serving(server, stub) 
         "no header": [pb.SubmitUpdateRequest(chunk=b"abc")],
         "empty stream": [],
         "random bytes": [header(cred, 1, 5), pb.SubmitUpdateRequest(chunk=b"\xff\x00\x13\x99\x01")],
-        "pickled object": [header(cred, 1, len(p := pickle.dumps({"w": [1, 2]}))), pb.SubmitUpdateRequest(chunk=p)],
+        "pickled object": [
+            header(cred, 1, len(p := pickle.dumps({"w": [1, 2]}))),
+            pb.SubmitUpdateRequest(chunk=p),
+        ],
         "short stream": [header(cred, 1, 100), pb.SubmitUpdateRequest(chunk=b"x" * 10)],
         "long stream": [header(cred, 1, 5), pb.SubmitUpdateRequest(chunk=b"x" * 10)],
         "huge declared size": [header(cred, 1, 1 << 40)],
-        "wrong fingerprint": [header(cred, 1, len(q := payload(b"\x01\x00" + bytes(4 * n), fp ^ 1))), pb.SubmitUpdateRequest(chunk=q)],
-        "wrong shape": [header(cred, 1, len(q := payload(b"\x01\x00" + bytes(4 * n - 4)))), pb.SubmitUpdateRequest(chunk=q)],
-        "NaN": [header(cred, 1, len(q := payload(b"\x01\x00" + nan.tobytes()))), pb.SubmitUpdateRequest(chunk=q)],
+        "wrong fingerprint": [
+            header(cred, 1, len(q := payload(b"\x01\x00" + bytes(4 * n), fp ^ 1))),
+            pb.SubmitUpdateRequest(chunk=q),
+        ],
+        "wrong shape": [
+            header(cred, 1, len(q := payload(b"\x01\x00" + bytes(4 * n - 4)))),
+            pb.SubmitUpdateRequest(chunk=q),
+        ],
+        "NaN": [
+            header(cred, 1, len(q := payload(b"\x01\x00" + nan.tobytes()))),
+            pb.SubmitUpdateRequest(chunk=q),
+        ],
         "zero samples": [header(cred, 1, 0, num_samples=0)],
     }
     for name, parts in cases.items():
@@ -94,7 +122,10 @@ def test_hostile_updates_are_refused_and_the_server_keeps_serving(server, stub) 
         assert code == grpc.StatusCode.INVALID_ARGUMENT, name
     # Stale round and a valid update, then a duplicate.
     good = payload(b"\x01\x00" + np.zeros(n, np.float32).tobytes())
-    assert code_of(lambda: submit(stub, [header(cred, 7, len(good)), pb.SubmitUpdateRequest(chunk=good)])) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code_of(lambda: submit(stub, [header(cred, 7, len(good)), pb.SubmitUpdateRequest(chunk=good)]))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     resp = submit(stub, [header(cred, 1, len(good)), pb.SubmitUpdateRequest(chunk=good)])
     assert resp.accepted and resp.bytes_received == len(good)
     dup = code_of(lambda: submit(stub, [header(cred, 1, len(good)), pb.SubmitUpdateRequest(chunk=good)]))
@@ -109,13 +140,19 @@ def test_decoder_upload_envelope(server, stub) -> None:
     cred = pb.Credentials(collaborator_id=joined.collaborator_id, token=joined.token)
 
     def upload(size: int, chunk: bytes):
-        hdr = pb.UploadDecoderRequest(header=pb.DecoderHeader(credentials=cred, architecture=pb.DecoderArchitecture(kind="dense"), size=size))
+        hdr = pb.UploadDecoderRequest(
+            header=pb.DecoderHeader(
+                credentials=cred, architecture=pb.DecoderArchitecture(kind="dense"), size=size
+            )
+        )
         return stub.UploadDecoder(iter([hdr, pb.UploadDecoderRequest(chunk=chunk)]), timeout=10)
 
     # This plan has no autoencoder stage: no decoder is expected, whatever its size, and it is refused from
     # its header, before a byte of it is read (tests/test_decoders.py: the size limits of a plan with one).
     for size, chunk in ((1 << 40, b"x"), (5, b"x" * 9), (3, b"xyz")):
-        assert code_of(lambda size=size, chunk=chunk: upload(size, chunk)) == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            code_of(lambda size=size, chunk=chunk: upload(size, chunk)) == grpc.StatusCode.FAILED_PRECONDITION
+        )
     assert server.federation.max_decoder_bytes == 0
 
 

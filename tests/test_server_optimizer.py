@@ -102,7 +102,9 @@ def test_plan_names_a_bad_server_optimizer(section: dict, message: str) -> None:
 def test_federation_with_fedadam_learns_faster_than_fedavg_and_reports_it() -> None:
     feds = {}
     for name, lr in (("sgd", 1.0), ("adam", 0.05)):
-        feds[name] = Federation(make_plan(rounds=5, aggregation={"server_optimizer": {"name": name, "lr": lr}}))
+        feds[name] = Federation(
+            make_plan(rounds=5, aggregation={"server_optimizer": {"name": name, "lr": lr}})
+        )
         run_federation(feds[name], 2)
     adam = feds["adam"]
     assert adam.report.header["server_optimizer"]["name"] == "adam"
@@ -168,8 +170,13 @@ def test_the_fewest_bytes_recipe_with_context_coded_positions_learns() -> None:
     import fedsqueeze
 
     recipe = json.loads((Path(fedsqueeze.__file__).parent / "plans" / "fewest-bytes.json").read_text())
-    assert "positions=context" in recipe["uplink"]["chain"] and "positions=context" in recipe["downlink"]["chain"]
-    plan = make_plan(rounds=6, uplink=recipe["uplink"], downlink=recipe["downlink"], aggregation=recipe["aggregation"])
+    assert (
+        "positions=context" in recipe["uplink"]["chain"]
+        and "positions=context" in recipe["downlink"]["chain"]
+    )
+    plan = make_plan(
+        rounds=6, uplink=recipe["uplink"], downlink=recipe["downlink"], aggregation=recipe["aggregation"]
+    )
     fed = Federation(plan)
     run_federation(fed, 2)
     rounds = fed.report.rounds

@@ -22,7 +22,9 @@ from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(name: str):
@@ -50,7 +52,10 @@ def issue(ca, cn: str, server: bool = False) -> tuple[bytes, bytes]:
     )  # fmt: skip
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
         )
     cert = builder.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
@@ -83,7 +88,9 @@ def mtls_server(pki):
 
 def client(srv, pki, who: str | None, timeout: float = 2.0) -> FederationClient:
     cert, key = pki[who] if who else (None, None)
-    return FederationClient(f"localhost:{srv.port}", connect_timeout=timeout, tls=ClientTLS(pki["ca"], cert, key))
+    return FederationClient(
+        f"localhost:{srv.port}", connect_timeout=timeout, tls=ClientTLS(pki["ca"], cert, key)
+    )
 
 
 def test_mtls_identity_is_the_common_name(mtls_server, pki) -> None:

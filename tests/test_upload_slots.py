@@ -87,7 +87,9 @@ def start_round(srv: AggregatorServer, n: int, clients: list[FederationClient]) 
     return 1, encoded.data
 
 
-def upload_all(srv: AggregatorServer, clients: list[FederationClient], data: bytes) -> tuple[list[threading.Thread], dict[str, object]]:
+def upload_all(
+    srv: AggregatorServer, clients: list[FederationClient], data: bytes
+) -> tuple[list[threading.Thread], dict[str, object]]:
     results: dict[str, object] = {}
     payload = Payload(data=data, fingerprint=srv.federation.up_fingerprint)
 
@@ -106,13 +108,18 @@ def upload_all(srv: AggregatorServer, clients: list[FederationClient], data: byt
 def test_uploads_past_the_bound_wait_for_a_slot_and_none_is_lost(clients: list[FederationClient]) -> None:
     n, bound = 6, 2
     metrics = Metrics("aggregator")
-    srv = AggregatorServer(plan(n), host="127.0.0.1", port=0, metrics=metrics, max_concurrent_uploads=bound).start()
+    srv = AggregatorServer(
+        plan(n), host="127.0.0.1", port=0, metrics=metrics, max_concurrent_uploads=bound
+    ).start()
     try:
         _, data = start_round(srv, n, clients)
         release, entered = park_updates(srv, bound)
         slots = srv.servicer.uploads
         threads, results = upload_all(srv, clients, data)
-        until(lambda: slots.active == bound and slots.waiting == n - bound, "2 uploads in their slots, 4 waiting")
+        until(
+            lambda: slots.active == bound and slots.waiting == n - bound,
+            "2 uploads in their slots, 4 waiting",
+        )
         get = metrics.registry.get_sample_value
         assert get("fedsqueeze_uploads_in_flight") == bound and get("fedsqueeze_uploads_waiting") == n - bound
         assert len(entered) == bound  # the waiting ones have not been read, let alone decoded
@@ -122,7 +129,9 @@ def test_uploads_past_the_bound_wait_for_a_slot_and_none_is_lost(clients: list[F
         clients.append(extra)
         extra.join("late", 10)
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation"), timeout=30)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="fedsqueeze.v1.Federation"), timeout=30
+        )
         channel.close()
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         release.set()
@@ -140,18 +149,31 @@ def test_uploads_past_the_bound_wait_for_a_slot_and_none_is_lost(clients: list[F
         srv.stop(grace=0.1)
 
 
-def test_an_upload_refused_for_want_of_a_slot_is_retried_by_the_collaborator(clients: list[FederationClient]) -> None:
+def test_an_upload_refused_for_want_of_a_slot_is_retried_by_the_collaborator(
+    clients: list[FederationClient],
+) -> None:
     metrics = Metrics("aggregator")
     # upload_wait_s=0: an upload that finds the only slot taken is refused at once.
-    srv = AggregatorServer(plan(2), host="127.0.0.1", port=0, metrics=metrics, max_concurrent_uploads=1, upload_wait_s=0).start()
+    srv = AggregatorServer(
+        plan(2), host="127.0.0.1", port=0, metrics=metrics, max_concurrent_uploads=1, upload_wait_s=0
+    ).start()
     try:
         _, data = start_round(srv, 2, clients)
         release, entered = park_updates(srv, 1)
         threads, results = upload_all(srv, clients, data)
         get = metrics.registry.get_sample_value
-        until(lambda: (get("fedsqueeze_uploads_deferred_total", {"outcome": "refused"}) or 0) >= 2, "the second upload refused twice")
+        until(
+            lambda: (get("fedsqueeze_uploads_deferred_total", {"outcome": "refused"}) or 0) >= 2,
+            "the second upload refused twice",
+        )
         assert len(entered) == 1 and srv.servicer.uploads.active == 1
-        assert get("fedsqueeze_messages_total", {"direction": "up", "type": "update", "status": "RESOURCE_EXHAUSTED"}) >= 2
+        assert (
+            get(
+                "fedsqueeze_messages_total",
+                {"direction": "up", "type": "update", "status": "RESOURCE_EXHAUSTED"},
+            )
+            >= 2
+        )
         release.set()
         for t in threads:
             t.join(60)
@@ -175,6 +197,8 @@ def test_the_bound_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         aggregator_main(["serve", "--port", "0", "--max-concurrent-uploads", "0"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: --max-concurrent-uploads must be at least 1, got 0"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --max-concurrent-uploads must be at least 1, got 0"
+    ]
     with pytest.raises(ValueError, match="at least 1"):
         AggregatorServer(plan(1), host="127.0.0.1", port=0, max_concurrent_uploads=0)

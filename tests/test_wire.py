@@ -26,7 +26,12 @@ from fedsqueeze.wire import (
     status_of,
 )
 
-COMPRESSED = {"rounds": 1, "collaborators": {"min": 1}, "round_timeout_s": 30, "uplink": {"chain": "ef | topk:0.01 | quantize:4 | entropy"}}
+COMPRESSED = {
+    "rounds": 1,
+    "collaborators": {"min": 1},
+    "round_timeout_s": 30,
+    "uplink": {"chain": "ef | topk:0.01 | quantize:4 | entropy"},
+}
 
 
 @pytest.fixture
@@ -44,7 +49,9 @@ def compressed():
 
 
 def submit(stub, cred, blob: bytes):
-    head = pb.SubmitUpdateRequest(header=pb.UpdateHeader(credentials=cred, round=1, num_samples=10, payload_size=len(blob)))
+    head = pb.SubmitUpdateRequest(
+        header=pb.UpdateHeader(credentials=cred, round=1, num_samples=10, payload_size=len(blob))
+    )
     return stub.SubmitUpdate(iter([head, pb.SubmitUpdateRequest(chunk=blob)]), timeout=30)
 
 
@@ -61,11 +68,15 @@ def test_an_uncompressed_update_with_its_own_fingerprint_is_refused_by_a_compres
     layout = srv.federation.layout
     identity = Chain.parse("identity")
     data = identity.encode(np.zeros(layout.numel, np.float32), layout).data
-    declared = payload_to_bytes(Payload(data=data, fingerprint=identity.fingerprint(layout), chain=identity.get_config()))
+    declared = payload_to_bytes(
+        Payload(data=data, fingerprint=identity.fingerprint(layout), chain=identity.get_config())
+    )
     err = refusal(stub, cred, declared)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "encoded with 'identity'" in err.details() and "ef:decay=1.0 | topk" in err.details()
-    undeclared = payload_to_bytes(Payload(data=data, fingerprint=identity.fingerprint(layout)))  # the chain left out
+    undeclared = payload_to_bytes(
+        Payload(data=data, fingerprint=identity.fingerprint(layout))
+    )  # the chain left out
     err = refusal(stub, cred, undeclared)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "fingerprint" in err.details()
     assert srv.federation.report.to_json()["rounds"] == [] and not srv.federation.rounds.current.submitted
@@ -79,13 +90,17 @@ def test_a_payload_declaring_another_layout_is_refused_naming_the_tensor(compres
     other = Layout((TensorInfo(first.name, (first.shape[0] + 1, *first.shape[1:])), *layout.tensors[1:]))
     chain = fed.up_chain
     data = chain.encode(np.zeros(other.numel, np.float32), other, CodecState()).data
-    blob = payload_to_bytes(Payload(data=data, fingerprint=chain.fingerprint(other), chain=chain.get_config(), layout=other))
+    blob = payload_to_bytes(
+        Payload(data=data, fingerprint=chain.fingerprint(other), chain=chain.get_config(), layout=other)
+    )
     err = refusal(stub, cred, blob)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"tensor {first.name!r} has shape" in err.details()
     # The plan's own chain and layout, declared in full, are accepted.
     good = chain.encode(np.full(layout.numel, 0.01, np.float32), layout, CodecState()).data
-    ok = payload_to_bytes(Payload(data=good, fingerprint=fed.up_fingerprint, chain=chain.get_config(), layout=layout))
+    ok = payload_to_bytes(
+        Payload(data=good, fingerprint=fed.up_fingerprint, chain=chain.get_config(), layout=layout)
+    )
     assert submit(stub, cred, ok).accepted
 
 
@@ -94,17 +109,30 @@ def test_a_payload_declaring_another_layout_is_refused_naming_the_tensor(compres
     data=st.binary(max_size=300),
     fingerprint=st.integers(0, 2**32 - 1),
     declare_chain=st.booleans(),
-    tensors=st.lists(st.tuples(st.text(max_size=12), st.lists(st.integers(0, 300), max_size=3)), max_size=4, unique_by=lambda t: t[0]),
+    tensors=st.lists(
+        st.tuples(st.text(max_size=12), st.lists(st.integers(0, 300), max_size=3)),
+        max_size=4,
+        unique_by=lambda t: t[0],
+    ),
     declare_layout=st.booleans(),
 )
-def test_wire_size_is_the_serialized_length(data: bytes, fingerprint: int, declare_chain: bool, tensors: list, declare_layout: bool) -> None:
+def test_wire_size_is_the_serialized_length(
+    data: bytes, fingerprint: int, declare_chain: bool, tensors: list, declare_layout: bool
+) -> None:
     """`Payload.wire_size` (pure arithmetic, no protobuf) equals the serialized message's length."""
-    layout = Layout(tuple(TensorInfo(name, tuple(shape)) for name, shape in tensors)) if declare_layout else None
+    layout = (
+        Layout(tuple(TensorInfo(name, tuple(shape)) for name, shape in tensors)) if declare_layout else None
+    )
     chain = [{"id": "topk", "fraction": 0.01}, {"id": "entropy"}] if declare_chain else None
     p = Payload(data=data, fingerprint=fingerprint, chain=chain, layout=layout)
     assert p.wire_size == len(payload_to_bytes(p)) == payload_to_proto(p).ByteSize()
     back = payload_from_bytes(payload_to_bytes(p))
-    assert back.data == data and back.fingerprint == fingerprint and back.chain == chain and back.layout == layout
+    assert (
+        back.data == data
+        and back.fingerprint == fingerprint
+        and back.chain == chain
+        and back.layout == layout
+    )
 
 
 def test_malformed_payload_declarations_are_invalid_arguments() -> None:

@@ -72,7 +72,14 @@ def main(argv: list[str]) -> int:
         strategy: FedAvg = FedAvg(**common)
     elif opt["name"] == "adam":
         # bench.fl_bench sends every field, the plan's defaults filled in, so no default is repeated here.
-        strategy = FedAdam(**common, initial_parameters=params, eta=opt["lr"], beta_1=opt["beta1"], beta_2=opt["beta2"], tau=opt["tau"])
+        strategy = FedAdam(
+            **common,
+            initial_parameters=params,
+            eta=opt["lr"],
+            beta_1=opt["beta1"],
+            beta_2=opt["beta2"],
+            tau=opt["tau"],
+        )
     else:
         raise SystemExit(f"server optimizer {opt['name']!r}: only adam has a Flower peer here")
     rounds = []
@@ -92,7 +99,17 @@ def main(argv: list[str]) -> int:
             fit_params = ndarrays_to_parameters(get())
             up_tensor += sum(len(b) for b in fit_params.tensors)
             up_proto += serde.parameters_to_proto(fit_params).ByteSize()
-            results.append((None, FitRes(status=Status(code=Code.OK, message=""), parameters=fit_params, num_examples=len(idx), metrics={})))
+            results.append(
+                (
+                    None,
+                    FitRes(
+                        status=Status(code=Code.OK, message=""),
+                        parameters=fit_params,
+                        num_examples=len(idx),
+                        metrics={},
+                    ),
+                )
+            )
         new_params, _ = strategy.aggregate_fit(rnd, results, [])  # type: ignore[arg-type]
         assert new_params is not None
         params = new_params

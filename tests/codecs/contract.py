@@ -29,13 +29,17 @@ def check_chain_contract(chain_text: str, layout: Layout, messages: int = 4, see
         x = (rng.standard_normal(layout.numel) * rng.uniform(0.01, 2)).astype(np.float32)
         enc = chain.encode(x, layout, sender)
         out = chain.decode(enc.data, layout, receiver)
-        assert np.array_equal(out, enc.reconstruction), f"{chain_text}: the receiver decodes what the sender reconstructs"
+        assert np.array_equal(out, enc.reconstruction), (
+            f"{chain_text}: the receiver decodes what the sender reconstructs"
+        )
         assert enc.stats.wire_bytes == len(enc.data)
         assert out.dtype == np.float32 and out.shape == (layout.numel,) and np.isfinite(out).all()
         last = enc.data
     for i, stage in enumerate(chain.configured):
         if stage.stateful and stage.codec_id != "ef":  # error feedback lives on the sender only
-            assert sender.fingerprint([i]) == receiver.fingerprint([i]), f"{chain_text}: stage {i} out of sync"
+            assert sender.fingerprint([i]) == receiver.fingerprint([i]), (
+                f"{chain_text}: stage {i} out of sync"
+            )
     for bad in (last[: len(last) // 2], last + b"\x00" * 7, b"\x07" + last[1:], b""):
         try:
             chain.decode(bad, layout, CodecState())

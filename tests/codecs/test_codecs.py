@@ -59,7 +59,11 @@ def vec(seed: int = 0, n: int = N, scale: float = 1.0) -> np.ndarray:
 
 def test_every_registered_codec_is_covered() -> None:
     used = {stage.split(":")[0].strip() for chain in CHAINS for stage in chain.split("|")}
-    optional = {"deepcabac", "raw", "ae"}  # raw: implicit everywhere; deepcabac: optional backend; ae: tests/test_autoencoder.py
+    optional = {
+        "deepcabac",
+        "raw",
+        "ae",
+    }  # raw: implicit everywhere; deepcabac: optional backend; ae: tests/test_autoencoder.py
     assert set(registered_codecs()) - optional <= used
 
 
@@ -160,8 +164,12 @@ def test_qsgd_is_unbiased() -> None:
 
 def test_sign_and_stc_values() -> None:
     x = vec(4)
-    out = Chain.parse("sign:per_layer=false").decode(Chain.parse("sign:per_layer=false").encode(x, LAYOUT).data, LAYOUT)
-    assert np.allclose(np.abs(out), np.abs(x).mean()) and np.array_equal(np.sign(out), np.where(x >= 0, 1, -1))
+    out = Chain.parse("sign:per_layer=false").decode(
+        Chain.parse("sign:per_layer=false").encode(x, LAYOUT).data, LAYOUT
+    )
+    assert np.allclose(np.abs(out), np.abs(x).mean()) and np.array_equal(
+        np.sign(out), np.where(x >= 0, 1, -1)
+    )
     out = Chain.parse("stc:0.1").decode(Chain.parse("stc:0.1").encode(x, LAYOUT).data, LAYOUT)
     kept = np.flatnonzero(out)
     assert np.allclose(np.abs(out[kept]), np.abs(x[kept]).mean(), rtol=1e-5)
@@ -241,7 +249,9 @@ def log2_binomial(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(100_000, 0.001), (100_000, 0.01), (1_000_000, 0.1), (200_000, 0.05)])
+@pytest.mark.parametrize(
+    ("n", "fraction"), [(100_000, 0.001), (100_000, 0.01), (1_000_000, 0.1), (200_000, 0.05)]
+)
 def test_positions_near_the_information_bound(n: int, fraction: float) -> None:
     rng = np.random.default_rng(0)
     k = int(n * fraction)

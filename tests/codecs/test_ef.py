@@ -23,7 +23,9 @@ def vec(seed: int = 0, n: int = N, scale: float = 1.0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
 
 
-def run(chain: str, xs: list[np.ndarray], layout: Layout = LAYOUT) -> tuple[np.ndarray, np.ndarray, CodecState]:
+def run(
+    chain: str, xs: list[np.ndarray], layout: Layout = LAYOUT
+) -> tuple[np.ndarray, np.ndarray, CodecState]:
     """Send every x; return (sum of decoded messages, final sender memory, sender state)."""
     p = Chain.parse(chain)
     sender, receiver = CodecState(), CodecState()
@@ -100,7 +102,15 @@ def test_state_survives_a_checkpoint() -> None:
     assert np.array_equal(p.encode(x, LAYOUT, a).data, p.encode(x, LAYOUT, b).data)
 
 
-@pytest.mark.parametrize("config", [{"id": "ef", "decay": 1.5}, {"id": "ef", "decay": -1}, {"id": "ef", "decay": True}, {"id": "ef", "memory": 1}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"id": "ef", "decay": 1.5},
+        {"id": "ef", "decay": -1},
+        {"id": "ef", "decay": True},
+        {"id": "ef", "memory": 1},
+    ],
+)
 def test_bad_configs_are_refused(config: dict) -> None:
     with pytest.raises(CodecError):
         Chain.from_config([config, {"id": "topk"}])

@@ -32,7 +32,9 @@ def round_trip(chain: str, x: np.ndarray, layout: Layout = LAYOUT) -> tuple[np.n
     spread=st.floats(0.01, 100.0),
     seed=st.integers(0, 2**16),
 )
-def test_error_at_most_half_a_step_inside_the_range_and_clipped_outside(n: int, step: float, levels: int, spread: float, seed: int) -> None:
+def test_error_at_most_half_a_step_inside_the_range_and_clipped_outside(
+    n: int, step: float, levels: int, spread: float, seed: int
+) -> None:
     x = (np.random.default_rng(seed).standard_normal(n) * spread * step).astype(np.float32)
     layout = Layout.of({"v": x})
     out, _ = round_trip(f"lattice:step={step!r},levels={levels}", x, layout)

@@ -43,7 +43,9 @@ def test_dense_masks_code_the_complement() -> None:
     assert np.array_equal(decode_positions(data, n, 9_000), idx)
 
 
-@pytest.mark.parametrize(("n", "k"), [(0, 0), (1, 0), (1, 1), (7, 0), (7, 7), (100, 50), (100, 51), (2**20, 3)])
+@pytest.mark.parametrize(
+    ("n", "k"), [(0, 0), (1, 0), (1, 1), (7, 0), (7, 7), (100, 50), (100, 51), (2**20, 3)]
+)
 def test_edge_counts(n: int, k: int) -> None:
     idx = random_positions(n, k) if n else np.zeros(0, np.int64)
     assert np.array_equal(decode_positions(encode_positions(idx, n), n, k), idx)
@@ -52,7 +54,9 @@ def test_edge_counts(n: int, k: int) -> None:
 def test_rice_parameter_follows_the_mean_gap() -> None:
     assert rice_parameter(1000, 0) == 0 and rice_parameter(1000, 1000) == 0
     assert rice_parameter(1_000_000, 10_000) == 6  # mean gap 99 -> b = round(log2(99 ln 2)) = 6
-    assert [rice_parameter(2**20, 2**20 >> s) for s in (1, 4, 8)] == sorted(rice_parameter(2**20, 2**20 >> s) for s in (1, 4, 8))
+    assert [rice_parameter(2**20, 2**20 >> s) for s in (1, 4, 8)] == sorted(
+        rice_parameter(2**20, 2**20 >> s) for s in (1, 4, 8)
+    )
 
 
 @pytest.mark.parametrize(

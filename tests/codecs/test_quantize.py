@@ -53,7 +53,9 @@ def groups(layout: Layout | None, n: int, granularity: str) -> list[slice]:
     return out
 
 
-def assert_within_bound(x: np.ndarray, out: np.ndarray, bits: int, grs: list[slice], factor: float = 0.5) -> None:
+def assert_within_bound(
+    x: np.ndarray, out: np.ndarray, bits: int, grs: list[slice], factor: float = 0.5
+) -> None:
     levels = (1 << bits) - 1
     for g in grs:
         xs, os_ = x[g].astype(np.float64), out[g].astype(np.float64)
@@ -75,7 +77,9 @@ def zero_grid_step(xs: np.ndarray, bits: int) -> float:
     return float(np.nextafter(np.float32(step), np.float32(np.inf)))
 
 
-def assert_within_zero_grid_bound(x: np.ndarray, out: np.ndarray, bits: int, grs: list[slice], factor: float = 0.5) -> None:
+def assert_within_zero_grid_bound(
+    x: np.ndarray, out: np.ndarray, bits: int, grs: list[slice], factor: float = 0.5
+) -> None:
     for g in grs:
         xs, os_ = x[g].astype(np.float64), out[g].astype(np.float64)
         if xs.size == 0:
@@ -116,7 +120,9 @@ def test_min_max_grid_is_worse_than_zeros_where_the_zero_grid_is_not() -> None:
     layout = Layout.of({"w": np.zeros((100, 200))})
     for seed in (7, 8, 9):
         x = (np.random.default_rng(seed).standard_t(3, 20_000) * 1e-3).astype(np.float32)
-        nmse = {g: Chain.parse(f"quantize:2,grid={g}").encode(x, layout).stats.nmse for g in ("minmax", "zero")}
+        nmse = {
+            g: Chain.parse(f"quantize:2,grid={g}").encode(x, layout).stats.nmse for g in ("minmax", "zero")
+        }
         assert nmse["minmax"] > 1 > nmse["zero"], nmse
 
 
@@ -164,7 +170,9 @@ def test_sparse_values_keep_seed_003s_grid_by_default() -> None:
     x = heavy_tailed(4)
     assert round_trip("topk:0.1 | quantize:4", x)[1] == round_trip("topk:0.1 | quantize:4,grid=minmax", x)[1]
     assert round_trip("quantize:4", x)[1] != round_trip("quantize:4,grid=minmax", x)[1]
-    assert Chain.parse("quantize:4").get_config() == [{"id": "quantize", "bits": 4, "granularity": "tensor", "rounding": "nearest", "seed": None}]
+    assert Chain.parse("quantize:4").get_config() == [
+        {"id": "quantize", "bits": 4, "granularity": "tensor", "rounding": "nearest", "seed": None}
+    ]
     assert Chain.parse("quantize:4,clip=mse").get_config()[0]["clip"] == "mse"
 
 
@@ -187,7 +195,10 @@ def test_nearest_error_at_most_half_a_step(bits: int, granularity: str) -> None:
 def test_finer_granularity_helps_small_channels() -> None:
     x = vec(1)
     x[:27] *= 1000
-    err = {g: np.abs(round_trip(f"quantize:4,granularity={g},grid=minmax", x)[0] - x)[27:162].max() for g in ("tensor", "layer", "channel")}
+    err = {
+        g: np.abs(round_trip(f"quantize:4,granularity={g},grid=minmax", x)[0] - x)[27:162].max()
+        for g in ("tensor", "layer", "channel")
+    }
     assert err["channel"] < err["layer"] / 10 and err["layer"] <= err["tensor"]
 
 
@@ -200,7 +211,9 @@ def test_without_a_layout_every_granularity_is_one_group() -> None:
     spec = ArraySpec(np.float32, 100)
     side, y = Quantize(4, granularity="layer").encode(vec(3, 100), spec, {})
     assert len(side) == 1 + 8
-    assert Quantize(4, granularity="layer").output_spec(spec, side) == ArraySpec(np.uint8, 100, symbols=(0, 15))
+    assert Quantize(4, granularity="layer").output_spec(spec, side) == ArraySpec(
+        np.uint8, 100, symbols=(0, 15)
+    )
 
 
 def test_constant_and_empty_inputs() -> None:
@@ -233,7 +246,12 @@ def test_stochastic_rounding_is_unbiased_and_within_a_step() -> None:
     x = vec(5, 64)
     layout = Layout.of({"v": x})
     trials = 800
-    outs = np.stack([round_trip(f"quantize:2,rounding=stochastic,seed={i},grid=minmax", x, layout)[0] for i in range(trials)])
+    outs = np.stack(
+        [
+            round_trip(f"quantize:2,rounding=stochastic,seed={i},grid=minmax", x, layout)[0]
+            for i in range(trials)
+        ]
+    )
     step = float(x.max() - x.min()) / 3
     assert np.abs(outs - x).max() < step * (1 + 1e-5)
     # Each entry's error has standard deviation <= step / 2; the mean of `trials` is 5 sigma within.
@@ -280,7 +298,9 @@ def test_bad_configs_are_refused(config: dict) -> None:
 
 def test_chain_string_syntax() -> None:
     p = Chain.parse("quantize:2,granularity=channel,rounding=stochastic,seed=3")
-    assert p.get_config() == [{"id": "quantize", "bits": 2, "granularity": "channel", "rounding": "stochastic", "seed": 3}]
+    assert p.get_config() == [
+        {"id": "quantize", "bits": 2, "granularity": "channel", "rounding": "stochastic", "seed": 3}
+    ]
     assert Chain.parse("quantize").get_config()[0]["bits"] == 8
 
 
@@ -315,8 +335,15 @@ def test_header_values_are_checked() -> None:
 
 @pytest.mark.parametrize(
     "chain",
-    ["quantize:8", "quantize:1,granularity=channel", "quantize:2,granularity=layer,rounding=stochastic", "quantize:4 | entropy", "quantize:4 | zstd",
-     "quantize:4,grid=minmax | entropy", "quantize:2,granularity=channel,clip=mse"],  # fmt: skip
+    [
+        "quantize:8",
+        "quantize:1,granularity=channel",
+        "quantize:2,granularity=layer,rounding=stochastic",
+        "quantize:4 | entropy",
+        "quantize:4 | zstd",
+        "quantize:4,grid=minmax | entropy",
+        "quantize:2,granularity=channel,clip=mse",
+    ],  # fmt: skip
 )
 def test_truncated_padded_and_corrupt_messages(chain: str) -> None:
     p = Chain.parse(chain)
@@ -355,7 +382,9 @@ def layouts_and_vectors(draw: st.DrawFn, max_abs: float = 1e6) -> tuple[Layout, 
     rounding=st.sampled_from(["nearest", "stochastic"]),
     grid=st.sampled_from(["minmax", "zero"]),
 )
-def test_property_round_trip_within_bound(case: tuple[Layout, np.ndarray], bits: int, granularity: str, rounding: str, grid: str) -> None:
+def test_property_round_trip_within_bound(
+    case: tuple[Layout, np.ndarray], bits: int, granularity: str, rounding: str, grid: str
+) -> None:
     layout, x = case
     chain = f"quantize:{bits},granularity={granularity},rounding={rounding},seed=1,grid={grid}"
     out, _ = round_trip(chain, x, layout)

@@ -47,7 +47,9 @@ def top(x: np.ndarray, k: int) -> np.ndarray:
 def test_shapes_follow_the_layout() -> None:
     assert matrix_shapes(SPEC) == [(384, 40), (1, 384), (128, 384), (1, 128), (8, 12), (1, 1)]
     assert matrix_shapes(ArraySpec(np.float32, 50)) == [(1, 50)]
-    assert matrix_shapes(ArraySpec(np.float32, 50, LAYOUT)) == [(1, 50)]  # a layout of another size is ignored
+    assert matrix_shapes(ArraySpec(np.float32, 50, LAYOUT)) == [
+        (1, 50)
+    ]  # a layout of another size is ignored
 
 
 # Measured when this was written: 0.55-0.65 of the Golomb-Rice size at k = 0.5 %, 0.6-0.7 at 10 %.
@@ -77,7 +79,11 @@ def test_round_trip_any_mask(seed: int, fraction: float, structured: bool) -> No
     rng = np.random.default_rng(seed)
     n = SPEC.count
     k = int(round(fraction * n))
-    idx = top(outer_product_update(seed), k) if structured and k else np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    idx = (
+        top(outer_product_update(seed), k)
+        if structured and k
+        else np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    )
     assert np.array_equal(decode_mask(encode_mask(idx, SPEC), SPEC, k, "t"), idx)
 
 
@@ -118,7 +124,9 @@ def test_random_bytes_decode_or_raise_codec_error(data: bytes, k: int) -> None:
         idx = decode_mask(data, SPEC, k, "t")
     except CodecError:
         return
-    assert idx.size == k and (np.diff(idx) > 0).all() and (idx.size == 0 or 0 <= idx[0] and idx[-1] < SPEC.count)
+    assert (
+        idx.size == k and (np.diff(idx) > 0).all() and (idx.size == 0 or 0 <= idx[0] and idx[-1] < SPEC.count)
+    )
 
 
 @pytest.mark.parametrize("chain", ["stc:0.01,positions=context | entropy", "topk:0.02,positions=context | quantize:4 | entropy",
@@ -150,22 +158,35 @@ def test_format_2_codes_what_format_1_codes_in_as_many_bytes(fraction: float, st
     for seed in (0, 1):
         x = outer_product_update(seed)
         k = max(1, int(fraction * x.size))
-        idx = top(x, k) if structured else np.sort(np.random.default_rng(seed).choice(x.size, k, replace=False)).astype(np.int64)
+        idx = (
+            top(x, k)
+            if structured
+            else np.sort(np.random.default_rng(seed).choice(x.size, k, replace=False)).astype(np.int64)
+        )
         one, two = _both(idx)
         assert two[0] == 0 and one[0] != 0
         assert np.array_equal(decode_mask(two, SPEC, k, "t"), idx)
-        assert len(two) <= len(one) + 5 + 0.005 * len(one), (len(one), len(two))  # the marker byte, a coder word
+        assert len(two) <= len(one) + 5 + 0.005 * len(one), (
+            len(one),
+            len(two),
+        )  # the marker byte, a coder word
 
 
 @given(st.integers(0, 2**32 - 1), st.floats(0.0, 1.0), st.booleans())
 @settings(max_examples=60, deadline=None)
-def test_format_2_round_trips_and_matches_the_reference_walk(seed: int, fraction: float, structured: bool) -> None:
+def test_format_2_round_trips_and_matches_the_reference_walk(
+    seed: int, fraction: float, structured: bool
+) -> None:
     """The encoder computes all rounds at once; the decoder's walk with known values (the reference)
     must give the same bytes."""
     rng = np.random.default_rng(seed)
     n = SPEC.count
     k = int(round(fraction * n))
-    idx = top(outer_product_update(seed), k) if structured and k else np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    idx = (
+        top(outer_product_update(seed), k)
+        if structured and k
+        else np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    )
     data = encode_mask(idx, SPEC, version=2)
     assert data == sigmap._encode_counts(idx, SPEC, reference=True)
     assert np.array_equal(decode_mask(data, SPEC, k, "t"), idx)
@@ -200,7 +221,12 @@ def test_a_large_update_through_the_chain() -> None:
     """The recipe's uplink on a layer of 1.2M entries: format 2 on the wire, decoded by a fresh receiver."""
     rng = np.random.default_rng(2)
     layout = Layout.of({"w": np.zeros((1200, 1000)), "b": np.zeros(1200)})
-    x = np.concatenate([(rng.standard_normal((1200, 1)) ** 3 * rng.standard_normal((1, 1000)) ** 3).ravel(), rng.standard_normal(1200)])
+    x = np.concatenate(
+        [
+            (rng.standard_normal((1200, 1)) ** 3 * rng.standard_normal((1, 1000)) ** 3).ravel(),
+            rng.standard_normal(1200),
+        ]
+    )
     x = x.astype(np.float32)
     chain = Chain.parse("ef:0.8 | stc:0.005,positions=context | entropy")
     rice = Chain.parse("ef:0.8 | stc:0.005 | entropy")
@@ -224,7 +250,9 @@ def test_golden_maps_decode_identically(name: str) -> None:
         np.save(expected, idx, allow_pickle=False)
     idx = np.load(expected, allow_pickle=False)
     assert np.array_equal(decode_mask(blob.read_bytes(), SPEC, idx.size, "t"), idx)
-    assert encode_mask(idx, SPEC, version=GOLDEN_MAPS[name]) == blob.read_bytes()  # and the encoder still writes them
+    assert (
+        encode_mask(idx, SPEC, version=GOLDEN_MAPS[name]) == blob.read_bytes()
+    )  # and the encoder still writes them
 
 
 def test_hostile_format_2_maps_are_refused() -> None:
@@ -255,4 +283,6 @@ def test_random_format_2_bytes_decode_or_raise_codec_error(data: bytes, k: int) 
         idx = decode_mask(sigmap.FORMAT2 + data, SPEC, k, "t")
     except CodecError:
         return
-    assert idx.size == k and (np.diff(idx) > 0).all() and (idx.size == 0 or 0 <= idx[0] and idx[-1] < SPEC.count)
+    assert (
+        idx.size == k and (np.diff(idx) > 0).all() and (idx.size == 0 or 0 <= idx[0] and idx[-1] < SPEC.count)
+    )

@@ -237,10 +237,15 @@ layouts = st.lists(
     scale=st.floats(1e-6, 1e6),
     seed=st.integers(0, 2**16),
 )
-def test_topk_and_prune_property(layout: Layout, fraction: float, scope: str, scale: float, seed: int) -> None:
+def test_topk_and_prune_property(
+    layout: Layout, fraction: float, scope: str, scale: float, seed: int
+) -> None:
     x = vec(seed, layout.numel, scale)
     rate = 1.0 - fraction
-    for chain, keep in ((f"topk:{fraction},scope={scope}", fraction), (f"prune:{rate},scope={scope}", 1.0 - rate)):
+    for chain, keep in (
+        (f"topk:{fraction},scope={scope}", fraction),
+        (f"prune:{rate},scope={scope}", 1.0 - rate),
+    ):
         out = round_trip(chain, x, layout)
         kept = np.flatnonzero(out)
         assert np.array_equal(out[kept], x[kept])  # kept values are exact
@@ -295,7 +300,12 @@ def test_golden_fixtures_decode_identically(name: str) -> None:
 
 @pytest.mark.parametrize(
     "chain",
-    ["stc:0.1,positions=context | entropy", "topk:0.1,positions=context", "lattice:0.01,positions=context", "ef | filterscale:0.1 | entropy"],
+    [
+        "stc:0.1,positions=context | entropy",
+        "topk:0.1,positions=context",
+        "lattice:0.01,positions=context",
+        "ef | filterscale:0.1 | entropy",
+    ],
 )
 def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chain.encode rebuilds the receiver's view without decoding its own position map (the stage
@@ -306,7 +316,11 @@ def test_sender_reuses_the_positions_it_coded(chain: str, monkeypatch: pytest.Mo
     x = np.random.default_rng(5).standard_normal(N).astype(np.float32) * 0.1
     chain_obj = Chain.parse(chain)
     calls: list[str] = []
-    for module, name in ((sparse, "decode_mask"), (sparse, "decode_positions"), (filterscale, "decode_positions")):
+    for module, name in (
+        (sparse, "decode_mask"),
+        (sparse, "decode_positions"),
+        (filterscale, "decode_positions"),
+    ):
         real = getattr(module, name)
 
         def counting(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> np.ndarray:
@@ -327,7 +341,9 @@ def test_top_k_of_a_large_vector_is_the_full_partitions(fraction: float) -> None
 
     rng = np.random.default_rng(int(fraction * 1e6))
     n = SAMPLED_TOP_K + 12_345
-    x = (rng.standard_t(3, n) * np.repeat(rng.random(n // 1000 + 1) ** 4, 1000)[:n]).astype(np.float32)  # layered scales
+    x = (rng.standard_t(3, n) * np.repeat(rng.random(n // 1000 + 1) ** 4, 1000)[:n]).astype(
+        np.float32
+    )  # layered scales
     k = kept_count(n, fraction)
     reference = np.sort(np.argpartition(np.abs(x), n - k)[n - k :])
     assert np.array_equal(top_indices(x, k), reference)

@@ -35,7 +35,11 @@ class AbsMax8(Codec):
     def encode(self, x: Data, spec: Spec, state: StageState) -> tuple[bytes, Data]:
         arr = require_array_spec(spec, "absmax8").check(x, "absmax8 input")
         scale = float(np.max(np.abs(arr))) if arr.size else 0.0
-        q = np.zeros(arr.shape, np.int8) if scale == 0 else np.rint(arr / np.float32(scale) * LEVELS).astype(np.int8)
+        q = (
+            np.zeros(arr.shape, np.int8)
+            if scale == 0
+            else np.rint(arr / np.float32(scale) * LEVELS).astype(np.int8)
+        )
         return SideWriter().f32(scale).getvalue(), q
 
     def output_spec(self, spec: Spec, side: bytes) -> Spec:
