@@ -177,6 +177,10 @@ class AggregatorServer:
             self._on_loop(self.server.stop(grace))
         self._stop_loop()
         self.servicer.executor.shutdown(wait=False, cancel_futures=True)
+        # The round thread may be evaluating (torch): let it finish, or the interpreter's exit kills it
+        # inside torch's thread pool (std::terminate, exit 134).
+        if self._thread.is_alive():
+            self._thread.join(60)
         self.federation.report.write()
 
     def _stop_loop(self) -> None:

@@ -56,7 +56,7 @@ class Payload:
                 )
         if self.layout is not None and self.layout != layout:
             raise InvalidArgument(
-                f"{what}: the payload's layout differs from this federation's model: {layout_difference(self.layout, layout)}"
+                f"{what}: the payload's layout differs from this federation's model: {layout.first_difference(self.layout)}"
             )
         expected = chain.fingerprint(layout)
         if self.fingerprint != expected:
@@ -69,21 +69,6 @@ class Payload:
 def json_chain(chain: Any) -> str:
     """The chain config as it is written into a payload."""
     return json.dumps(chain, separators=(",", ":"))
-
-
-def layout_difference(got: Layout, want: Layout) -> str:
-    """The first tensor that differs between two layouts, in words."""
-    for i, (g, w) in enumerate(zip(got.tensors, want.tensors, strict=False)):
-        if g.name != w.name:
-            return f"tensor {i} is {g.name!r}, expected {w.name!r}"
-        if g.shape != w.shape:
-            return f"tensor {g.name!r} has shape {list(g.shape)}, expected {list(w.shape)}"
-        if g.dtype != w.dtype:
-            return f"tensor {g.name!r} has dtype {g.dtype}, expected {w.dtype}"
-    if len(got) != len(want):
-        extra = got.tensors[len(want)].name if len(got) > len(want) else want.tensors[len(got)].name
-        return f"{len(got)} tensors, expected {len(want)} (first unmatched: {extra!r})"
-    return "no difference"
 
 
 def _varint_size(value: int) -> int:
