@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedsqueeze.console import ROUND_HEADER, die, round_row, setup_logging, summary_lines
 from fedsqueeze.metrics import Metrics, start_metrics_server
+from fedsqueeze.model_file import ModelError
 from fedsqueeze.plan import Plan, PlanError
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.tasks import DataError
@@ -209,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (PlanError, DataError, CheckpointError, TLSConfigError, AdmissionError, OSError) as exc:
+    except (
+        PlanError,
+        DataError,
+        ModelError,
+        CheckpointError,
+        TLSConfigError,
+        AdmissionError,
+        OSError,
+    ) as exc:
         die(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -1,15 +1,20 @@
-"""What the aggregator knows of the model: its layout and initial weights, and how to evaluate it.
+"""What the aggregator knows of the model: its layout and initial weights, and how it is evaluated.
 
 The Federation itself never imports torch: it works on flat float32 vectors and a `Layout`. For
 the plan's built-in tasks `builtin_model` builds the plan's model (torch, from the plan's seed) for
 its layout and initial weights, and `HeldOutEvaluator` scores the global model on the data set's
-held-out split.
+held-out split. For a model of the collaborators' own, `InitialModel.from_file` reads the layout and
+weights from a safetensors file, and the global model is scored by the collaborators themselves
+(`FederatedEvaluation`) and, optionally, by a function of the operator's (`aggregator serve
+--evaluate module:function`, which gets the global model as name -> float32 array).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +30,14 @@ Evaluator = Callable[[np.ndarray], dict[str, float]]
 class InitialModel:
     layout: Layout
     weights: np.ndarray  # flat float32, in layout order
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> InitialModel:
+        """From a safetensors file written by `fedsqueeze.save_initial_model` (no torch needed)."""
+        from fedsqueeze.model_file import load_initial_model
+
+        layout, weights, _ = load_initial_model(path)
+        return cls(layout, weights)
 
 
 def builtin_model(plan: Plan, input_shape: tuple[int, ...], num_classes: int) -> tuple[InitialModel, Any]:
@@ -58,3 +71,58 @@ class HeldOutEvaluator:
         set_flat(self._module, global_model)
         loss, accuracy = evaluate(self._module, self.data.x_test, self.data.y_test)
         return {"loss": loss, "accuracy": accuracy}
+
+
+class WeightedMean:
+    """Metrics reported by several collaborators, averaged with each report's weight (its sample count)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+        self.reports = 0
+        self.samples = 0
+
+    def add(self, metrics: Mapping[str, float], weight: float) -> None:
+        if weight <= 0:
+            return
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                self._sums[key] = self._sums.get(key, 0.0) + weight * value
+                self._weights[key] = self._weights.get(key, 0.0) + weight
+        self.reports += 1
+        self.samples += int(weight)
+
+    def result(self) -> dict[str, float]:
+        """Each metric's weighted mean, with how many collaborators and samples it is over."""
+        if not self.reports:
+            return {}
+        out = {k: self._sums[k] / self._weights[k] for k in sorted(self._sums)}
+        return {**out, "collaborators": float(self.reports), "samples": float(self.samples)}
+
+
+class FederatedEvaluation:
+    """The collaborators' evaluations of each global model, by the round after which it was the global model.
+
+    A collaborator evaluates the model it was sent before training on it, and reports with its update:
+    round r's updates carry the evaluations of the model after round r - 1 (0: the initial model). The
+    final model is evaluated in an evaluation phase after the last round (EVALUATE tasks)."""
+
+    MAX_METRICS = 32  # metrics per report at most, names of at most 64 characters
+
+    def __init__(self) -> None:
+        self._by_round: dict[int, WeightedMean] = {}
+        self.evaluated: dict[int, set[str]] = {}  # model round -> members that reported on it
+
+    def add(self, model_round: int, member_id: str, metrics: Mapping[str, float], samples: int) -> None:
+        if member_id in self.evaluated.setdefault(model_round, set()):
+            return  # one report per member and model
+        clean = {str(k)[:64]: float(v) for k, v in list(metrics.items())[: self.MAX_METRICS]}
+        self._by_round.setdefault(model_round, WeightedMean()).add(clean, float(samples))
+        self.evaluated[model_round].add(member_id)
+
+    def result(self, model_round: int) -> dict[str, float]:
+        mean = self._by_round.get(model_round)
+        return mean.result() if mean is not None else {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {str(r): sorted(m) for r, m in self.evaluated.items()}

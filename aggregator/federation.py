@@ -27,16 +27,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedsqueeze.chains import LinkChains
-from fedsqueeze.codecs import CodecError, CodecState
+from fedsqueeze.codecs import CodecError, CodecState, Layout
 from fedsqueeze.errors import FailedPrecondition, FederationError, InvalidArgument, ResourceExhausted
-from fedsqueeze.messages import Admission, Task
+from fedsqueeze.messages import Admission, Evaluation, Task
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
@@ -44,7 +44,7 @@ from fedsqueeze.report import RoundRecord, RunReport
 
 from . import checkpoint
 from .admission import JoinPolicy
-from .evaluation import Evaluator, HeldOutEvaluator, InitialModel
+from .evaluation import Evaluator, FederatedEvaluation, HeldOutEvaluator, InitialModel
 from .global_update import GlobalUpdate
 from .links import Links
 from .membership import Member, Membership
@@ -59,9 +59,8 @@ MAX_POLL_S = 60.0  # the longest a GetTask long poll is held
 MAX_SAMPLES = 10**9
 MAX_RESENDS = 8  # a member may ask for a round's download again this often (a lost response), no more
 RECENT_NORMS = 64  # update norms remembered across rounds, the reference of a round's norm bound when alone
-RESUME_GRACE_S = (
-    30.0  # after a restart, how long the rounds wait for every resumed member once quorum is back
-)
+# after a restart, how long the rounds wait for every resumed member once quorum is back
+RESUME_GRACE_S = 30.0
 
 
 class Federation:
@@ -78,20 +77,20 @@ class Federation:
         join_policy: JoinPolicy | None = None,
     ) -> None:
         """`model`: the layout and initial weights; None builds the plan's built-in model, which then
-        also evaluates the global model on the data set's held-out split (unless `evaluator` is given)."""
+        also evaluates the global model on the data set's held-out split (unless `evaluator` is given).
+        `evaluator`: the aggregator's own evaluation of each global model; without one (a model of the
+        collaborators' own and no `--evaluate`), the collaborators' federated evaluation is the measure."""
         self.plan = plan
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.join_policy = join_policy or JoinPolicy()
-        self.shard_sizes: list[int] | None = (
-            None  # built-in data sets: each shard's size, the cap of its member's weight
-        )
+        # built-in data sets: each shard's size, the cap of its member's weight
+        self.shard_sizes: list[int] | None = None
         if model is None:
             held_out = HeldOutEvaluator(plan)
             model, evaluator = held_out.initial, evaluator or held_out
             self.shard_sizes = held_out.shard_sizes
-        if evaluator is None:
-            raise ValueError("a Federation needs an evaluator")
-        self.evaluate = evaluator
+        self.evaluate: Evaluator | None = evaluator
+        self.federated = FederatedEvaluation()
         self.layout = model.layout
         self.global_model = np.asarray(model.weights, dtype=np.float32).copy()
         self.chains = LinkChains.from_plan(plan)
@@ -166,18 +165,29 @@ class Federation:
             callback()
 
     def join(
-        self, name: str, num_samples: int, identity: str | None = None, join_token: str = ""
+        self,
+        name: str,
+        num_samples: int,
+        identity: str | None = None,
+        join_token: str = "",
+        layout: Layout | None = None,
+        buffers: Sequence[str] = (),
+        evaluates: bool = False,
     ) -> Admission:
-        """Register a collaborator, if the join policy admits it. Its id is `identity` (the client
+        """Register a collaborator, if the join policy admits it and its model (`layout`, all its floating-point
+        tensors, of which `buffers` are buffers) is the federation's. Its id is `identity` (the client
         certificate's common name under mTLS) or its enrollment token's; joining again under a known
         identity re-issues its session token and resets its codec states (the collaborator restarted),
         keeping its shard and an installed autoencoder decoder."""
         enrolled = self.join_policy.admit(join_token)
         identity = identity if identity is not None else enrolled
+        if layout is not None:
+            self.check_model(layout, buffers)
         with self._cond:
             if self._phase == "done":
                 raise FailedPrecondition("the federation has finished")
             member, rejoined = self.membership.join(name, num_samples, identity)
+            member.evaluates = evaluates
             if not rejoined:
                 self.links.add(member.id)
         if rejoined:
@@ -197,7 +207,16 @@ class Federation:
             self.plan.sha256,
             member.shard_index,
             self.plan.num_shards,
+            self.layout,
         )
+
+    def check_model(self, layout: Layout, buffers: Sequence[str] = ()) -> None:
+        """Refuse (InvalidArgument) a collaborator's model whose travelling tensors are not the federation's."""
+        skipped = set(buffers) if self.plan.model.buffers == "local" else set()
+        travelling = Layout(tuple(t for t in layout if t.name not in skipped))
+        difference = self.layout.first_difference(travelling, ordered=False)
+        if difference is not None:
+            raise InvalidArgument(f"the collaborator's model differs from the federation's: {difference}")
 
     def authenticate(self, member_id: str, token: str) -> Member:
         """The caller, if the token is its own; a lost member that calls in is back."""
@@ -233,6 +252,9 @@ class Federation:
                             message=self._outcome or "the federation has finished",
                             completed=self._outcome == "completed",
                         )
+                    if self._phase == "evaluating" and self._wants_evaluation(member):
+                        model = self.global_model
+                        break
                     pre = self.prepass.task_for(member.id, training=self._phase == "training")
                     rnd = self.rounds.current
                     if pre is not None or (
@@ -244,12 +266,46 @@ class Federation:
                     if remaining <= 0:
                         return Task("WAIT", message=f"waiting ({self._phase})")
                     self._cond.wait(remaining)
+            if self._phase == "evaluating":
+                return self._evaluation_task(member, model)
             if pre is not None:
                 return self._prepass_task(member, pre, model)
             assert rnd is not None
             task = self._train_task(member, rnd, model)
             if task is not None:
                 return task  # else the round closed while its download was encoded: look again
+
+    def _wants_evaluation(self, member: Member) -> bool:
+        final = self.plan.rounds + 1
+        return member.evaluates and member.id not in self.federated.evaluated.get(final - 1, set())
+
+    def _evaluation_task(self, member: Member, model: np.ndarray) -> Task:
+        """The final global model, for a member that evaluates it (once: a re-send is the same bytes)."""
+        final = self.plan.rounds + 1
+        link = self.links.link(member.id)
+        with link.lock:
+            download = self.links.encode_download(member.id, final, model)
+            download.commit()
+        if download.fresh:
+            with self._cond:
+                self.report.evaluation_bytes["down_raw"] += self.layout.raw_bytes
+                self.report.evaluation_bytes["down_wire"] += download.payload.wire_size
+            self.metrics.record_transfer(
+                "down",
+                self.links.down_codec,
+                member.id,
+                raw=self.layout.raw_bytes,
+                wire=download.payload.wire_size,
+            )
+        return Task("EVALUATE", round=final, model=download.payload)
+
+    def fetch_model(self, member_id: str, token: str, round_number: int) -> Payload:
+        """The download this member was handed for `round_number` (a large one travels in chunks, apart)."""
+        member = self.authenticate(member_id, token)
+        sent = self.links.link(member.id).sent
+        if sent is None or sent[0] != round_number:
+            raise FailedPrecondition(f"{member.id} was handed no download for round {round_number}")
+        return sent[1]
 
     def _train_task(self, member: Member, rnd: RoundState, model: np.ndarray) -> Task | None:
         link = self.links.link(member.id)
@@ -318,8 +374,10 @@ class Federation:
         payload: Payload,
         wire_size: int,
         metrics: Mapping[str, float] | None = None,
+        evaluation: Evaluation | None = None,
     ) -> int:
-        """Decode one update and fold it into its round; returns its wire size."""
+        """Decode one update and fold it into its round; returns its wire size. `metrics`: its training's;
+        `evaluation`: its evaluation of the global model it was sent for this round (before training)."""
         member = self.authenticate(member_id, token)
         if not 1 <= num_samples <= MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be in [1, {MAX_SAMPLES:.0e}], got {num_samples}")
@@ -343,6 +401,11 @@ class Federation:
                     member.num_samples = num_samples
                     rnd.bytes["up_raw"] += self.layout.raw_bytes
                     rnd.bytes["up_wire"] += wire_size
+                    rnd.train.add(metrics or {}, float(num_samples))
+                    if evaluation is not None and evaluation.samples > 0:
+                        self.federated.add(
+                            round_number - 1, member.id, evaluation.metrics, evaluation.samples
+                        )
         finally:
             with self._cond:
                 rnd.receiving.discard(member.id)
@@ -384,6 +447,22 @@ class Federation:
         log.info("decoder from %s accepted (%d bytes)", member.id, len(blob))
         return len(blob)
 
+    def submit_evaluation(
+        self, member_id: str, token: str, round_number: int, evaluation: Evaluation
+    ) -> None:
+        """A member's evaluation of the final global model (the EVALUATE task of `round_number`)."""
+        member = self.authenticate(member_id, token)
+        final = self.plan.rounds + 1
+        if round_number != final:
+            raise FailedPrecondition(f"the final evaluation is round {final}, not {round_number}")
+        if evaluation.samples < 1:
+            raise InvalidArgument("an evaluation needs num_samples >= 1")
+        with self._cond:
+            if self._phase != "evaluating":
+                raise FailedPrecondition(f"no evaluation is open (phase: {self._phase})")
+            self.federated.add(final - 1, member.id, evaluation.metrics, evaluation.samples)
+            self._cond.notify_all()
+
     # -- the round loop ---------------------------------------------------------------------------
     def _weight(self, member: Member, num_samples: int) -> float:
         """A member's FedAvg weight: its declared sample count, capped (plan `aggregation`), or 1."""
@@ -404,7 +483,9 @@ class Federation:
             self.shutdown(f"ended early: {exc}")
             raise
         if self.rounds.completed >= self.plan.rounds:
-            self.shutdown("completed")
+            self._final_evaluation(stop)
+            if not stop.is_set():
+                self.shutdown("completed")
         self.report.write()
 
     def _run(self, stop: threading.Event) -> None:
@@ -412,7 +493,7 @@ class Federation:
         if not self.prepass.done:
             self._run_prepass(stop)
         if self.resumed_from is None:
-            self.report.extra["initial_accuracy"] = self.evaluate(self.global_model).get("accuracy")
+            self.report.extra["initial_accuracy"] = self._server_scores().get("accuracy")
             self.checkpoint()
             self.report.write()
         for number in range(self.rounds.completed + 1, self.plan.rounds + 1):
@@ -423,11 +504,68 @@ class Federation:
                 break  # interrupted, not finished: not recorded; a restart on the state dir re-runs it
             self.report.rounds.append(record)
             self.rounds.completed = number
+            self._federated_results(number - 1)
             self.checkpoint()  # before the next round opens: a restart resumes at number + 1
             self.report.write()
-            self.metrics.record_round(record, self.report.summary())
-            if self.on_round is not None:
-                self.on_round(record)
+            if self.evaluate is not None or not self._federated_in_use():
+                self._publish(record)  # else once the collaborators have evaluated its model (next round)
+
+    def _server_scores(self) -> dict[str, float]:
+        return self.evaluate(self.global_model) if self.evaluate is not None else {}
+
+    def _federated_in_use(self) -> bool:
+        return any(m.evaluates for m in self.membership.members.values())
+
+    def _publish(self, record: RoundRecord) -> None:
+        """A finished round record to Prometheus and the console (`on_round`)."""
+        self.metrics.record_round(record, self.report.summary())
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _federated_results(self, model_round: int) -> None:
+        """Write the collaborators' evaluation of the model after `model_round` into its record (0: the initial model)."""
+        result = self.federated.result(model_round)
+        if not result:
+            return
+        self.metrics.record_evaluation(result)
+        if model_round == 0:
+            self.report.extra["initial_evaluation"] = result
+            return
+        record = next((r for r in self.report.rounds if r.round == model_round), None)
+        if record is None:
+            return
+        record.evaluation = result
+        if self.evaluate is None:
+            record.accuracy, record.loss = result.get("accuracy"), result.get("loss")
+            self._publish(record)
+
+    def _final_evaluation(self, stop: threading.Event) -> None:
+        """After the last round: the members that evaluate score the final model (EVALUATE tasks), until
+        all have or the round deadline passes."""
+        last = self.plan.rounds
+        if self._federated_in_use():
+            with self._cond:
+                self._phase = "evaluating"
+                self._announce()
+                deadline = time.monotonic() + self.plan.round_timeout_s
+                while not stop.is_set() and time.monotonic() < deadline:
+                    waiting = [
+                        m
+                        for m in self.membership.members.values()
+                        if m.active and not m.lost and self._wants_evaluation(m)
+                    ]
+                    if not waiting:
+                        break
+                    self._cond.wait(0.25)
+            self._federated_results(last)
+        record = next((r for r in self.report.rounds if r.round == last), None)
+        if (
+            record is not None
+            and self.evaluate is None
+            and self._federated_in_use()
+            and not record.evaluation
+        ):
+            self._publish(record)  # nobody evaluated it in time: published without scores
 
     def _wait_for_members(self, stop: threading.Event) -> None:
         """Before the first round, `collaborators.min` members. After a restart, the members that were
@@ -526,11 +664,11 @@ class Federation:
         else:
             status = f"failed: quorum not met ({count} of {quorum} updates) after {rnd.attempt} retries; the global model is unchanged"
             log.warning("round %d %s", number, status)
-        scores = self.evaluate(self.global_model)
+        scores = self._server_scores()
         return RoundRecord(
             round=number,
-            accuracy=scores.get("accuracy", float("nan")),
-            loss=scores.get("loss", float("nan")),
+            accuracy=scores.get("accuracy"),
+            loss=scores.get("loss"),
             participants=count,
             dropped=len(closed.missing),
             seconds=time.monotonic() - rnd.started,
@@ -539,6 +677,7 @@ class Federation:
             attempts=rnd.attempt + 1,
             resent=dict(rnd.resent),
             aggregation=strategy.summary(),
+            train=rnd.train.result(),
         )
 
     def wait_for_change(self, timeout: float) -> None:
@@ -565,9 +704,8 @@ class Federation:
             report = {"rounds": [r.to_json() for r in self.report.rounds], "extra": dict(self.report.extra),
                       "prepass_bytes": dict(self.report.prepass_bytes)}  # fmt: skip
             model = self.global_model.copy()
-            ids = [
-                mid for mid in self.membership.members if self.links.has(mid)
-            ]  # those that left have no states
+            # those that left have no states
+            ids = [mid for mid in self.membership.members if self.links.has(mid)]
         states = {mid: self.links.states(mid) for mid in ids}  # link locks, never under _cond
         ckpt = checkpoint.Checkpoint(round=self.rounds.completed, plan_sha256=self.plan.sha256, global_model=model, states=states,
                                      membership=membership, prepass=prepass, report=report,

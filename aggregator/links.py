@@ -68,9 +68,8 @@ class Links:
         self.up_fingerprint = chains.uplink.fingerprint(layout)
         self.down_fingerprint = chains.downlink.fingerprint(layout)
         self._links: dict[str, Link] = {}
-        self._shared: tuple[int, Payload] | None = (
-            None  # a stateless downlink encodes once per round, for everyone
-        )
+        # a stateless downlink encodes once per round, for everyone
+        self._shared: tuple[int, Payload] | None = None
         self._shared_lock = threading.Lock()
 
     # -- members ----------------------------------------------------------------------------------

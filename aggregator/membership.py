@@ -34,18 +34,19 @@ class Member:
     lost: bool = False  # missed a deadline (or not back since a restart): not selected until it calls in
     last_round: int = 0  # the last round whose update from it was accepted (a resend gets ALREADY_EXISTS)
     decoder_bytes: int = 0  # decoder uploads accepted from it, for the report
+    evaluates: bool = False  # it evaluates global models on its own held-out data (federated evaluation)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "token": self.token, "name": self.name, "shard_index": self.shard_index,
                 "num_samples": self.num_samples, "active": self.active, "last_round": self.last_round,
-                "decoder_bytes": self.decoder_bytes}  # fmt: skip
+                "decoder_bytes": self.decoder_bytes, "evaluates": self.evaluates}  # fmt: skip
 
     @classmethod
     def from_json(cls, m: dict[str, Any]) -> Member:
         """A member restored from a checkpoint: lost until it calls in again."""
         return cls(id=str(m["id"]), token=str(m["token"]), name=str(m["name"]), shard_index=int(m["shard_index"]),
                    num_samples=int(m["num_samples"]), active=bool(m["active"]), last_round=int(m["last_round"]),
-                   decoder_bytes=int(m.get("decoder_bytes", 0)), lost=True)  # fmt: skip
+                   decoder_bytes=int(m.get("decoder_bytes", 0)), evaluates=bool(m.get("evaluates", False)), lost=True)  # fmt: skip
 
 
 class Membership:

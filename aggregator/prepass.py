@@ -49,9 +49,8 @@ class Prepass:
         self.spec = spec
         found = find_stage(uplink)
         self.enabled = bool(spec.enabled and found is not None)
-        self.index: int = (
-            found[0] if found is not None else -1
-        )  # the `ae` stage's slot in an uplink CodecState
+        # the `ae` stage's slot in an uplink CodecState
+        self.index: int = found[0] if found is not None else -1
         self.stage: Autoencoder | None = found[1] if found is not None else None
         n = layout.numel
         self.expected = self.stage.decoder_shapes(n) if self.stage else {}

@@ -25,6 +25,7 @@ from fedsqueeze.errors import AlreadyExists, FailedPrecondition, PermissionDenie
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import BYTE_KEYS
 
+from .evaluation import WeightedMean
 from .membership import Member
 from .strategy import Strategy
 
@@ -44,9 +45,9 @@ class RoundState:
     submitted: set[str] = field(default_factory=set)  # accepted updates
     receiving: set[str] = field(default_factory=set)  # updates being decoded now
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
-    resent: dict[str, int] = field(
-        default_factory=lambda: {"messages": 0, "wire": 0}
-    )  # downloads handed out again
+    # downloads handed out again
+    resent: dict[str, int] = field(default_factory=lambda: {"messages": 0, "wire": 0})
+    train: WeightedMean = field(default_factory=WeightedMean)  # the participants' reported training metrics
 
     def wants_update_from(self, member_id: str) -> bool:
         return member_id in self.participants and member_id not in self.submitted

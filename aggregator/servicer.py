@@ -34,8 +34,16 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from fedsqueeze.errors import FederationError, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from fedsqueeze.messages import Evaluation
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
-from fedsqueeze.wire import payload_from_bytes, payload_to_proto, status_of
+from fedsqueeze.wire import (
+    layout_from_proto,
+    layout_to_proto,
+    payload_from_bytes,
+    payload_to_bytes,
+    payload_to_proto,
+    status_of,
+)
 
 from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_UPLOAD_WAIT_S, IdentityLimits, UploadSlots
 
@@ -46,9 +54,9 @@ log = logging.getLogger("fedsqueeze.aggregator")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-MAX_CHUNK = (
-    1 << 20
-)  # the largest chunk message (and so the most gRPC buffers of a stream before it is authenticated)
+# the largest chunk message (and so the most gRPC buffers of a stream before it is authenticated)
+MAX_CHUNK = 1 << 20
+INLINE_MODEL = 1 << 20  # a download larger than this travels apart, in chunks (FetchModel)
 MIN_CHUNK = 4 << 10  # every chunk but the last carries at least this much: no floods of empty chunks
 SERVICE = "fedsqueeze.v1.Federation"
 # RPCs that carry a message counted in fedsqueeze_messages_total by status: (direction, type).
@@ -108,6 +116,14 @@ def add_to_server(servicer: FederationServicer, server: Any) -> None:
             pb.UploadDecoderResponse.SerializeToString,
         ),
         "Leave": unary(servicer.Leave, _safe(pb.LeaveRequest.FromString), pb.LeaveResponse.SerializeToString),
+        "FetchModel": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchModel, _safe(pb.FetchModelRequest.FromString), pb.ModelChunk.SerializeToString
+        ),
+        "SubmitEvaluation": unary(
+            servicer.SubmitEvaluation,
+            _safe(pb.EvaluationRequest.FromString),
+            pb.EvaluationResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
@@ -299,11 +315,16 @@ class FederationServicer:
 
     @_answer
     async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
+        layout = layout_from_proto(request.layout) if request.HasField("layout") else None
         r = await self._call(
-            self.fed.join, request.name, request.num_samples, self._identity(context), request.join_token
-        )
-        return pb.JoinResponse(collaborator_id=r.collaborator_id, token=r.token, plan=pb.Plan(json=r.plan_json, sha256=r.plan_sha256),
+            self.fed.join, request.name, request.num_samples, self._identity(context), request.join_token,
+            layout, tuple(request.buffers), request.evaluates,
+        )  # fmt: skip
+        resp = pb.JoinResponse(collaborator_id=r.collaborator_id, token=r.token, plan=pb.Plan(json=r.plan_json, sha256=r.plan_sha256),
                                shard_index=r.shard_index, num_shards=r.num_shards)  # fmt: skip
+        if r.layout is not None:
+            resp.layout.CopyFrom(layout_to_proto(r.layout))
+        return resp
 
     @_answer
     async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.GetTaskResponse:
@@ -330,8 +351,28 @@ class FederationServicer:
         resp = pb.GetTaskResponse(kind=pb.GetTaskResponse.Kind.Value(task.kind), round=task.round, message=task.message,
                                   completed=task.completed)  # fmt: skip
         if task.model is not None:
-            resp.model.CopyFrom(payload_to_proto(task.model))
+            if task.model.wire_size <= INLINE_MODEL:
+                resp.model.CopyFrom(payload_to_proto(task.model))
+            else:  # too large for one message: the client fetches it in chunks
+                resp.model_size = task.model.wire_size
         return resp
+
+    @_answer
+    async def FetchModel(self, request: pb.FetchModelRequest, context: Any) -> None:
+        payload = await self._call(
+            self.fed.fetch_model, *self._as(context, request.credentials), request.round
+        )
+        blob = await self._call(payload_to_bytes, payload)
+        for start in range(0, len(blob), MAX_CHUNK):
+            await context.write(pb.ModelChunk(chunk=blob[start : start + MAX_CHUNK]))
+
+    @_answer
+    async def SubmitEvaluation(self, request: pb.EvaluationRequest, context: Any) -> pb.EvaluationResponse:
+        evaluation = Evaluation(dict(request.metrics), request.num_samples)
+        await self._call(
+            self.fed.submit_evaluation, *self._as(context, request.credentials), request.round, evaluation
+        )
+        return pb.EvaluationResponse()
 
     @_answer
     async def SubmitUpdate(
@@ -345,10 +386,21 @@ class FederationServicer:
             async with self.uploads.slot():
                 blob = await stream.payload(header.payload_size, self.limits)
                 metrics = dict(header.metrics)
+                evaluation = (
+                    Evaluation(dict(header.evaluation), header.evaluation_samples)
+                    if header.evaluation_samples
+                    else None
+                )
 
                 def submit() -> int:
                     return self.fed.submit_update(
-                        *who, header.round, header.num_samples, payload_from_bytes(blob), len(blob), metrics
+                        *who,
+                        header.round,
+                        header.num_samples,
+                        payload_from_bytes(blob),
+                        len(blob),
+                        metrics,
+                        evaluation,
                     )
 
                 wire = await self._call(submit)

@@ -133,10 +133,11 @@ class FedAvg(Strategy):
         arriving: _Held | None = _Held(u.copy() if u is update else u, weight, norm)
         assert arriving is not None
         if self.norm_ratio and (self._held is None or arriving.influence > self._held.influence):
+            # keep the most influential aside, fold in the one it displaces
             arriving, self._held = (
                 self._held,
                 arriving,
-            )  # keep the most influential aside, fold in the one it displaces
+            )
         if arriving is not None:
             self._fold(arriving.update, arriving.weight)
 

@@ -153,9 +153,8 @@ def bench_chain(trace: Trace, chain_text: str, reps: int) -> dict[str, object] |
     assert np.array_equal(out, enc.reconstruction), chain_text
     if not chain.stateful:
         sender = CodecState()  # every message the first
-    later = chain.encode(
-        x, trace.layout, sender
-    )  # what the timed decodes read: a message like the timed encodes
+    # what the timed decodes read: a message like the timed encodes
+    later = chain.encode(x, trace.layout, sender)
     t_enc = timed(lambda: chain.encode(x, trace.layout, sender if chain.stateful else CodecState()), reps)
     t_dec = timed(lambda: chain.decode(later.data, trace.layout), reps)
     mb = x.nbytes / 1e6

@@ -73,9 +73,8 @@ class Chain:
     settings: tuple[str, ...] = ("mnist1d-a0.5",)  # where it runs; "*": everywhere
     max_seeds: int = 0  # run only the first N seeds (0: all); the AE rows, whose prepass is slow on 2 cores
     update: str | None = None  # downlink.update_chain: the aggregator's own compression of the global update
-    prior: str = (
-        "none"  # downlink.prior: "initial" starts a residual downlink from the initial model both sides build
-    )
+    # downlink.prior: "initial" starts a residual downlink from the initial model both sides build
+    prior: str = "none"
     server_optimizer: dict[str, Any] | None = None  # aggregation.server_optimizer (None: FedAvg's plain step)
 
     @property
@@ -86,10 +85,11 @@ class Chain:
 
 # The list, then the search for the best chain. Uplink-only rows keep the downlink uncompressed.
 CATCH_UP = "residual | lattice:0.0005 | entropy"  # the downlink that pairs with an aggregator update chain
+# FedAdam as the E-G rows use it (Flower's FedAdam peer gets the same)
 ADAM: dict[str, Any] = {
     "name": "adam",
     "lr": 0.03,
-}  # FedAdam as the E-G rows use it (Flower's FedAdam peer gets the same)
+}
 
 
 def resolved(server_optimizer: dict[str, Any]) -> dict[str, Any]:
@@ -99,10 +99,11 @@ def resolved(server_optimizer: dict[str, Any]) -> dict[str, Any]:
     return dataclasses.asdict(ServerOptimizerSpec(**server_optimizer))
 
 
+# the H rows: less momentum suits sparse, error-fed-back updates
 ADAM_B05: dict[str, Any] = {
     **ADAM,
     "beta1": 0.5,
-}  # the H rows: less momentum suits sparse, error-fed-back updates
+}
 TOPK1_Q4 = "ef | topk:0.01 | quantize:4 | entropy"
 MAIN = ("mnist1d-a0.5", "mnist1d-cnn-a0.5")  # the chains: MNIST-1D alpha 0.5 with both models
 MLP_ALL = ("mnist1d-a0.5", "mnist1d-a0.1", "digits-a0.5")  # the search rows that ran in every MLP setting
@@ -375,9 +376,8 @@ class Config:
 
 
 def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[str, Any]:
-    rounds = (
-        cfg.rounds if chain.name == CHAINS[0].name else max(cfg.rounds, cfg.horizon)
-    )  # (a copy in worker processes)
+    # (a copy in worker processes)
+    rounds = cfg.rounds if chain.name == CHAINS[0].name else max(cfg.rounds, cfg.horizon)
     plan: dict[str, Any] = {
         "task": {
             "dataset": setting.dataset,

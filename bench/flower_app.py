@@ -121,9 +121,8 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self._procs):
             if proc.poll() is None:
-                os.killpg(
-                    proc.pid, signal.SIGTERM
-                )  # its own session: the SuperExec and app processes it started
+                # its own session: the SuperExec and app processes it started
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in reversed(self._procs):
             try:
                 proc.wait(timeout=20)

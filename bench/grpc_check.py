@@ -157,9 +157,8 @@ def compare(name: str, plan_json: dict[str, Any], n: int) -> tuple[bool, list[st
                 f"prepass {k}: gRPC {grpc_report['prepass_bytes'][k]} vs in-process {sim.prepass_bytes[k]}"
             )
     # Each collaborator process's own count of what it sent and received, by shard (= join order).
-    by_index = {
-        c["collaborator_id"].split("-")[0]: c for c in collab_reports
-    }  # ids are c<join index>-<random>
+    # ids are c<join index>-<random>
+    by_index = {c["collaborator_id"].split("-")[0]: c for c in collab_reports}
     for c in sim.collaborators:
         real = by_index.get(c.id.split("-")[0])
         if real is None:

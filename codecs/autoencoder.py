@@ -156,16 +156,14 @@ class AutoencoderSettings:
 
     variant: Variant = "dense"  # the paper's FC funnel | one small AE shared by fixed-size chunks
     what: What = "update"  # update (hybrid, error feedback) | weights (the paper's literal method)
-    hidden: list[int] = field(
-        default_factory=list
-    )  # funnel hidden widths, encoder side (mirrored in the decoder)
+    # funnel hidden widths, encoder side (mirrored in the decoder)
+    hidden: list[int] = field(default_factory=list)
     latent: int = 32  # latent size (per chunk for `chunked`)
     bits: int = 8  # bits per latent value on the wire (1..8)
     correction: float = 0.002  # fraction of entries of the residual sent as a sparse correction
     chunk: int = 1024  # chunk length for `chunked`
-    refine: bool = (
-        True  # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
-    )
+    # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in KINDS:

@@ -34,9 +34,8 @@ def with_memory(x: np.ndarray, state: StageState) -> np.ndarray:
 
 def remember(state: StageState, sent: np.ndarray, received: np.ndarray, decay: float = 1.0) -> None:
     """Keep what the receiver did not get of `sent` (it reconstructs `received`), faded by `decay`."""
-    memory = (np.asarray(sent) - np.asarray(received)).astype(
-        np.float32, copy=False
-    )  # a new array: scaled in place
+    # a new array: scaled in place
+    memory = (np.asarray(sent) - np.asarray(received)).astype(np.float32, copy=False)
     if decay != 1.0:
         memory *= np.float32(decay)
     state[MEMORY] = memory

@@ -73,9 +73,9 @@ class Layout:
         """Size of the model uncompressed, in its own dtypes (4 bytes an element for a float32 model)."""
         return sum(t.numel * DTYPE_BYTES[t.dtype] for t in self.tensors)
 
-    def first_difference(self, other: Layout) -> str | None:
+    def first_difference(self, other: Layout, *, ordered: bool = True) -> str | None:
         """The first tensor, in this layout's order, that `other` lacks or holds with another shape or dtype
-        (or the first `other` has in excess), in words; None when they are the same."""
+        (or the first `other` has in excess), in words; None when they are the same (in any order, unless `ordered`)."""
         theirs = {t.name: t for t in other.tensors}
         for t in self.tensors:
             o = theirs.get(t.name)
@@ -89,7 +89,7 @@ class Layout:
         extra = [t.name for t in other.tensors if t.name not in names]
         if extra:
             return f"tensor {extra[0]!r} is not in the federation's model"
-        if [t.name for t in other.tensors] != [t.name for t in self.tensors]:
+        if ordered and [t.name for t in other.tensors] != [t.name for t in self.tensors]:
             return "the same tensors in another order"
         return None
 

@@ -187,13 +187,11 @@ def _best_clip(
     j = np.arange(CLIP_STEPS)
     with np.errstate(divide="ignore", invalid="ignore"):
         level = np.log2(mag / np.where(step0 > 0, step0, 1.0)[seg])  # log2(|x| / step0); -inf at 0
-        clip_at = (
-            np.floor(4 * (np.where(long_side, math.log2(z + 1), math.log2(max(z, 1))) - level)) + 1
-        )  # clipped for j >= this
+        # clipped for j >= this
+        clip_at = np.floor(4 * (np.where(long_side, math.log2(z + 1), math.log2(max(z, 1))) - level)) + 1
         zero_until = np.ceil(-4 * (level + 1)) - 1  # rounds to zero for j <= this
-    clip_at = np.clip(np.nan_to_num(clip_at, posinf=CLIP_STEPS), 0, CLIP_STEPS).astype(
-        np.int64
-    )  # 0 never clips
+    # 0 never clips
+    clip_at = np.clip(np.nan_to_num(clip_at, posinf=CLIP_STEPS), 0, CLIP_STEPS).astype(np.int64)
     if z == 0:  # one bit: the short side has no level but 0
         clip_at[~long_side] = 0
     zero_until = np.clip(np.nan_to_num(zero_until, posinf=CLIP_STEPS), -1, CLIP_STEPS - 1).astype(np.int64)

@@ -655,9 +655,8 @@ def _encode_rounds(io: _Coder, maps: _Maps, e_mat: np.ndarray, e_row: np.ndarray
         np.bincount(d_mat * width + f, minlength=n_mat * width).reshape(n_mat, width) for f in (f1, f2)
     ]
     above = [np.cumsum(h, axis=1) - h for h in per_block]  # columns with f < b, per (matrix, block)
-    ncols = np.stack([maps.cols[:, None] - above[0], above[0] - above[1], above[1]], axis=2)[
-        :, :rounds
-    ]  # (M, B, 3)
+    # (M, B, 3)
+    ncols = np.stack([maps.cols[:, None] - above[0], above[0] - above[1], above[1]], axis=2)[:, :rounds]
     n_rows = np.clip(
         maps.active[:, None] - np.arange(rounds)[None, :] * maps.size[:, None], 0, maps.size[:, None]
     )

@@ -55,9 +55,8 @@ def kept_count(n: int, fraction: float, count: int | None = None) -> int:
     return max(0, min(n, int(k)))
 
 
-SAMPLED_TOP_K = (
-    1 << 20
-)  # above this many entries, top-k partitions only the candidates above a sampled threshold
+# above this many entries, top-k partitions only the candidates above a sampled threshold
+SAMPLED_TOP_K = 1 << 20
 
 
 def top_indices(x: np.ndarray, k: int) -> np.ndarray:

@@ -67,9 +67,8 @@ def training_set(snaps: np.ndarray, plan: Plan, num_samples: int) -> np.ndarray:
     span = min(span, len(snaps) - 1)
     deltas = snaps[span:] - snaps[:-span]
     if spec.snapshot_every == "batch" and span > 1:
-        deltas = np.concatenate(
-            [deltas, snaps[1:] - snaps[:-1]]
-        )  # short deltas too: error feedback mixes scales
+        # short deltas too: error feedback mixes scales
+        deltas = np.concatenate([deltas, snaps[1:] - snaps[:-1]])
     rms = np.sqrt(np.mean(np.square(deltas, dtype=np.float64), axis=1, keepdims=True))
     keep = rms[:, 0] > 0
     return (deltas[keep] / rms[keep]).astype(np.float32)
@@ -164,9 +163,8 @@ def train_autoencoder(
 class PrepassContext:
     """What the collaborator loop hands to the prepass, and what the prepass leaves behind."""
 
-    upload_decoder: Callable[
-        [dict[str, Any], bytes], int
-    ]  # (architecture, safetensors bytes) -> bytes accepted
+    # (architecture, safetensors bytes) -> bytes accepted
+    upload_decoder: Callable[[dict[str, Any], bytes], int]
     member_id: str
     shard_index: int
     plan: Plan

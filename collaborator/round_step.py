@@ -30,15 +30,16 @@ import numpy as np
 from fedsqueeze.chains import LinkChains
 from fedsqueeze.codecs import CodecError, CodecState, EncodeStats, Layout
 from fedsqueeze.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
-from fedsqueeze.messages import Task
+from fedsqueeze.messages import Evaluation, Task
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
-#: (round, num_samples, payload, metrics) -> wire bytes accepted; raises the aggregator's domain errors.
-Submit = Callable[[int, int, Payload, dict[str, float]], int]
+#: (round, num_samples, payload, training metrics, evaluation) -> wire bytes accepted; raises the aggregator's
+#: domain errors.
+Submit = Callable[[int, int, Payload, dict[str, float], Evaluation | None], int]
 
 
 def training_seed(plan: Plan, round_number: int, shard_index: int) -> int:
@@ -114,20 +115,38 @@ class RoundRecord:
     seconds: float
     train_metrics: dict[str, float] = field(default_factory=dict)
     encode_stats: EncodeStats | None = None
+    evaluation: dict[str, float] = field(
+        default_factory=dict
+    )  # its evaluation of the global model it was sent
 
     def to_json(self) -> dict[str, Any]:
         return {"round": self.round, "up_raw": self.up_raw, "up_wire": self.up_wire, "down_raw": self.down_raw,
                 "down_wire": self.down_wire, "nmse": self.nmse, "encode_seconds": self.encode_seconds, "seconds": self.seconds,
-                **{f"train_{k}": v for k, v in self.train_metrics.items()}}  # fmt: skip
+                **{f"train_{k}": v for k, v in self.train_metrics.items()},
+                **{f"eval_{k}": v for k, v in self.evaluation.items()}}  # fmt: skip
+
+
+@dataclass
+class Download:
+    """A round's global model, decoded: what the collaborator trains from."""
+
+    round: int
+    weights: np.ndarray  # flat float32, in the federation's layout order
+    wire: int  # the download's wire bytes
+    started: float  # perf_counter at its decoding, for the round's duration
 
 
 class RoundStep:
+    """A collaborator's round, in two halves: `begin` (the download decoded) and `finish` (the update encoded
+    and submitted). `run` puts a `Trainer` between them; the collaborator API (api.py) puts the user's own
+    training loop there."""
+
     def __init__(
         self,
         plan: Plan,
         chains: LinkChains,
         layout: Layout,
-        trainer: Trainer,
+        trainer: Trainer | None,
         states: LinkStates,
         submit: Submit,
         *,
@@ -152,8 +171,8 @@ class RoundStep:
         except CodecError as exc:
             raise InvalidArgument(f"download refused: {exc}") from exc
 
-    def run(self, task: Task) -> RoundRecord | None:
-        """Handle one TRAIN task; None when the aggregator did not take the update (the round goes on without it)."""
+    def begin(self, task: Task) -> Download:
+        """Decode a TRAIN task's global model (a round handed out again restores the states of its first time)."""
         assert task.kind == "TRAIN" and task.model is not None
         if self._snapshot is not None and self._snapshot[0] == task.round:
             log.warning(
@@ -163,35 +182,59 @@ class RoundStep:
             self.states.restore(self._snapshot[1])
         else:
             self._snapshot = (task.round, self.states.snapshot())
-        raw = self.layout.raw_bytes
         t0 = time.perf_counter()
-        global_model = self.decode_download(task.model)
-        down_wire = task.model.wire_size
+        weights = self.decode_download(task.model)
+        wire = task.model.wire_size
         if self.metrics is not None:
             self.metrics.record_decode("down", self.down_codec, time.perf_counter() - t0)
-            self.metrics.record_transfer("down", self.down_codec, self.member_id, raw=raw, wire=down_wire)
-        t_train = time.perf_counter()
-        local, train_metrics = self.trainer.train(global_model, task.round)
-        if self.metrics is not None:
-            self.metrics.record_training(task.round, time.perf_counter() - t_train, train_metrics.get("loss"))
-        x = local - global_model if self.plan.uplink.target == "delta" else local
+            self.metrics.record_transfer(
+                "down", self.down_codec, self.member_id, raw=self.layout.raw_bytes, wire=wire
+            )
+        return Download(task.round, weights, wire, t0)
+
+    def finish(
+        self,
+        download: Download,
+        local: np.ndarray,
+        num_samples: int,
+        train_metrics: Mapping[str, Any] | None = None,
+        evaluation: Evaluation | None = None,
+    ) -> RoundRecord | None:
+        """Encode the update (local - global, or the local model) and submit it; None when the aggregator did
+        not take it (the round closed, or it is no longer ours: its uplink state is rolled back)."""
+        train_metrics = dict(train_metrics or {})
+        raw = self.layout.raw_bytes
+        x = local - download.weights if self.plan.uplink.target == "delta" else local
         encoded = self.chains.uplink.encode(x, self.layout, self.states.up)
         if self.metrics is not None:
             self.metrics.record_encode("up", self.up_codec, encoded.stats)
         payload = Payload(data=encoded.data, fingerprint=self.up_fingerprint)
         try:
-            wire = self.submit(task.round, self.trainer.num_samples, payload, _floats(train_metrics))
+            wire = self.submit(download.round, num_samples, payload, _floats(train_metrics), evaluation)
         except (FailedPrecondition, PermissionDenied, Unauthenticated) as exc:
             if self.metrics is not None:
                 self.metrics.record_message("up", "update", exc.status)
-            # Too late (the round closed) or no longer ours: drop it, undo its uplink state.
-            log.warning("round %d: update not accepted (%s); going on", task.round, exc)
+            log.warning("round %d: update not accepted (%s); going on", download.round, exc)
+            assert self._snapshot is not None
             self.states.up = CodecState.from_bytes(self._snapshot[1][0])
             return None
         if self.metrics is not None:
             self.metrics.record_transfer("up", self.up_codec, self.member_id, raw=raw, wire=wire)
-        return RoundRecord(task.round, raw, wire, raw, down_wire, encoded.stats.nmse, encoded.stats.seconds,
-                           time.perf_counter() - t0, train_metrics, encoded.stats)  # fmt: skip
+        return RoundRecord(download.round, raw, wire, raw, download.wire, encoded.stats.nmse, encoded.stats.seconds,
+                           time.perf_counter() - download.started, _floats(train_metrics), encoded.stats,
+                           dict(evaluation.metrics) if evaluation else {})  # fmt: skip
+
+    def run(self, task: Task) -> RoundRecord | None:
+        """Handle one TRAIN task with the step's trainer."""
+        assert self.trainer is not None, (
+            "run() needs a trainer; the collaborator API uses begin() and finish()"
+        )
+        download = self.begin(task)
+        t_train = time.perf_counter()
+        local, train_metrics = self.trainer.train(download.weights, task.round)
+        if self.metrics is not None:
+            self.metrics.record_training(task.round, time.perf_counter() - t_train, train_metrics.get("loss"))
+        return self.finish(download, local, self.trainer.num_samples, train_metrics)
 
 
 def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:

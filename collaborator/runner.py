@@ -70,9 +70,8 @@ class CollaboratorReport:
     prepass: dict[str, Any] = field(default_factory=dict)
 
     def add_round(self, record: dict[str, Any]) -> None:
-        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [
-            record
-        ]  # a round trained again replaces its record
+        # a round trained again replaces its record
+        self.rounds = [r for r in self.rounds if r["round"] != record["round"]] + [record]
         self.write()
 
     def write(self) -> None:
@@ -108,9 +107,8 @@ class CollaboratorRun:
             self.plan.seed,
         )
         self.layout = model_layout(self.model)
-        self.initial_model = get_flat(
-            self.model
-        )  # downlink.prior "initial": the aggregator builds the same one
+        # downlink.prior "initial": the aggregator builds the same one
+        self.initial_model = get_flat(self.model)
         self.prepass: Any = None
         self._start(session)
 

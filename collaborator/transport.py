@@ -23,14 +23,22 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fedsqueeze.codecs import Layout
 from fedsqueeze.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unreachable
-from fedsqueeze.messages import Task
+from fedsqueeze.messages import Evaluation, Task
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.tls import ClientTLS
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.v1 import fedsqueeze_pb2_grpc as pb_grpc
-from fedsqueeze.wire import error_from_status, payload_from_proto, payload_to_bytes
+from fedsqueeze.wire import (
+    error_from_status,
+    layout_from_proto,
+    layout_to_proto,
+    payload_from_bytes,
+    payload_from_proto,
+    payload_to_bytes,
+)
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
@@ -71,6 +79,16 @@ class Session:
     plan: Plan
     shard_index: int
     num_shards: int
+    layout: Layout | None = None  # the federation's model: the tensors that travel, in flattening order
+
+
+@dataclass(frozen=True)
+class Model:
+    """What a collaborator tells the aggregator of its model at Join, to be refused at once if it differs."""
+
+    layout: Layout  # every floating-point tensor, parameters and buffers
+    buffers: tuple[str, ...] = ()  # which of them are buffers
+    evaluates: bool = False  # it will evaluate the global models on its own held-out data
 
 
 class FederationClient:
@@ -85,6 +103,7 @@ class FederationClient:
         join_token: str = "",
     ) -> None:
         self.address = address
+        self.max_message = max_message
         self.join_token = join_token  # the federation's join secret or this collaborator's enrollment token
         self.connect_timeout = connect_timeout
         self.reconnect_timeout = reconnect_timeout
@@ -100,6 +119,7 @@ class FederationClient:
         self.session: Session | None = None
         self.name = ""
         self.num_samples = 0
+        self.model: Model | None = None  # what Join told the aggregator of this collaborator's model
 
     def close(self) -> None:
         self.channel.close()
@@ -142,16 +162,15 @@ class FederationClient:
         assert self.session is not None, "join first"
         return pb.Credentials(collaborator_id=self.session.collaborator_id, token=self.session.token)
 
-    def join(self, name: str, num_samples: int = 0) -> Session:
-        """Join; joining again (see `rejoin`) must find the same plan."""
-        resp = self._call(
-            "join",
-            lambda: self.stub.Join(
-                pb.JoinRequest(name=name, num_samples=num_samples, join_token=self.join_token),
-                timeout=30,
-                wait_for_ready=False,
-            ),
-        )
+    def join(self, name: str, num_samples: int = 0, model: Model | None = None) -> Session:
+        """Join; joining again (see `rejoin`) must find the same plan. With `model`, an aggregator whose
+        model differs refuses the Join (InvalidArgument naming the first tensor that differs)."""
+        request = pb.JoinRequest(name=name, num_samples=num_samples, join_token=self.join_token)
+        if model is not None:
+            request.layout.CopyFrom(layout_to_proto(model.layout))
+            request.buffers.extend(model.buffers)
+            request.evaluates = model.evaluates
+        resp = self._call("join", lambda: self.stub.Join(request, timeout=30, wait_for_ready=False))
         plan = Plan.from_json(json.loads(resp.plan.json))
         if plan.sha256 != resp.plan.sha256:
             raise InvalidArgument("the plan's digest does not match the plan the aggregator sent")
@@ -159,14 +178,17 @@ class FederationClient:
             raise FailedPrecondition(
                 f"the aggregator now runs another plan ({plan.sha256[:12]}…, joined {self.session.plan.sha256[:12]}…): not resuming"
             )
-        self.name, self.num_samples = name, num_samples
-        self.session = Session(resp.collaborator_id, resp.token, plan, resp.shard_index, resp.num_shards)
+        self.name, self.num_samples, self.model = name, num_samples, model
+        layout = layout_from_proto(resp.layout) if resp.HasField("layout") else None
+        self.session = Session(
+            resp.collaborator_id, resp.token, plan, resp.shard_index, resp.num_shards, layout
+        )
         return self.session
 
     def rejoin(self) -> Session:
         """Join again after UNAUTHENTICATED (an aggregator restarted without our membership)."""
         old = self.session
-        session = self.join(self.name, self.num_samples)
+        session = self.join(self.name, self.num_samples, self.model)
         log.warning("re-joined as %s (was %s)", session.collaborator_id, old.collaborator_id if old else None)
         return session
 
@@ -174,13 +196,42 @@ class FederationClient:
         req = pb.GetTaskRequest(credentials=self._credentials(), wait_ms=int(wait_s * 1000))
         resp = self._call("get task", lambda: self.stub.GetTask(req, timeout=wait_s + 30))
         kind = pb.GetTaskResponse.Kind.Name(resp.kind)
-        if kind not in ("WAIT", "TRAIN", "PREPASS", "DONE"):
+        if kind not in ("WAIT", "TRAIN", "PREPASS", "DONE", "EVALUATE"):
             raise InvalidArgument(f"the aggregator sent a task of unknown kind {kind}")
-        model = payload_from_proto(resp.model) if resp.HasField("model") else None
+        if resp.HasField("model"):
+            model: Payload | None = payload_from_proto(resp.model)
+        elif resp.model_size:
+            model = self.fetch_model(resp.round, resp.model_size)
+        else:
+            model = None
         return Task(kind, resp.round, model, resp.message, resp.completed)  # type: ignore[arg-type]
 
+    def fetch_model(self, round_number: int, size: int) -> Payload:
+        """A download too large for GetTask's answer, in chunks; exactly `size` bytes."""
+        if not 0 < size <= self.max_message:
+            raise InvalidArgument(f"the aggregator announced a model of {size} bytes")
+        req = pb.FetchModelRequest(credentials=self._credentials(), round=round_number)
+
+        def fetch() -> bytes:
+            buf = bytearray()
+            for part in self.stub.FetchModel(req, timeout=600):
+                buf += part.chunk
+                if len(buf) > size:
+                    raise InvalidArgument(f"the model stream carries more than the announced {size} bytes")
+            return bytes(buf)
+
+        blob = self._call("fetch model", fetch)
+        if len(blob) != size:
+            raise InvalidArgument(f"the model stream ended after {len(blob)} of the announced {size} bytes")
+        return payload_from_bytes(blob)
+
     def submit_update(
-        self, round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]
+        self,
+        round_number: int,
+        num_samples: int,
+        payload: Payload,
+        metrics: dict[str, float],
+        evaluation: Evaluation | None = None,
     ) -> int:
         """Stream the serialized Payload in chunks; returns the wire bytes (its serialized size)."""
         blob = payload_to_bytes(payload)
@@ -191,6 +242,9 @@ class FederationClient:
             payload_size=len(blob),
             metrics=metrics,
         )
+        if evaluation is not None and evaluation.samples > 0:
+            header.evaluation.update(evaluation.metrics)
+            header.evaluation_samples = evaluation.samples
 
         def requests() -> Iterator[pb.SubmitUpdateRequest]:
             yield pb.SubmitUpdateRequest(header=header)
@@ -202,6 +256,11 @@ class FederationClient:
         except AlreadyExists:
             log.info("round %d: the update was already accepted (a resend)", round_number)
         return len(blob)
+
+    def submit_evaluation(self, round_number: int, evaluation: Evaluation) -> None:
+        req = pb.EvaluationRequest(credentials=self._credentials(), round=round_number, metrics=dict(evaluation.metrics),
+                                   num_samples=evaluation.samples)  # fmt: skip
+        self._call("submit evaluation", lambda: self.stub.SubmitEvaluation(req, timeout=60))
 
     def upload_decoder(self, architecture: dict[str, Any], blob: bytes) -> int:
         arch = pb.DecoderArchitecture(

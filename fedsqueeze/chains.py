@@ -14,9 +14,8 @@ from fedsqueeze.plan import Plan
 class LinkChains:
     uplink: Chain  # collaborator -> aggregator (with an `ae` stage's settings from the plan's prepass)
     downlink: Chain  # aggregator -> collaborator
-    global_update: (
-        Chain | None
-    )  # the aggregator's own chain for each round's global update (downlink.update_chain)
+    # the aggregator's own chain for each round's global update (downlink.update_chain)
+    global_update: Chain | None
     prior_initial: bool  # downlink.prior "initial": both sides prime the downlink with the initial model
 
     @classmethod

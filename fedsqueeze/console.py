@@ -25,8 +25,10 @@ ROUND_HEADER = (
 
 def round_row(r: RoundRecord) -> str:
     b = r.bytes
+    acc = f"{r.accuracy:>6.2%}" if r.accuracy is not None else f"{'-':>6}"
+    loss = f"{r.loss:>6.3f}" if r.loss is not None else f"{'-':>6}"
     row = (
-        f"{r.round:>5}  {r.accuracy:>6.2%}  {r.loss:>6.3f}  {r.participants:>3}  {human_bytes(b['up_raw']):>10}  "
+        f"{r.round:>5}  {acc}  {loss}  {r.participants:>3}  {human_bytes(b['up_raw']):>10}  "
         f"{human_bytes(b['up_wire']):>10}  {ratio(b['up_raw'], b['up_wire']):>7.1f}x  {human_bytes(b['down_raw']):>10}  "
         f"{human_bytes(b['down_wire']):>10}  {ratio(b['down_raw'], b['down_wire']):>6.1f}x  {r.seconds:>5.1f}"
     )

@@ -6,12 +6,14 @@ protobuf (`fedsqueeze/wire.py`), and the in-process simulation passes them strai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
+from fedsqueeze.codecs import Layout
 from fedsqueeze.payload import Payload
 
-TaskKind = Literal["WAIT", "TRAIN", "PREPASS", "DONE"]
+TaskKind = Literal["WAIT", "TRAIN", "PREPASS", "DONE", "EVALUATE"]
 
 
 @dataclass(frozen=True)
@@ -24,18 +26,25 @@ class Admission:
     plan_sha256: str
     shard_index: int  # which shard of a built-in data set to load
     num_shards: int
+    layout: Layout | None = None  # the federation's model: the tensors that travel, in flattening order
 
 
 @dataclass(frozen=True)
 class Task:
     """The answer to GetTask: what to do next."""
 
-    kind: TaskKind  # WAIT: ask again | TRAIN: train on `model`, submit for `round` | PREPASS | DONE: leave
+    kind: TaskKind  # WAIT: ask again | TRAIN: train on `model`, submit for `round` | PREPASS | DONE: leave | EVALUATE
     round: int = 0
-    model: Payload | None = (
-        None  # the global model, encoded by the downlink chain (PREPASS: or the shared decoder)
-    )
+    # the global model, encoded by the downlink chain (PREPASS: or the shared decoder)
+    model: Payload | None = None
     message: str = ""  # WAIT/DONE: why; PREPASS: the role (train-autoencoder, train-encoder, shared-decoder)
-    completed: bool = (
-        False  # DONE: the federation ran all its rounds (False: it ended early, `message` says why)
-    )
+    # DONE: the federation ran all its rounds (False: it ended early, `message` says why)
+    completed: bool = False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A collaborator's metrics of a global model on its own held-out data."""
+
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    samples: int = 0  # how many held-out samples they are over: the weight of these metrics

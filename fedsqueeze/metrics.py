@@ -19,6 +19,8 @@ Metrics (base units; a process exposes only what it can measure):
     fedsqueeze_round_duration_seconds                              gauge
     fedsqueeze_round_participants, fedsqueeze_round_dropped        gauges
     fedsqueeze_model_accuracy_ratio, fedsqueeze_model_loss         gauges (global model, held-out data)
+    fedsqueeze_federated_metric{metric}                            gauge: the collaborators' evaluation of the
+        last evaluated global model (weighted mean over their held-out samples), per metric they report
     fedsqueeze_round_compression_ratio{direction}                  gauge: raw / wire of the last round (up, down, total)
     fedsqueeze_cumulative_compression_ratio{direction}             gauge: raw / (wire + decoder) so far
     fedsqueeze_cumulative_savings_ratio                            gauge: 1 - (wire + decoder) / raw so far
@@ -126,6 +128,12 @@ class Metrics:
         )
         self.accuracy = Gauge(
             "fedsqueeze_model_accuracy_ratio", "Accuracy of the global model on held-out data", registry=r
+        )
+        self.federated = Gauge(
+            "fedsqueeze_federated_metric",
+            "The collaborators' evaluation of the last evaluated global model (weighted mean)",
+            ("metric",),
+            registry=r,
         )
         self.loss = Gauge("fedsqueeze_model_loss", "Loss of the global model on held-out data", registry=r)
         self.round_ratio = Gauge(
@@ -253,6 +261,11 @@ class Metrics:
         self.decode_seconds.labels(direction, codec).observe(seconds)
 
     # -- rounds ----------------------------------------------------------------------------------------
+    def record_evaluation(self, metrics: Mapping[str, float]) -> None:
+        """A global model's federated evaluation (weighted means, and how many collaborators and samples)."""
+        for name, value in metrics.items():
+            self.federated.labels(name).set(value)
+
     def record_round(self, record: Any, totals: Mapping[str, Any] | None = None) -> None:
         """The aggregator's per-round gauges from a RoundRecord; `totals` is the run report's summary."""
         b = record.bytes
@@ -261,8 +274,10 @@ class Metrics:
         self.round_duration.set(record.seconds)
         self.round_participants.set(record.participants)
         self.round_dropped.set(record.dropped)
-        self.accuracy.set(record.accuracy)
-        self.loss.set(record.loss)
+        if record.accuracy is not None:
+            self.accuracy.set(record.accuracy)
+        if record.loss is not None:
+            self.loss.set(record.loss)
         self.round_ratio.labels("up").set(_ratio(b["up_raw"], b["up_wire"]))
         self.round_ratio.labels("down").set(_ratio(b["down_raw"], b["down_wire"]))
         self.round_ratio.labels("total").set(

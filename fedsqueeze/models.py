@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 from fedsqueeze.codecs import Layout
+from fedsqueeze.model_file import ModelError
+from fedsqueeze.model_state import layout_of, load_vector, to_vector, travelling
+
+__all__ = ["MODELS", "ModelError", "build_model", "get_flat", "model_layout", "set_flat"]
 
 
 def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | None = None) -> nn.Module:
@@ -51,10 +55,6 @@ def _cnn(
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn}
 
 
-class ModelError(ValueError):
-    pass
-
-
 def build_model(
     name: str,
     input_shape: tuple[int, ...],
@@ -63,7 +63,10 @@ def build_model(
     seed: int = 0,
 ) -> nn.Module:
     if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+        raise ModelError(
+            f"model {name!r} is not a built-in model ({', '.join(sorted(MODELS))}): for a model of your own, start the "
+            "aggregator with --initial-model and the collaborators with --app (a plan never names code to load)"
+        )
     if len(input_shape) not in (2, 3) and name == "cnn":
         raise ModelError(f"cnn needs (C, L) or (C, H, W) input, got {input_shape}")
     torch.manual_seed(seed)
@@ -74,23 +77,14 @@ def build_model(
 
 
 def model_layout(model: nn.Module) -> Layout:
-    return Layout.of({n: p.detach() for n, p in model.named_parameters()})
+    """The layout of a built-in model's travelling tensors (fedsqueeze/model_state.py)."""
+    return layout_of(travelling(model))
 
 
 def get_flat(model: nn.Module) -> np.ndarray:
-    return (
-        torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().astype(np.float32, copy=True)
-    )
+    return to_vector(travelling(model))
 
 
 def set_flat(model: nn.Module, flat: np.ndarray) -> None:
-    """Copy a flat vector into the parameters (never aliasing the caller's array)."""
-    vec = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
-    offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            p.copy_(vec[offset : offset + n].view_as(p))
-            offset += n
-    if offset != vec.numel():
-        raise ValueError(f"flat vector has {vec.numel()} elements, the model {offset}")
+    """Copy a flat vector into the model's travelling tensors (never aliasing the caller's array)."""
+    load_vector(travelling(model), flat)

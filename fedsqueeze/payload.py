@@ -21,9 +21,8 @@ from fedsqueeze.errors import InvalidArgument
 class Payload:
     data: bytes
     fingerprint: int
-    chain: Any = (
-        None  # the codec chain config the sender declares (a list of codec configs); None: not declared
-    )
+    # the codec chain config the sender declares (a list of codec configs); None: not declared
+    chain: Any = None
     layout: Layout | None = None  # the layout the sender declares; None: not declared
 
     @property

@@ -27,22 +27,27 @@ BYTE_KEYS = ("up_raw", "up_wire", "down_raw", "down_wire", "decoder")
 @dataclass
 class RoundRecord:
     round: int
-    accuracy: float
-    loss: float
+    # The global model after this round: from the aggregator's own evaluation when it has one, else the
+    # collaborators' (`evaluation`, known one round later); None until known, or when nobody evaluates.
+    accuracy: float | None
+    loss: float | None
     participants: int
     dropped: int = 0
     seconds: float = 0.0
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
-    status: str = (
-        "ok"  # ok | retried (quorum met after a retry) | failed: ... (quorum missed, model unchanged)
-    )
+    # ok | retried (quorum met after a retry) | failed: ... (quorum missed, model unchanged)
+    status: str = "ok"
     attempts: int = 1  # 1 + retries of this round
     # Downloads handed out again to a member that already had this round's (a lost response, a
     # client that asks twice): not part of `bytes`, which counts each member's download once.
     resent: dict[str, int] = field(default_factory=lambda: {"messages": 0, "wire": 0})
-    aggregation: dict[str, Any] = field(
+    # what the strategy did beyond averaging (clipped, bounded, trimmed)
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    # the collaborators' evaluation of the model after this round (weighted means; known a round later)
+    evaluation: dict[str, float] = field(default_factory=dict)
+    train: dict[str, float] = field(
         default_factory=dict
-    )  # what the strategy did beyond averaging (clipped, bounded, trimmed)
+    )  # the participants' training metrics, weighted by samples
 
     @property
     def ok(self) -> bool:
@@ -61,6 +66,8 @@ class RoundRecord:
             "bytes": dict(self.bytes),
             "resent": dict(self.resent),
             "aggregation": dict(self.aggregation),
+            "evaluation": dict(self.evaluation),
+            "train": dict(self.train),
         }
 
 
@@ -74,19 +81,22 @@ class RunReport:
     header: dict[str, Any]
     rounds: list[RoundRecord] = field(default_factory=list)
     prepass_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
+    # the final model's downloads to the collaborators that evaluate it, after the last round
+    evaluation_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BYTE_KEYS, 0))
     baseline_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        totals = dict(self.prepass_bytes)
+        totals = {k: self.prepass_bytes[k] + self.evaluation_bytes[k] for k in BYTE_KEYS}
         for r in self.rounds:
             for k in BYTE_KEYS:
                 totals[k] += r.bytes[k]
         ok = [r for r in self.rounds if r.ok]
+        scored = [r.accuracy for r in ok if r.accuracy is not None]
         return {
             "rounds": len(ok),
             "final_accuracy": ok[-1].accuracy if ok else None,
-            "best_accuracy": max((r.accuracy for r in ok), default=None),
+            "best_accuracy": max(scored, default=None),
             **totals,
             "up_ratio": ratio(totals["up_raw"], totals["up_wire"]),
             "down_ratio": ratio(totals["down_raw"], totals["down_wire"]),
@@ -101,6 +111,7 @@ class RunReport:
         return {
             **self.header,
             "prepass_bytes": self.prepass_bytes,
+            "evaluation_bytes": self.evaluation_bytes,
             "rounds": [r.to_json() for r in self.rounds],
             "summary": self.summary(),
             "baseline_accuracy": self.baseline_accuracy,

@@ -253,7 +253,10 @@ def load_dataset(name: str, path: str | None = None, seed: int = 0, num_samples:
         return load_mnist(path)
     if name == "cifar10":
         return load_cifar10(path)
-    raise DataError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    raise DataError(
+        f"data set {name!r} is not a built-in one ({', '.join(sorted(DATASETS))}): collaborators with data of their own "
+        "run an app (`collaborator join --app`)"
+    )
 
 
 def load_plan_dataset(plan: Plan) -> Dataset:

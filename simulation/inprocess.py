@@ -26,8 +26,8 @@ from fedsqueeze.aggregator.federation import Federation
 from fedsqueeze.chains import LinkChains
 from fedsqueeze.codecs import CodecState
 from fedsqueeze.collaborator.prepass import PrepassContext, handle_task
-from fedsqueeze.collaborator.round_step import BuiltinTrainer, LinkStates, RoundStep
-from fedsqueeze.messages import Admission
+from fedsqueeze.collaborator.round_step import BuiltinTrainer, LinkStates, RoundStep, Submit
+from fedsqueeze.messages import Admission, Evaluation
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
 from fedsqueeze.report import RoundRecord
@@ -128,10 +128,23 @@ class InProcessFederation:
             )
             self.collaborators.append(SimCollaborator(admission, step))
 
-    def _submitter(self, a: Admission) -> Callable[[int, int, Payload, dict[str, float]], int]:
-        def submit(round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
+    def _submitter(self, a: Admission) -> Submit:
+        def submit(
+            round_number: int,
+            num_samples: int,
+            payload: Payload,
+            metrics: dict[str, float],
+            evaluation: Evaluation | None,
+        ) -> int:
             return self.fed.submit_update(
-                a.collaborator_id, a.token, round_number, num_samples, payload, payload.wire_size, metrics
+                a.collaborator_id,
+                a.token,
+                round_number,
+                num_samples,
+                payload,
+                payload.wire_size,
+                metrics,
+                evaluation,
             )
 
         return submit

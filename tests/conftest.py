@@ -23,9 +23,10 @@ def free_port() -> int:
 def spawn(args: list[str], log: Path | None = None, **kw: object) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = open(log, "w") if log else subprocess.PIPE
+    # type: ignore[call-overload]
     return subprocess.Popen(
         [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env, text=True, **kw
-    )  # type: ignore[call-overload]
+    )
 
 
 def start_federation(

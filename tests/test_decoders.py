@@ -111,9 +111,8 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
 
     good = decoder_to_bytes(dec, a.collaborator_id)
     assert upload(stub, a, good, arch).bytes_received == len(good)
-    assert (
-        code_of(lambda: upload(stub, a, good, arch)) == grpc.StatusCode.ALREADY_EXISTS
-    )  # no re-training in this plan
+    # no re-training in this plan
+    assert code_of(lambda: upload(stub, a, good, arch)) == grpc.StatusCode.ALREADY_EXISTS
     assert np.array_equal(
         fed.links.link(a.collaborator_id).up.stage(index)["dec.0.weight"], dec["dec.0.weight"]
     )

@@ -85,15 +85,13 @@ def test_partial_participation_catch_up_keeps_every_collaborator_within_half_a_s
     assert len(rounds) == 6 and all(r.status == "ok" for r in rounds)
     for member, step in zip(sim.members, sim.steps, strict=True):
         receiver = step.states.down
-        assert (
-            receiver.fingerprint() == fed.links.link(member.collaborator_id).down.fingerprint()
-        )  # both sides hold the same copy
+        # both sides hold the same copy
+        assert receiver.fingerprint() == fed.links.link(member.collaborator_id).down.fingerprint()
         copy = receiver.stage(0)["history"][-1]
         assert np.abs(copy.astype(np.float64) - seen[member.collaborator_id][-1]).max() <= STEP / 2 * 1.001
     later = [r for r in rounds[1:] if r.bytes["down_raw"]]
     # After the first full model, catch-ups carry a few per cent of the coordinates: far below 4 bytes each.
     assert sum(r.bytes["down_wire"] for r in later) < 0.15 * sum(r.bytes["down_raw"] for r in later)
     assert fed.report.summary()["final_accuracy"] > 0.5
-    assert (
-        np.count_nonzero(fed.global_update.state.stage(0)["memory"]) > 0
-    )  # what was not applied is delayed, not lost
+    # what was not applied is delayed, not lost
+    assert np.count_nonzero(fed.global_update.state.stage(0)["memory"]) > 0

@@ -149,9 +149,8 @@ def test_messages_are_counted_by_status_and_health_answers(server, capsys) -> No
     assert (
         get("fedsqueeze_bytes_total", {**labels, "direction": "down", "kind": "raw"}) == fed.layout.raw_bytes
     )
-    assert (
-        get("fedsqueeze_decode_seconds_count", {"direction": "up", "codec": "identity"}) == 1
-    )  # the others fail before decoding
+    # the others fail before decoding
+    assert get("fedsqueeze_decode_seconds_count", {"direction": "up", "codec": "identity"}) == 1
     assert get("fedsqueeze_collaborators_active") == 1
     server.stop(grace=0.1)
     assert fedsqueeze_main(["health", "--server", f"127.0.0.1:{server.port}", "--timeout", "1"]) == 1

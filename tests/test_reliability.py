@@ -77,10 +77,19 @@ class Sim:
             self.steps.append(RoundStep(self.plan, chains, fed.layout, trainer, states, self._submitter(i)))
 
     def _submitter(self, i: int):  # the federation may be replaced (a restart): look it up at each call
-        def submit(round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float]) -> int:
+        def submit(
+            round_number: int, num_samples: int, payload: Payload, metrics: dict[str, float], evaluation=None
+        ) -> int:
             m = self.members[i]
             return self.fed.submit_update(
-                m.collaborator_id, m.token, round_number, num_samples, payload, payload.wire_size, metrics
+                m.collaborator_id,
+                m.token,
+                round_number,
+                num_samples,
+                payload,
+                payload.wire_size,
+                metrics,
+                evaluation,
             )
 
         return submit
@@ -90,7 +99,7 @@ class Sim:
         step = self.steps[i]
         caught: list[Payload] = []
         capture = RoundStep(step.plan, step.chains, step.layout, step.trainer, step.states,
-                            lambda r, n, p, m: caught.append(p) or p.wire_size)  # fmt: skip
+                            lambda r, n, p, m, e: caught.append(p) or p.wire_size)  # fmt: skip
         capture.run(task)
         return caught[0], step.trainer.num_samples
 
@@ -152,9 +161,8 @@ def test_robust_strategies_and_clipping() -> None:
     avg.begin(g)
     avg.accumulate(np.array([30, 40, 0, 0], np.float32), 1.0)  # norm 50 -> clipped to 2
     assert avg.clipped == 1 and np.allclose(avg.finish(), [1.2, 1.6, 0, 0])
-    w = build_strategy(
-        "weights", clip_norm=1.0, robust="median"
-    )  # weights: the delta from the global model is clipped
+    # weights: the delta from the global model is clipped
+    w = build_strategy("weights", clip_norm=1.0, robust="median")
     w.begin(np.ones(2, np.float32))
     w.accumulate(np.array([11, 1], np.float32), 1.0)
     assert np.allclose(w.finish(), [2, 1])
@@ -331,9 +339,8 @@ def test_trimmed_mean_says_when_it_trims_nothing() -> None:
     fed = Federation(make_plan(rounds=1, collaborators={"min": 3}, aggregation={"robust": "trimmed_mean"}))
     run_federation(fed, 3)
     (record,) = fed.report.rounds
-    assert (
-        record.aggregation["trimmed_per_side"] == 0
-    )  # 0.1 of 3 updates is none: a plain mean, and the record says so
+    # 0.1 of 3 updates is none: a plain mean, and the record says so
+    assert record.aggregation["trimmed_per_side"] == 0
 
 
 def test_re_sent_downloads_are_counted_apart_and_capped() -> None:

@@ -74,9 +74,8 @@ def test_an_uncompressed_update_with_its_own_fingerprint_is_refused_by_a_compres
     err = refusal(stub, cred, declared)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "encoded with 'identity'" in err.details() and "ef:decay=1.0 | topk" in err.details()
-    undeclared = payload_to_bytes(
-        Payload(data=data, fingerprint=identity.fingerprint(layout))
-    )  # the chain left out
+    # the chain left out
+    undeclared = payload_to_bytes(Payload(data=data, fingerprint=identity.fingerprint(layout)))
     err = refusal(stub, cred, undeclared)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "fingerprint" in err.details()
     assert srv.federation.report.to_json()["rounds"] == [] and not srv.federation.rounds.current.submitted

@@ -59,11 +59,12 @@ def vec(seed: int = 0, n: int = N, scale: float = 1.0) -> np.ndarray:
 
 def test_every_registered_codec_is_covered() -> None:
     used = {stage.split(":")[0].strip() for chain in CHAINS for stage in chain.split("|")}
+    # raw: implicit everywhere; deepcabac: optional backend; ae: tests/test_autoencoder.py
     optional = {
         "deepcabac",
         "raw",
         "ae",
-    }  # raw: implicit everywhere; deepcabac: optional backend; ae: tests/test_autoencoder.py
+    }
     assert set(registered_codecs()) - optional <= used
 
 

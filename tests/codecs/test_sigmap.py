@@ -47,9 +47,8 @@ def top(x: np.ndarray, k: int) -> np.ndarray:
 def test_shapes_follow_the_layout() -> None:
     assert matrix_shapes(SPEC) == [(384, 40), (1, 384), (128, 384), (1, 128), (8, 12), (1, 1)]
     assert matrix_shapes(ArraySpec(np.float32, 50)) == [(1, 50)]
-    assert matrix_shapes(ArraySpec(np.float32, 50, LAYOUT)) == [
-        (1, 50)
-    ]  # a layout of another size is ignored
+    # a layout of another size is ignored
+    assert matrix_shapes(ArraySpec(np.float32, 50, LAYOUT)) == [(1, 50)]
 
 
 # Measured when this was written: 0.55-0.65 of the Golomb-Rice size at k = 0.5 %, 0.6-0.7 at 10 %.
@@ -166,10 +165,11 @@ def test_format_2_codes_what_format_1_codes_in_as_many_bytes(fraction: float, st
         one, two = _both(idx)
         assert two[0] == 0 and one[0] != 0
         assert np.array_equal(decode_mask(two, SPEC, k, "t"), idx)
+        # the marker byte, a coder word
         assert len(two) <= len(one) + 5 + 0.005 * len(one), (
             len(one),
             len(two),
-        )  # the marker byte, a coder word
+        )
 
 
 @given(st.integers(0, 2**32 - 1), st.floats(0.0, 1.0), st.booleans())
@@ -250,9 +250,8 @@ def test_golden_maps_decode_identically(name: str) -> None:
         np.save(expected, idx, allow_pickle=False)
     idx = np.load(expected, allow_pickle=False)
     assert np.array_equal(decode_mask(blob.read_bytes(), SPEC, idx.size, "t"), idx)
-    assert (
-        encode_mask(idx, SPEC, version=GOLDEN_MAPS[name]) == blob.read_bytes()
-    )  # and the encoder still writes them
+    # and the encoder still writes them
+    assert encode_mask(idx, SPEC, version=GOLDEN_MAPS[name]) == blob.read_bytes()
 
 
 def test_hostile_format_2_maps_are_refused() -> None:

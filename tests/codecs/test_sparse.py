@@ -341,9 +341,8 @@ def test_top_k_of_a_large_vector_is_the_full_partitions(fraction: float) -> None
 
     rng = np.random.default_rng(int(fraction * 1e6))
     n = SAMPLED_TOP_K + 12_345
-    x = (rng.standard_t(3, n) * np.repeat(rng.random(n // 1000 + 1) ** 4, 1000)[:n]).astype(
-        np.float32
-    )  # layered scales
+    # layered scales
+    x = (rng.standard_t(3, n) * np.repeat(rng.random(n // 1000 + 1) ** 4, 1000)[:n]).astype(np.float32)
     k = kept_count(n, fraction)
     reference = np.sort(np.argpartition(np.abs(x), n - k)[n - k :])
     assert np.array_equal(top_indices(x, k), reference)

@@ -52,28 +52,36 @@ class Plan(_message.Message):
     def __init__(self, json: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("name", "num_samples", "join_token")
+    __slots__ = ("name", "num_samples", "join_token", "layout", "buffers", "evaluates")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_samples: int
     join_token: str
-    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., join_token: _Optional[str] = ...) -> None: ...
+    layout: Layout
+    buffers: _containers.RepeatedScalarFieldContainer[str]
+    evaluates: bool
+    def __init__(self, name: _Optional[str] = ..., num_samples: _Optional[int] = ..., join_token: _Optional[str] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., buffers: _Optional[_Iterable[str]] = ..., evaluates: bool = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("collaborator_id", "token", "plan", "shard_index", "num_shards")
+    __slots__ = ("collaborator_id", "token", "plan", "shard_index", "num_shards", "layout")
     COLLABORATOR_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     collaborator_id: str
     token: str
     plan: Plan
     shard_index: int
     num_shards: int
-    def __init__(self, collaborator_id: _Optional[str] = ..., token: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    layout: Layout
+    def __init__(self, collaborator_id: _Optional[str] = ..., token: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("credentials", "wait_ms")
@@ -84,7 +92,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "model", "message", "completed")
+    __slots__ = ("kind", "round", "model", "message", "completed", "model_size")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[GetTaskResponse.Kind]
@@ -92,26 +100,74 @@ class GetTaskResponse(_message.Message):
         TRAIN: _ClassVar[GetTaskResponse.Kind]
         PREPASS: _ClassVar[GetTaskResponse.Kind]
         DONE: _ClassVar[GetTaskResponse.Kind]
+        EVALUATE: _ClassVar[GetTaskResponse.Kind]
     KIND_UNSPECIFIED: GetTaskResponse.Kind
     WAIT: GetTaskResponse.Kind
     TRAIN: GetTaskResponse.Kind
     PREPASS: GetTaskResponse.Kind
     DONE: GetTaskResponse.Kind
+    EVALUATE: GetTaskResponse.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     kind: GetTaskResponse.Kind
     round: int
     model: Payload
     message: str
     completed: bool
-    def __init__(self, kind: _Optional[_Union[GetTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[Payload, _Mapping]] = ..., message: _Optional[str] = ..., completed: bool = ...) -> None: ...
+    model_size: int
+    def __init__(self, kind: _Optional[_Union[GetTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., model: _Optional[_Union[Payload, _Mapping]] = ..., message: _Optional[str] = ..., completed: bool = ..., model_size: _Optional[int] = ...) -> None: ...
+
+class FetchModelRequest(_message.Message):
+    __slots__ = ("credentials", "round")
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    credentials: Credentials
+    round: int
+    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
+
+class EvaluationRequest(_message.Message):
+    __slots__ = ("credentials", "round", "metrics", "num_samples")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    credentials: Credentials
+    round: int
+    metrics: _containers.ScalarMap[str, float]
+    num_samples: int
+    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., round: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
+class EvaluationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("credentials", "round", "num_samples", "payload_size", "metrics")
+    __slots__ = ("credentials", "round", "num_samples", "payload_size", "metrics", "evaluation", "evaluation_samples")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -123,12 +179,16 @@ class UpdateHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     credentials: Credentials
     round: int
     num_samples: int
     payload_size: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., payload_size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    evaluation: _containers.ScalarMap[str, float]
+    evaluation_samples: int
+    def __init__(self, credentials: _Optional[_Union[Credentials, _Mapping]] = ..., round: _Optional[int] = ..., num_samples: _Optional[int] = ..., payload_size: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., evaluation_samples: _Optional[int] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")

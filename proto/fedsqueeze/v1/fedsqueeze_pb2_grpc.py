@@ -59,6 +59,16 @@ class FederationStub(object):
                 request_serializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/fedsqueeze.v1.Federation/FetchModel',
+                request_serializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.SubmitEvaluation = channel.unary_unary(
+                '/fedsqueeze.v1.Federation/SubmitEvaluation',
+                request_serializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.EvaluationRequest.SerializeToString,
+                response_deserializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.EvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer(object):
@@ -99,6 +109,20 @@ class FederationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """The encoded model of a TRAIN or EVALUATE task too large to travel inside GetTask's answer, in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitEvaluation(self, request, context):
+        """The collaborator's evaluation of the final global model on its own held-out data (EVALUATE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +150,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.LeaveRequest.FromString,
                     response_serializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.LeaveResponse.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.FetchModelRequest.FromString,
+                    response_serializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.ModelChunk.SerializeToString,
+            ),
+            'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluation,
+                    request_deserializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.EvaluationRequest.FromString,
+                    response_serializer=fedsqueeze_dot_v1_dot_fedsqueeze__pb2.EvaluationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +297,60 @@ class Federation(object):
             '/fedsqueeze.v1.Federation/Leave',
             fedsqueeze_dot_v1_dot_fedsqueeze__pb2.LeaveRequest.SerializeToString,
             fedsqueeze_dot_v1_dot_fedsqueeze__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedsqueeze.v1.Federation/FetchModel',
+            fedsqueeze_dot_v1_dot_fedsqueeze__pb2.FetchModelRequest.SerializeToString,
+            fedsqueeze_dot_v1_dot_fedsqueeze__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedsqueeze.v1.Federation/SubmitEvaluation',
+            fedsqueeze_dot_v1_dot_fedsqueeze__pb2.EvaluationRequest.SerializeToString,
+            fedsqueeze_dot_v1_dot_fedsqueeze__pb2.EvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,
