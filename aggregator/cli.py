@@ -7,8 +7,11 @@ aggregator serve --port 50051 [--plan plan.json] [--report runs/report.json] [--
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedsqueeze.console import ROUND_HEADER, die, round_row, setup_logging, summary_lines
 from fedsqueeze.metrics import Metrics, start_metrics_server
@@ -20,6 +23,7 @@ from fedsqueeze.tls import ServerTLS, TLSConfigError
 
 from .admission import AdmissionError, JoinPolicy
 from .checkpoint import CheckpointError
+from .evaluation import Evaluator, InitialModel
 from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS
 
 
@@ -48,6 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_ca)
     policy = JoinPolicy.from_files(args.join_secret_file, args.enrollment_file)
     state_dir = Path(args.state_dir) if args.state_dir else None
+    model = InitialModel.from_file(args.initial_model) if args.initial_model else None
+    evaluator = load_evaluator(args.evaluate, model) if args.evaluate else None
     server = AggregatorServer(
         plan,
         host=args.host,
@@ -59,6 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         tls=tls,
         max_concurrent_uploads=args.max_concurrent_uploads,
         join_policy=policy,
+        model=model,
+        evaluator=evaluator,
     ).start()
     if args.metrics_port is not None:
         _, metrics_port = start_metrics_server(args.metrics_port, metrics, args.metrics_host)
@@ -93,6 +101,28 @@ def _serve(args: argparse.Namespace) -> int:
     if report:
         print(f"report: {report}")
     return 0
+
+
+def load_evaluator(spec: str, model: InitialModel | None) -> Evaluator:
+    """`--evaluate module:function`: the operator's evaluation of each global model (name -> float32 array)."""
+    if model is None:
+        die(
+            "--evaluate needs --initial-model (the built-in model is evaluated on the plan's held-out data already)"
+        )
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        die(f"--evaluate must be module:function, got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        die(f"--evaluate {spec}: {exc}")
+    layout = model.layout
+
+    def evaluate(weights: Any) -> dict[str, float]:
+        return {str(k): float(v) for k, v in fn(layout.unflatten(weights)).items()}
+
+    return evaluate
 
 
 def _savings(args: argparse.Namespace) -> int:
@@ -158,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-ca",
         help="mutual TLS: require client certificates signed by this CA; their CN is the collaborator id",
+    )
+    serve.add_argument(
+        "--initial-model",
+        metavar="FILE.safetensors",
+        help="start from these weights (fedsqueeze.save_initial_model): a model of the collaborators' own; the "
+        "aggregator then needs no model code, torch or data",
+    )
+    serve.add_argument(
+        "--evaluate",
+        metavar="MODULE:FUNCTION",
+        help="with --initial-model: FUNCTION(name -> float32 array) -> metrics, your own evaluation of each global model",
     )
     serve.add_argument(
         "--join-secret-file", help="admission: collaborators must present the secret in this file to join"

@@ -35,6 +35,7 @@ from fedsqueeze.report import RoundRecord
 from fedsqueeze.tls import ServerTLS
 
 from .admission import JoinPolicy
+from .evaluation import Evaluator, InitialModel
 from .federation import Federation
 from .servicer import MAX_CHUNK, SERVICE, FederationServicer, StreamLimits, add_to_server
 from .upload_slots import DEFAULT_MAX_CONCURRENT_UPLOADS, DEFAULT_UPLOAD_WAIT_S
@@ -91,13 +92,16 @@ class AggregatorServer:
         upload_wait_s: float = DEFAULT_UPLOAD_WAIT_S,
         join_policy: JoinPolicy | None = None,
         stream_limits: StreamLimits | None = None,
+        model: InitialModel | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
+        """`model`/`evaluator`: see `Federation` (None: the plan's built-in model and its held-out evaluation)."""
         if max_concurrent_uploads < 1:
             raise ValueError(f"max_concurrent_uploads must be at least 1, got {max_concurrent_uploads}")
         self.linger_s = linger_s
         # Restores the checkpoint from state_dir, if there is one (CheckpointError for another plan's).
-        self.federation = Federation(plan, report_path=report_path, on_round=on_round, metrics=metrics, state_dir=state_dir,
-                                     join_policy=join_policy)  # fmt: skip
+        self.federation = Federation(plan, model=model, evaluator=evaluator, report_path=report_path, on_round=on_round,
+                                     metrics=metrics, state_dir=state_dir, join_policy=join_policy)  # fmt: skip
         self.servicer = FederationServicer(
             self.federation, mutual_tls=tls is not None and tls.mutual,
             max_concurrent_uploads=max_concurrent_uploads, upload_wait_s=upload_wait_s, limits=stream_limits,

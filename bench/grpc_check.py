@@ -100,6 +100,8 @@ def run_grpc(plan: dict[str, Any], n: int, tmp: Path) -> tuple[dict[str, Any], l
                 "-m",
                 "fedsqueeze.collaborator",
                 "join",
+                "--threads",
+                "1",
                 "--server",
                 f"127.0.0.1:{port}",
                 "--no-progress",

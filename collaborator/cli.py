@@ -6,10 +6,13 @@ collaborator join --server localhost:50051 [--data digits | file.npz | mnist:DIR
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedsqueeze.codecs import CodecError
 from fedsqueeze.console import die, setup_logging
@@ -22,23 +25,27 @@ from fedsqueeze.tls import ClientTLS, TLSConfigError
 
 
 def _join(args: argparse.Namespace) -> int:
+    from .api import Options
     from .runner import run_collaborator
 
     prom = Metrics("collaborator")
     if args.metrics_port is not None:
         start_metrics_server(args.metrics_port, prom, args.metrics_host)
-    result = run_collaborator(
-        args.server,
-        data=args.data,
+    options = Options(
+        server=args.server,
         name=args.name,
+        tls=ClientTLS.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
+        join_token=_join_token(args),
         connect_timeout=args.connect_timeout,
+        reconnect_timeout=args.reconnect_timeout,
         report_path=Path(args.report) if args.report else None,
         progress=not args.no_progress,
-        prom=prom,
-        tls=ClientTLS.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
-        reconnect_timeout=args.reconnect_timeout,
-        join_token=_join_token(args),
+        metrics=prom,
+        data=args.data,
+        argv=list(args.app_arg or []),
     )
+    threads = args.threads if args.threads is not None else _env_threads()
+    result = run_collaborator(options, load_app(args.app) if args.app else None, threads)
     if args.metrics_port is not None and args.metrics_linger > 0:
         time.sleep(args.metrics_linger)  # let Prometheus scrape the final counts
     if not result["completed"]:
@@ -51,6 +58,29 @@ def _join(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def load_app(spec: str) -> Callable[..., Any]:
+    """`module:function` from this machine's import path, named by this collaborator's operator (never by a plan)."""
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        die(f"--app must be module:function, got {spec!r}")
+    sys.path.insert(
+        0, os.getcwd()
+    )  # an app next to where the collaborator is started, as `python -m` finds it
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        die(f"--app {spec}: cannot import {module_name}: {exc}")
+    app = getattr(module, function, None)
+    if not callable(app):
+        die(f"--app {spec}: {module_name} has no function {function!r}")
+    return app  # type: ignore[no-any-return]
+
+
+def _env_threads() -> int | None:
+    value = os.environ.get("FEDSQUEEZE_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _join_token(args: argparse.Namespace) -> str:
@@ -96,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--tls-server-name",
         help="the name to check the aggregator's certificate against (default: the host of --server)",
+    )
+    join.add_argument(
+        "--app",
+        metavar="MODULE:FUNCTION",
+        help="run FUNCTION(app) of your own module (the collaborator API: app.join(model, evaluate=...)) instead of the "
+        "built-in task; the module is found on this machine's import path and the current directory",
+    )
+    join.add_argument(
+        "--app-arg", action="append", metavar="ARG", help="an argument for the app (app.argv), repeatable"
+    )
+    join.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's own, or $FEDSQUEEZE_THREADS); the local demo uses 1",
     )
     join.add_argument("--join-token-file", help="the federation's join secret or this collaborator's enrollment token "
                       "(default: $FEDSQUEEZE_JOIN_TOKEN)")  # fmt: skip

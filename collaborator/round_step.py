@@ -76,14 +76,19 @@ class BuiltinTrainer:
     def num_samples(self) -> int:
         return len(self.y)
 
-    def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
-        from fedsqueeze.models import get_flat, set_flat
+    def fit(self, round_number: int) -> dict[str, float]:
+        """Train the model in place for one round; its metrics."""
         from fedsqueeze.training import train_local
 
         t = self.plan.training
+        return train_local(self.model, self.x, self.y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                           weight_decay=t.weight_decay, seed=training_seed(self.plan, round_number, self.shard_index))  # fmt: skip
+
+    def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
+        from fedsqueeze.models import get_flat, set_flat
+
         set_flat(self.model, weights)
-        metrics = train_local(self.model, self.x, self.y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                              weight_decay=t.weight_decay, seed=training_seed(self.plan, round_number, self.shard_index))  # fmt: skip
+        metrics = self.fit(round_number)
         return get_flat(self.model), metrics
 
 

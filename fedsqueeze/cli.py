@@ -103,6 +103,8 @@ def run_demo(args: argparse.Namespace) -> int:
                                 "-m",
                                 "fedsqueeze.collaborator",
                                 "join",
+                                "--threads",
+                                "1",
                                 "--server",
                                 f"127.0.0.1:{port}",
                                 "--name",

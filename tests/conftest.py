@@ -21,7 +21,8 @@ def free_port() -> int:
 
 
 def spawn(args: list[str], log: Path | None = None, **kw: object) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Many processes share this machine's cores: one torch thread each (collaborator join reads it).
+    env = {"FEDSQUEEZE_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
     out = open(log, "w") if log else subprocess.PIPE
     # type: ignore[call-overload]
     return subprocess.Popen(

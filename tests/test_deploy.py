@@ -244,3 +244,20 @@ def test_dashboard_has_the_issues_panels_on_the_provisioned_datasource() -> None
     for p in panels:
         assert p["datasource"]["uid"] == uid and p["targets"]
         assert all(t["datasource"]["uid"] == uid and t["expr"] for t in p["targets"])
+
+
+def test_the_image_gets_every_package_folder() -> None:
+    """Every folder pyproject.toml installs as a subpackage is copied into the image and let through the dockerignore."""
+    import tomllib
+
+    folders = {
+        d.split("/")[0]
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    }
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    for folder in sorted(folders):
+        assert f"COPY {folder} ./{folder}" in dockerfile, folder
+        assert f"!{folder}/**" in ignore, folder
