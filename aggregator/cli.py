@@ -7,8 +7,6 @@ aggregator serve --port 50051 [--plan plan.json] [--report runs/report.json] [--
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from fedsqueeze.plan import Plan, PlanError
 from fedsqueeze.report import RoundRecord
 from fedsqueeze.tasks import DataError
 from fedsqueeze.tls import ServerTLS, TLSConfigError
+from fedsqueeze.user_code import UserCodeError, load_callable
 
 from .admission import AdmissionError, JoinPolicy
 from .checkpoint import CheckpointError
@@ -109,14 +108,10 @@ def load_evaluator(spec: str, model: InitialModel | None) -> Evaluator:
         die(
             "--evaluate needs --initial-model (the built-in model is evaluated on the plan's held-out data already)"
         )
-    module_name, _, function = spec.partition(":")
-    if not module_name or not function:
-        die(f"--evaluate must be module:function, got {spec!r}")
-    sys.path.insert(0, os.getcwd())
     try:
-        fn = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError) as exc:
-        die(f"--evaluate {spec}: {exc}")
+        fn = load_callable(spec, "--evaluate")
+    except UserCodeError as exc:
+        die(str(exc))
     layout = model.layout
 
     def evaluate(weights: Any) -> dict[str, float]:

@@ -299,14 +299,6 @@ class Federation:
             )
         return Task("EVALUATE", round=final, model=download.payload)
 
-    def fetch_model(self, member_id: str, token: str, round_number: int) -> Payload:
-        """The download this member was handed for `round_number` (a large one travels in chunks, apart)."""
-        member = self.authenticate(member_id, token)
-        sent = self.links.link(member.id).sent
-        if sent is None or sent[0] != round_number:
-            raise FailedPrecondition(f"{member.id} was handed no download for round {round_number}")
-        return sent[1]
-
     def _train_task(self, member: Member, rnd: RoundState, model: np.ndarray) -> Task | None:
         link = self.links.link(member.id)
         with link.lock:

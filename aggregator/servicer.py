@@ -33,8 +33,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from fedsqueeze.errors import FederationError, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from fedsqueeze.errors import (
+    FailedPrecondition,
+    FederationError,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from fedsqueeze.messages import Evaluation
+from fedsqueeze.payload import Payload
 from fedsqueeze.v1 import fedsqueeze_pb2 as pb
 from fedsqueeze.wire import (
     layout_from_proto,
@@ -267,6 +275,9 @@ class FederationServicer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks_changed: asyncio.Event | None = None
         self._stopping = False
+        # Each member's last download too large to answer inline: (round, payload), served by FetchModel
+        # (and again if a fetch is retried) until its next task replaces it or it leaves.
+        self._large: dict[str, tuple[int, Payload]] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve from `loop`: long polls wait there for the Federation to announce new tasks."""
@@ -354,14 +365,17 @@ class FederationServicer:
             if task.model.wire_size <= INLINE_MODEL:
                 resp.model.CopyFrom(payload_to_proto(task.model))
             else:  # too large for one message: the client fetches it in chunks
+                self._large[member.id] = (task.round, task.model)
                 resp.model_size = task.model.wire_size
         return resp
 
     @_answer
     async def FetchModel(self, request: pb.FetchModelRequest, context: Any) -> None:
-        payload = await self._call(
-            self.fed.fetch_model, *self._as(context, request.credentials), request.round
-        )
+        member = await self._call(self.fed.authenticate, *self._as(context, request.credentials))
+        large = self._large.get(member.id)
+        if large is None or large[0] != request.round:
+            raise FailedPrecondition(f"{member.id} was announced no large download for round {request.round}")
+        payload = large[1]
         blob = await self._call(payload_to_bytes, payload)
         for start in range(0, len(blob), MAX_CHUNK):
             await context.write(pb.ModelChunk(chunk=blob[start : start + MAX_CHUNK]))
@@ -423,5 +437,7 @@ class FederationServicer:
 
     @_answer
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveResponse:
+        member_id = self._as(context, request.credentials)[0]
         await self._call(self.fed.leave, *self._as(context, request.credentials))
+        self._large.pop(member_id, None)
         return pb.LeaveResponse()

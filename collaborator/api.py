@@ -261,7 +261,7 @@ class JoinedFederation:
                     self._evaluate_final(task)
                 elif task.kind == "TRAIN" and task.model is not None:
                     download = self.step.begin(task)
-                    load_vector(self.tensors, download.weights)
+                    load_vector(self.tensors, download.weights, self.model)
                     rnd = Round(self, download, self._evaluation())
                     t0 = time.perf_counter()
                     yield rnd
@@ -301,7 +301,7 @@ class JoinedFederation:
         from fedsqueeze.model_state import load_vector
 
         assert task.model is not None
-        load_vector(self.tensors, self.step.decode_download(task.model))
+        load_vector(self.tensors, self.step.decode_download(task.model), self.model)
         evaluation = self._evaluation()
         if evaluation is None or evaluation.samples < 1:
             return

@@ -6,7 +6,6 @@ collaborator join --server localhost:50051 [--data digits | file.npz | mnist:DIR
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from fedsqueeze.models import ModelError
 from fedsqueeze.plan import PlanError
 from fedsqueeze.tasks import DataError
 from fedsqueeze.tls import ClientTLS, TLSConfigError
+from fedsqueeze.user_code import UserCodeError, load_callable
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -61,21 +61,11 @@ def _join(args: argparse.Namespace) -> int:
 
 
 def load_app(spec: str) -> Callable[..., Any]:
-    """`module:function` from this machine's import path, named by this collaborator's operator (never by a plan)."""
-    module_name, _, function = spec.partition(":")
-    if not module_name or not function:
-        die(f"--app must be module:function, got {spec!r}")
-    sys.path.insert(
-        0, os.getcwd()
-    )  # an app next to where the collaborator is started, as `python -m` finds it
+    """The app named by this collaborator's operator (never by a plan)."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        die(f"--app {spec}: cannot import {module_name}: {exc}")
-    app = getattr(module, function, None)
-    if not callable(app):
-        die(f"--app {spec}: {module_name} has no function {function!r}")
-    return app  # type: ignore[no-any-return]
+        return load_callable(spec, "--app")
+    except UserCodeError as exc:
+        die(str(exc))
 
 
 def _env_threads() -> int | None:

@@ -65,8 +65,13 @@ def to_vector(tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
         return torch.cat(parts).numpy().astype(np.float32, copy=True)
 
 
-def load_vector(tensors: Mapping[str, torch.Tensor], vector: np.ndarray) -> None:
-    """Copy a flat float32 vector into the tensors, each on its own device and in its own dtype."""
+def load_vector(
+    tensors: Mapping[str, torch.Tensor], vector: np.ndarray, model: nn.Module | None = None
+) -> None:
+    """Copy a flat float32 vector into the tensors, each on its own device and in its own dtype.
+
+    With `model`, its normalisation layers' running variances are then clamped at zero: a lossy
+    link can leave a small variance slightly negative, which would make evaluation NaN."""
     vec = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
     offset = 0
     with torch.no_grad():
@@ -76,6 +81,16 @@ def load_vector(tensors: Mapping[str, torch.Tensor], vector: np.ndarray) -> None
             offset += n
     if offset != vec.numel():
         raise ValueError(f"the vector has {vec.numel()} elements, the model's travelling tensors {offset}")
+    if model is not None:
+        clamp_variances(model)
+
+
+def clamp_variances(model: nn.Module) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            variance = getattr(module, "running_var", None)
+            if isinstance(module, nn.modules.batchnorm._NormBase) and isinstance(variance, torch.Tensor):
+                variance.clamp_(min=0.0)
 
 
 def as_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:

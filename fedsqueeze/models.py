@@ -87,4 +87,4 @@ def get_flat(model: nn.Module) -> np.ndarray:
 
 def set_flat(model: nn.Module, flat: np.ndarray) -> None:
     """Copy a flat vector into the model's travelling tensors (never aliasing the caller's array)."""
-    load_vector(travelling(model), flat)
+    load_vector(travelling(model), flat, model)

@@ -21,12 +21,18 @@ def free_port() -> int:
 
 
 def spawn(args: list[str], log: Path | None = None, **kw: object) -> subprocess.Popen:
+    """`python -m MODULE ARGS...`, or `python SCRIPT.py ARGS...`."""
     # Many processes share this machine's cores: one torch thread each (collaborator join reads it).
     env = {"FEDSQUEEZE_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
     out = open(log, "w") if log else subprocess.PIPE
     # type: ignore[call-overload]
     return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, env=env, text=True, **kw
+        [sys.executable, *([] if args[0].endswith(".py") else ["-m"]), *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        **kw,
     )
 
 
