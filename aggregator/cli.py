@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     tls = ServerTLS.from_files(args.tls_cert, args.tls_key, args.tls_ca)
     policy = JoinPolicy.from_files(args.join_secret_file, args.enrollment_file)
     state_dir = Path(args.state_dir) if args.state_dir else None
-    model = InitialModel.from_file(args.initial_model) if args.initial_model else None
+    model = InitialModel.from_file(args.initial_model, plan.model.buffers) if args.initial_model else None
     evaluator = load_evaluator(args.evaluate, model) if args.evaluate else None
     server = AggregatorServer(
         plan,

@@ -32,11 +32,16 @@ class InitialModel:
     weights: np.ndarray  # flat float32, in layout order
 
     @classmethod
-    def from_file(cls, path: str | Path) -> InitialModel:
-        """From a safetensors file written by `fedsqueeze.save_initial_model` (no torch needed)."""
+    def from_file(cls, path: str | Path, buffers: str = "average") -> InitialModel:
+        """From a file written by `fedsqueeze.save_initial_model` (no torch needed); `buffers`: the plan's rule."""
         from fedsqueeze.model_file import load_initial_model
 
-        layout, weights, _ = load_initial_model(path)
+        layout, weights, buffer_names = load_initial_model(path)
+        if buffers == "local":  # FedBN: the buffers stay on the collaborators
+            sizes = np.array([t.numel for t in layout], dtype=np.int64)
+            keep = np.array([t.name not in buffer_names for t in layout])
+            weights = weights[np.repeat(keep, sizes)]
+            layout = Layout(tuple(t for t, kept in zip(layout, keep, strict=True) if kept))
         return cls(layout, weights)
 
 

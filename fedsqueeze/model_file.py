@@ -22,7 +22,7 @@ from fedsqueeze.codecs.cast import from_bf16
 from fedsqueeze.codecs.layout import TensorInfo
 
 ORDER_KEY = "fedsqueeze.order"  # metadata: the tensors' names in flattening order (JSON list)
-BUFFERS_KEY = "fedsqueeze.buffers"  # metadata: the buffer rule the file was written with
+BUFFERS_KEY = "fedsqueeze.buffers"  # metadata: which tensors are buffers (JSON list), dropped under "local"
 # safetensors dtype -> (numpy dtype of the stored bytes, layout dtype)
 DTYPES = {
     "F32": ("<f4", "float32"),
@@ -41,22 +41,25 @@ class ModelFileError(ModelError):
     """An initial-model file that cannot be used."""
 
 
-def save_initial_model(model: Any, path: str | Path, buffers: str = "average") -> Path:
-    """Write `model`'s travelling tensors (and their order) to a safetensors file for the aggregator."""
+def save_initial_model(model: Any, path: str | Path) -> Path:
+    """Write `model`'s parameters and floating-point buffers (their order, which are buffers) for the aggregator.
+
+    One file serves either buffer rule: under `"local"` the aggregator leaves the buffers out.
+    """
     from safetensors.torch import save_file
 
-    from fedsqueeze.model_state import travelling
+    from fedsqueeze.model_state import buffer_names, travelling
 
-    tensors = travelling(model, buffers)  # type: ignore[arg-type]
+    tensors = travelling(model, "average")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {ORDER_KEY: json.dumps(list(tensors)), BUFFERS_KEY: buffers}
+    metadata = {ORDER_KEY: json.dumps(list(tensors)), BUFFERS_KEY: json.dumps(buffer_names(model))}
     save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path), metadata=metadata)
     return path
 
 
-def load_initial_model(path: str | Path) -> tuple[Layout, np.ndarray, str | None]:
-    """(layout, flat float32 weights, buffer rule or None) of an initial-model file; ModelFileError otherwise."""
+def load_initial_model(path: str | Path) -> tuple[Layout, np.ndarray, tuple[str, ...]]:
+    """(layout, flat float32 weights, names of the buffers) of an initial-model file; ModelFileError otherwise."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -95,7 +98,7 @@ def load_initial_model(path: str | Path) -> tuple[Layout, np.ndarray, str | None
     if not infos:
         raise ModelFileError(f"{path}: the file holds no tensors")
     layout = Layout(tuple(infos))
-    return layout, np.concatenate(parts), meta.get(BUFFERS_KEY)
+    return layout, np.concatenate(parts), _buffers(meta, order, path)
 
 
 def _order(meta: dict[str, Any], header: dict[str, Any], path: Path) -> list[str]:
@@ -108,3 +111,13 @@ def _order(meta: dict[str, Any], header: dict[str, Any], path: Path) -> list[str
     if not isinstance(order, list) or sorted(order) != sorted(header):
         raise ModelFileError(f"{path}: metadata {ORDER_KEY} does not list exactly the file's tensors")
     return [str(n) for n in order]
+
+
+def _buffers(meta: dict[str, Any], order: list[str], path: Path) -> tuple[str, ...]:
+    try:
+        names = json.loads(meta.get(BUFFERS_KEY, "[]"))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: metadata {BUFFERS_KEY} is not a JSON list") from exc
+    if not isinstance(names, list) or not set(map(str, names)) <= set(order):
+        raise ModelFileError(f"{path}: metadata {BUFFERS_KEY} names tensors the file does not hold")
+    return tuple(str(n) for n in names)

@@ -207,13 +207,13 @@ def test_model_state_keeps_dtypes_devices_and_the_buffer_rule() -> None:
 
 def test_an_initial_model_file_reads_back_without_torch(tmp_path: Path) -> None:
     from fedsqueeze.model_file import ModelFileError, load_initial_model
-    from fedsqueeze.model_state import layout_of, to_vector, travelling
+    from fedsqueeze.model_state import buffer_names, layout_of, to_vector, travelling
 
     write_initial_model(tmp_path / "m.safetensors")
     torch.manual_seed(0)
     model = TinyNet()
-    layout, weights, rule = load_initial_model(tmp_path / "m.safetensors")
-    assert layout == layout_of(travelling(model)) and rule == "average"
+    layout, weights, buffers = load_initial_model(tmp_path / "m.safetensors")
+    assert layout == layout_of(travelling(model)) and buffers == tuple(buffer_names(model))
     assert np.array_equal(weights, to_vector(travelling(model)))
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ModelFileError, match="bad.safetensors"):
