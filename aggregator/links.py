@@ -14,6 +14,7 @@ installed for that member): a payload that declares another chain or layout is r
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,9 @@ class Links:
         # a stateless downlink encodes once per round, for everyone
         self._shared: tuple[int, Payload] | None = None
         self._shared_lock = threading.Lock()
+        # Encoding is CPU-bound and takes a few model-sized temporaries: more at once than there are
+        # cores is no faster and only costs memory (1,000 collaborators polling at once).
+        self._encode_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     # -- members ----------------------------------------------------------------------------------
     def add(self, member_id: str) -> None:
@@ -137,7 +141,8 @@ class Links:
         return Download(payload, commit, fresh=True)
 
     def _encode(self, global_model: np.ndarray, state: CodecState) -> Payload:
-        encoded = self.chains.downlink.encode(global_model, self.layout, state)
+        with self._encode_slots:
+            encoded = self.chains.downlink.encode(global_model, self.layout, state)
         self.metrics.record_encode("down", self.down_codec, encoded.stats)
         return Payload(data=encoded.data, fingerprint=self.down_fingerprint)
 

@@ -101,6 +101,18 @@ def parse_stage(text: str) -> dict[str, Any]:
     return config
 
 
+def squared_norms(x: np.ndarray, x_hat: np.ndarray, chunk: int = 1 << 20) -> tuple[float, float]:
+    """(|x|^2, |x - x_hat|^2), a chunk at a time: no model-sized error vector."""
+    denom = error = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # |x| near float32's limit: the sums overflow to inf
+        for start in range(0, x.size, chunk):
+            part = x[start : start + chunk]
+            err = part - x_hat[start : start + chunk]
+            denom += float(np.dot(part, part))
+            error += float(np.dot(err, err))
+    return denom, error
+
+
 class Chain:
     """A chain of codecs, encoding a flat float32 model vector to bytes and back."""
 
@@ -235,11 +247,7 @@ class Chain:
         recon = self._reconstruct(sides, body, specs, state, known=ios, hints=hints)
         self._update(state, specs, recon, ios)
         x_hat = np.asarray(recon[0], dtype=np.float32)
-        err = x - x_hat
-        with np.errstate(
-            over="ignore", invalid="ignore"
-        ):  # |x| near float32's limit: the sums overflow to inf
-            denom, error = float(np.dot(x, x)), float(np.dot(err, err))
+        denom, error = squared_norms(x, x_hat)
         nmse = error / denom if denom > 0 and math.isfinite(denom) else error
         stats = EncodeStats(
             raw_bytes=layout.raw_bytes,

@@ -70,6 +70,18 @@ def _blocks(n: int, legacy: bool = False) -> Iterator[tuple[int, int]]:
         size = min(size * 2 if legacy else max(size + 1, size * 3 // 2), MAX_BLOCK)
 
 
+def _shifted(values: np.ndarray, offset: int) -> np.ndarray:
+    """values + offset as int32, for results that fit in int32 (as symbols and their values do here).
+
+    Narrow inputs take int32 arithmetic, wrapping where it must: exact modulo 2**32, so exact for
+    results that fit; no int64 copy of a model-sized array."""
+    if values.dtype.itemsize > 4:
+        return (values.astype(np.int64) + offset).astype(np.int32)
+    shifted = values.astype(np.int32)  # a copy: the caller's array is left alone
+    shifted += np.int64(offset).astype(np.int32)
+    return shifted
+
+
 def _model(counts: np.ndarray) -> object:
     return constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
 
@@ -135,7 +147,7 @@ class Entropy(Codec):
             first, last = int(arr.min()) - lo, int(arr.max()) - lo
             if first == last:
                 return SideWriter().u8(CONSTANT).varint(first).getvalue(), b""
-            symbols = (arr.astype(np.int64) - (lo + first)).astype(np.int32)
+            symbols = _shifted(arr, -(lo + first))
             coded = _range_encode(symbols, last - first + 1)
             side = (
                 SideWriter().u8(CODED).varint(first).varint(last - first).varint(len(coded) // 4).getvalue()
@@ -204,4 +216,4 @@ class Entropy(Codec):
         if len(data) != 4 * header.words:
             raise CodecError(f"entropy: {len(data)} bytes of coded data, the header says {4 * header.words}")
         symbols = _range_decode(data, s.count, header.width + 1, legacy=header.mode == LEGACY)
-        return (symbols.astype(np.int64) + (lo + header.first)).astype(s.dtype)
+        return _shifted(symbols, lo + header.first).astype(s.dtype, copy=False)

@@ -60,6 +60,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -109,6 +110,17 @@ def group_bounds(spec: ArraySpec, granularity: str, who: str) -> np.ndarray:
 def segment_ids(bounds: np.ndarray) -> np.ndarray:
     """The group index of every entry."""
     return np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+
+
+CHUNK = 1 << 20  # entries per pass: the float64 temporaries stay a few MiB whatever the model's size
+
+
+def chunk_segments(bounds: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, group index of each entry in it) over all entries, CHUNK at a time."""
+    total = int(bounds[-1]) if len(bounds) else 0
+    for start in range(0, total, CHUNK):
+        stop = min(start + CHUNK, total)
+        yield start, stop, np.searchsorted(bounds, np.arange(start, stop), side="right") - 1
 
 
 def message_seed(seed: int | None, arr: np.ndarray) -> int:
@@ -282,7 +294,6 @@ class Quantize(Codec):
         arr = s.check(x, "quantize input").astype(np.float32, copy=False)
         bounds = group_bounds(s, self.granularity, "quantize")
         starts = bounds[:-1]
-        seg = segment_ids(bounds)
         flags = self._flags(s)
         if flags & ZERO_GRID:
             z = (1 << (self.bits - 1)) - 1
@@ -291,8 +302,7 @@ class Quantize(Codec):
                 raise CodecError("quantize: a group's values reach beyond float32; scale the input down")
             params = step32
             # The grid both sides use is (q - z) * step32; round onto it in float64.
-            step = step32.astype(np.float64)
-            scaled = arr / np.where(step != 0, step, 1.0)[seg] + z
+            offset, origin = np.zeros(len(starts)), float(z)
         else:
             if arr.size:
                 lo = np.minimum.reduceat(arr, starts).astype(np.float64)
@@ -308,16 +318,20 @@ class Quantize(Codec):
             lo32 = lo.astype(np.float32)  # exact: lo is a float32 input value
             params = np.stack([lo32, step32], axis=1).reshape(-1)
             # The grid both sides use is lo32 + q * step32; round onto that grid, in float64.
-            step = step32.astype(np.float64)
-            scaled = (arr - lo[seg]) / np.where(step > 0, step, 1.0)[seg]
+            offset, origin = lo, 0.0
+        step = step32.astype(np.float64)
+        divisor = np.where(step != 0, step, 1.0)
         w = SideWriter().u8(flags)
+        noise = None
         if self.rounding == "stochastic":
             seed = message_seed(self.seed, arr)
             w.u32(seed)
-            scaled = np.floor(scaled + np.random.default_rng(seed).random(arr.size))
-        else:
-            scaled = np.rint(scaled)
-        q = np.clip(scaled, 0, self.levels).astype(np.uint8)
+            noise = np.random.default_rng(seed)
+        q = np.empty(arr.size, dtype=np.uint8)
+        for start, stop, seg in chunk_segments(bounds):
+            scaled = (arr[start:stop] - offset[seg]) / divisor[seg] + origin
+            scaled = np.rint(scaled) if noise is None else np.floor(scaled + noise.random(stop - start))
+            q[start:stop] = np.clip(scaled, 0, self.levels)
         w.array(params)
         return w.getvalue(), q
 
@@ -355,9 +369,13 @@ class Quantize(Codec):
 
     def decode(self, side: bytes, y: Data, spec: Spec, state: StageState, hint: object = None) -> Data:
         s, bounds, lo, step = self._read(spec, side)
-        seg = segment_ids(bounds)
-        q = np.asarray(y).astype(np.float32)
-        if lo is None:  # (q - z) is exact in float32: one rounding, of the product
-            return np.asarray(((q - np.float32((1 << (self.bits - 1)) - 1)) * step[seg]).astype(s.dtype))
-        # float32, as in every release: the ranges were checked above, so nothing overflows.
-        return np.asarray((lo[seg] + q * step[seg]).astype(s.dtype))
+        symbols = np.asarray(y)
+        out = np.empty(s.count, dtype=s.dtype)
+        zero = np.float32((1 << (self.bits - 1)) - 1)
+        for start, stop, seg in chunk_segments(bounds):
+            q = symbols[start:stop].astype(np.float32)
+            if lo is None:  # (q - z) is exact in float32: one rounding, of the product
+                out[start:stop] = (q - zero) * step[seg]
+            else:  # float32, as in every release: the ranges were checked above, so nothing overflows.
+                out[start:stop] = lo[seg] + q * step[seg]
+        return out

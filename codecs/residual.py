@@ -68,9 +68,9 @@ class Residual(Codec):
         s = require_array_spec(spec, "residual")
         arr = s.check(x, "residual input")
         pred = self.prediction(state, s.count)
-        side = SideWriter().u32(zlib.crc32(pred.tobytes())).getvalue()
+        side = SideWriter().u32(checksum(pred)).getvalue()
         with np.errstate(over="ignore", invalid="ignore"):
-            y = (arr - pred).astype(s.dtype)
+            y = (arr - pred).astype(s.dtype, copy=False)
         if not np.isfinite(y).all():
             raise CodecError("residual: x - prediction overflows float32; scale the input down")
         return side, y
@@ -87,10 +87,10 @@ class Residual(Codec):
         r = SideReader(side, "residual")
         expected = r.u32()
         r.finish()
-        if zlib.crc32(pred.tobytes()) != expected:
+        if checksum(pred) != expected:
             raise CodecError(
                 f"residual: predictor out of sync (sender's reference checksum {expected:08x}, ours "
-                f"{zlib.crc32(pred.tobytes()):08x}); the receiver's state does not match the sender's"
+                f"{checksum(pred):08x}); the receiver's state does not match the sender's"
                 + (
                     ""
                     if state.get("count") is None or int(state["count"][0]) != 1
@@ -99,18 +99,23 @@ class Residual(Codec):
                 )
             )
         with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf: refused by the chain
-            return np.asarray((np.asarray(y, dtype=np.float32) + pred).astype(s.dtype))
+            return np.asarray((np.asarray(y, dtype=np.float32) + pred).astype(s.dtype, copy=False))
 
     def update(self, state: StageState, event: StageUpdate) -> None:
         x_hat = np.asarray(event.x_hat, dtype=np.float32)[None, :]
         history = state.get("history")
         keep = 2 if self.predictor == "linear" else 1
-        if history is None or history.shape[1] != x_hat.shape[1]:
-            history = x_hat
+        if keep == 1 or history is None or history.shape[1] != x_hat.shape[1]:
+            history = x_hat.copy()  # its own memory: one model, not a view into a larger array
         else:
-            history = np.concatenate([history, x_hat])[-keep:]
-        state["history"] = np.ascontiguousarray(history)
+            history = np.concatenate([history[-1:], x_hat])
+        state["history"] = history
         state["count"] = np.array([int(state.get("count", np.zeros(1, np.int64))[0]) + 1], dtype=np.int64)
+
+
+def checksum(prediction: np.ndarray) -> int:
+    """CRC-32 of the prediction's bytes, read in place."""
+    return zlib.crc32(np.ascontiguousarray(prediction).view(np.uint8).data)
 
 
 def prime_history(state: StageState, reference: np.ndarray) -> None:
