@@ -143,14 +143,19 @@ def test_prometheus_scrapes_a_live_federation(tmp_path, procs, prometheus_binary
             time.sleep(0.5)
         done = time.time() + 1.0  # the round gauges are set just after the report is written
 
-        # ... and for one more successful scrape of every target after that.
-        deadline = time.monotonic() + 30
-        while True:
-            up = values(prom, 'timestamp(up{job=~"fedsqueeze-.*"} == 1)', time.time(), "instance")
-            if len(up) == COLLABORATORS + 1 and min(up.values()) > done:
-                break
-            assert time.monotonic() < deadline, f"targets not scraped after the last round: {prom.targets()}"
-            time.sleep(0.5)
+        # ... and for two more successful scrapes of every target after that: a counter first seen in the
+        # last one (scrapes come late on a loaded machine) still has the two samples rate() needs.
+        deadline = time.monotonic() + 60
+        for _ in range(2):
+            while True:
+                up = values(prom, 'timestamp(up{job=~"fedsqueeze-.*"} == 1)', time.time(), "instance")
+                if len(up) == COLLABORATORS + 1 and min(up.values()) > done:
+                    break
+                assert time.monotonic() < deadline, (
+                    f"targets not scraped after the last round: {prom.targets()}"
+                )
+                time.sleep(0.5)
+            done = max(up.values())
         at = time.time()
         assert report is not None
         summary = report["summary"]
