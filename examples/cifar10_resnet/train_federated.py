@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("FEDSQUEEZE_THREADS", 0)))
     args = parser.parse_args()
+    if not 0 <= args.part < args.parts:
+        parser.error(f"--part must be in 0..{args.parts - 1}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
