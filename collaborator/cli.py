@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--data",
         help="local data: the plan's built-in set by default (digits, mnist1d: this collaborator's shard), "
-        "or FILE.npz (x, y), mnist:DIR or cifar10:DIR in torchvision's layout",
+        "or FILE.npz (x, y), mnist:DIR in torchvision's layout, cifar10:DIR (cifar-10-batches-bin or -py)",
     )
     join.add_argument("--name", help="a display name (default: the hostname)")
     join.add_argument(

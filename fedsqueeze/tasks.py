@@ -196,43 +196,75 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # binary layout: a label byte, then 32x32 pixels of R, then G, then B
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_BATCH = "test_batch.bin"
+
+
+def read_cifar10_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch file: images (N, 3, 32, 32) uint8 and labels (N,) int64."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 batch {path} does not exist")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD:
+        raise DataError(
+            f"{path}: {raw.size} bytes is not a whole number of {CIFAR10_RECORD}-byte records "
+            "(1 label byte + 3072 pixel bytes): truncated, or not CIFAR-10's binary layout"
+        )
+    records = raw.reshape(-1, CIFAR10_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(
+            f"{path}: record {bad} has label {labels[bad]}, not 0-9: not CIFAR-10's binary layout"
+        )
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def _folder_with(root: Path, subfolder: str, name: str) -> Path | None:
+    return next((d for d in (root / subfolder, root) if (d / name).is_file()), None)
+
+
+def cifar10_bin_dir(root: str | Path) -> Path:
+    """The folder holding the binary batches: `root/cifar-10-batches-bin` or `root` itself."""
+    folder = _folder_with(Path(root), "cifar-10-batches-bin", CIFAR10_TEST_BATCH)
+    if folder is None:
+        raise DataError(f"no {CIFAR10_TEST_BATCH} in {root} or {Path(root) / 'cifar-10-batches-bin'}")
+    return folder
+
+
+def read_cifar10_bins(folder: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Several binary batches of `folder`, concatenated (uint8 images, int64 labels)."""
+    batches = [read_cifar10_bin(folder / name) for name in names]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _read_cifar10_py(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    batches = []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batches.append(_NumpyOnlyUnpickler(f, encoding="bytes").load())
+    images = np.concatenate([np.asarray(b[b"data"]).reshape(-1, 3, 32, 32) for b in batches])
+    return images, np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+
+
 def load_cifar10(root: str | Path) -> Dataset:
+    """A CIFAR-10 folder: the binary batches (`cifar-10-batches-bin`), else the python ones (`-py`)."""
     root = Path(root)
-    bin_dir = next(
-        (d for d in (root / "cifar-10-batches-bin", root) if (d / "test_batch.bin").is_file()), None
-    )
-    py_dir = next((d for d in (root / "cifar-10-batches-py", root) if (d / "test_batch").is_file()), None)
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
-    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    bin_dir = _folder_with(root, "cifar-10-batches-bin", CIFAR10_TEST_BATCH)
+    py_dir = _folder_with(root, "cifar-10-batches-py", "test_batch")
     if bin_dir is not None:
-        for split, files in names.items():
-            for name in files:
-                raw = np.fromfile(bin_dir / f"{name}.bin", dtype=np.uint8).reshape(-1, 3073)
-                parts[split].append((raw[:, 1:].reshape(-1, 3, 32, 32), raw[:, 0].astype(np.int64)))
+        x_tr, y_tr = read_cifar10_bins(bin_dir, CIFAR10_TRAIN_BATCHES)
+        x_te, y_te = read_cifar10_bin(bin_dir / CIFAR10_TEST_BATCH)
     elif py_dir is not None:
-        for split, files in names.items():
-            for name in files:
-                with open(py_dir / name, "rb") as f:
-                    batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-                parts[split].append(
-                    (
-                        np.asarray(batch[b"data"]).reshape(-1, 3, 32, 32),
-                        np.asarray(batch[b"labels"], dtype=np.int64),
-                    )
-                )
+        x_tr, y_tr = _read_cifar10_py(py_dir, [f"data_batch_{i}" for i in range(1, 6)])
+        x_te, y_te = _read_cifar10_py(py_dir, ["test_batch"])
     else:
         raise DataError(
             f"no CIFAR-10 batches under {root} (expected cifar-10-batches-bin or cifar-10-batches-py)"
         )
-    x_tr = np.concatenate([p[0] for p in parts["train"]]).astype(np.float32) / 255.0
-    x_te = np.concatenate([p[0] for p in parts["test"]]).astype(np.float32) / 255.0
-    return Dataset(
-        x_tr,
-        np.concatenate([p[1] for p in parts["train"]]),
-        x_te,
-        np.concatenate([p[1] for p in parts["test"]]),
-        10,
-    )
+    return Dataset(x_tr.astype(np.float32) / 255.0, y_tr, x_te.astype(np.float32) / 255.0, y_te, 10)
 
 
 DATASETS = {"digits", "mnist1d", "npz", "mnist", "cifar10"}
