@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -45,15 +44,14 @@ def run(plan: dict[str, Any], workdir: Path, parts: int, steps: int, timeout: fl
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDSQUEEZE_THREADS": "1"}
     logs = [open(workdir / f"{name}.log", "w") for name in ["agg", *(f"c{i}" for i in range(parts))]]
     commands = [[sys.executable, "-m", "fedsqueeze.aggregator", "serve", "--host", "127.0.0.1", "--port", str(port),
                  "--plan", str(workdir / "plan.json"), "--initial-model", str(workdir / "model.safetensors"),
                  "--report", str(workdir / "report.json")]]  # fmt: skip
     commands += [[sys.executable, str(HERE / "train_federated.py"), "--server", f"127.0.0.1:{port}",
-                  "--part", str(i), "--parts", str(parts), "--steps", str(steps)] for i in range(parts)]  # fmt: skip
+                  "--part", str(i), "--parts", str(parts), "--steps", str(steps), "--threads", "1"] for i in range(parts)]  # fmt: skip
     procs = [
-        subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+        subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
         for c, log in zip(commands, logs, strict=True)
     ]
     try:

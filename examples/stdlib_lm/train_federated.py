@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument(
         "--eval-windows", type=int, default=32, help="held-out windows of the model's context"
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)  # the initial model's seed: downlink.prior "initial" needs both sides to agree
     model = lm.TinyLM()
