@@ -392,12 +392,46 @@ def find_stage(chain: Any) -> tuple[int, Autoencoder] | None:
     return index, stage
 
 
-def decoder_to_bytes(tensors: dict[str, np.ndarray], collaborator_id: str = "") -> bytes:
-    """safetensors bytes of a decoder; the metadata binds it to the collaborator that trained it."""
+def decoder_layout(expected: dict[str, tuple[int, ...]]) -> Any:
+    """The decoder's tensors as a codec Layout (float32, in `decoder_shapes()` order)."""
+    from .layout import Layout, TensorInfo
+
+    return Layout(tuple(TensorInfo(k, tuple(s), "float32") for k, s in expected.items()))
+
+
+def decoder_chain(config: str) -> Any:
+    """The codec chain decoder uploads travel through (`prepass.decoder_chain`), or None for raw fp32.
+
+    It must be stateless (one message, no memory shared with later ones) and hold no `ae` stage."""
+    from .chain import Chain
+
+    if not config.strip():
+        return None
+    chain = Chain.parse(config)
+    if chain.stateful:
+        raise CodecError(f"decoder chain {config!r} is stateful: a decoder travels as one message")
+    return chain
+
+
+PAYLOAD_KEY = "payload"  # the one U8 tensor of a compressed decoder upload
+
+
+def decoder_to_bytes(tensors: dict[str, np.ndarray], collaborator_id: str = "", chain: Any = None) -> bytes:
+    """safetensors bytes of a decoder; the metadata binds it to the collaborator that trained it.
+
+    With `chain` (from `decoder_chain`), the decoder's weights go through that codec chain first and
+    travel as one U8 tensor `payload`; the metadata also names the chain."""
     from safetensors.numpy import save
 
-    meta = {"collaborator_id": collaborator_id} if collaborator_id else None
-    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta)
+    meta = {"collaborator_id": collaborator_id} if collaborator_id else {}
+    if chain is None:
+        return save(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta or None
+        )
+    layout = decoder_layout({k: tuple(v.shape) for k, v in tensors.items()})
+    flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in tensors.values()])
+    data = chain.encode(flat, layout).data
+    return save({PAYLOAD_KEY: np.frombuffer(data, np.uint8)}, metadata={**meta, "chain": str(chain)})
 
 
 def read_safetensors_header(blob: bytes, max_header: int = 1 << 20) -> dict[str, Any]:
@@ -416,13 +450,24 @@ def read_safetensors_header(blob: bytes, max_header: int = 1 << 20) -> dict[str,
     return header
 
 
+def _load_safetensors(blob: bytes) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    try:
+        return dict(load(bytes(blob)))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CodecError(f"decoder is not valid safetensors: {exc}") from exc
+
+
 def validate_decoder(
-    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int
+    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, chain: Any = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Check an uploaded decoder against the expected tensor shapes; returns (tensors, metadata).
 
     Refuses (CodecError): more than max_bytes, anything that is not safetensors (a pickle, say),
-    extra or missing keys, a dtype other than F32, wrong shapes, NaN or Inf.
+    extra or missing keys, a dtype other than F32, wrong shapes, NaN or Inf. With `chain` (the
+    plan's decoder chain), the blob must instead hold one U8 tensor `payload`, name that chain in its
+    metadata, and decode through it to the expected tensors (the layout fixes its output size).
     """
     if len(blob) > max_bytes:
         raise CodecError(f"decoder of {len(blob)} bytes exceeds the size cap of {max_bytes} bytes")
@@ -430,6 +475,11 @@ def validate_decoder(
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CodecError("decoder metadata must map strings to strings")
+    meta = {str(k): str(v) for k, v in meta.items()}
+    if chain is not None:
+        return _decode_compressed(blob, header, meta, expected, chain), meta
+    if "chain" in meta:
+        raise CodecError(f"decoder was compressed with {meta['chain']!r}, the plan expects raw fp32")
     extra, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
     if extra or missing:
         raise CodecError(
@@ -445,18 +495,40 @@ def validate_decoder(
             raise CodecError(
                 f"decoder tensor {name!r} has shape {tuple(info.get('shape', ()))}, the plan needs {tuple(shape)}"
             )
-    from safetensors.numpy import load
-
-    try:
-        tensors = load(bytes(blob))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CodecError(f"decoder is not valid safetensors: {exc}") from exc
+    tensors = _load_safetensors(blob)
     for name, arr in tensors.items():
         if arr.dtype != np.float32 or arr.shape != tuple(expected[name]):
             raise CodecError(f"decoder tensor {name!r} does not match the plan")
         if not np.isfinite(arr).all():
             raise CodecError(f"decoder tensor {name!r} contains NaN or Inf")
-    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, {str(k): str(v) for k, v in meta.items()}
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, meta
+
+
+def _decode_compressed(
+    blob: bytes,
+    header: dict[str, Any],
+    meta: dict[str, str],
+    expected: dict[str, tuple[int, ...]],
+    chain: Any,
+) -> dict[str, np.ndarray]:
+    if meta.get("chain") != str(chain):
+        raise CodecError(
+            f"decoder was compressed with {meta.get('chain')!r}, the plan's decoder chain is {str(chain)!r}"
+        )
+    if set(header) != {PAYLOAD_KEY}:
+        raise CodecError(f"a compressed decoder holds one tensor {PAYLOAD_KEY!r}, got {sorted(header)}")
+    info = header[PAYLOAD_KEY]
+    if not isinstance(info, dict) or info.get("dtype") != "U8" or len(info.get("shape", ())) != 1:
+        raise CodecError(f"decoder tensor {PAYLOAD_KEY!r} must be 1-D U8")
+    data = _load_safetensors(blob)[PAYLOAD_KEY]
+    flat = chain.decode(data.tobytes(), decoder_layout(expected))  # CodecError on anything malformed
+    if not np.isfinite(flat).all():
+        raise CodecError("decoder contains NaN or Inf")
+    ends = np.cumsum([math.prod(s) for s in expected.values()])[:-1]
+    return {
+        k: np.ascontiguousarray(part.reshape(s), dtype=np.float32)
+        for (k, s), part in zip(expected.items(), np.split(flat, ends), strict=True)
+    }
 
 
 # -- the plan's prepass settings configure the `ae` stage -------------------------------------------

@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.codecs import CodecError, Layout
-from fedsqueeze.codecs.autoencoder import Autoencoder, decoder_to_bytes, find_stage, validate_decoder
+from fedsqueeze.codecs.autoencoder import (
+    Autoencoder,
+    decoder_chain,
+    decoder_to_bytes,
+    find_stage,
+    validate_decoder,
+)
 from fedsqueeze.messages import Task
 from fedsqueeze.models import get_flat, set_flat
 from fedsqueeze.plan import Plan
@@ -159,6 +165,16 @@ def train_autoencoder(
     return _export(enc, "enc"), _export(dec, "dec"), losses
 
 
+def pack_decoder(
+    stage: Autoencoder, dec: dict[str, np.ndarray], member_id: str, chain_config: str, n: int
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The upload's bytes (through the plan's decoder chain) and the decoder as the aggregator will read them."""
+    chain = decoder_chain(chain_config)
+    blob = decoder_to_bytes(dec, member_id, chain)
+    received, _ = validate_decoder(blob, stage.decoder_shapes(n), len(blob), chain)
+    return blob, received
+
+
 @dataclass
 class PrepassContext:
     """What the collaborator loop hands to the prepass, and what the prepass leaves behind."""
@@ -200,7 +216,10 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
         if task.model is None or zlib.crc32(task.model.data) != task.model.fingerprint:
             raise CodecError("shared decoder: missing or corrupt")
         tensors, _ = validate_decoder(
-            task.model.data, stage.decoder_shapes(n), stage.decoder_nbytes(n) + (1 << 16)
+            task.model.data,
+            stage.decoder_shapes(n),
+            stage.decoder_nbytes(n) + (1 << 16),
+            decoder_chain(spec.decoder_chain),
         )
         rec["down_wire"] = rec.get("down_wire", 0) + task.model.wire_size
         rec["down_raw"] = rec.get("down_raw", 0) + len(task.model.data)
@@ -233,9 +252,9 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
     enc, dec, losses = train_autoencoder(
         stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed
     )
+    blob, dec = pack_decoder(stage, dec, ctx.member_id, spec.decoder_chain, n)
     state.update(enc)
-    state.update(dec)
-    blob = decoder_to_bytes(dec, ctx.member_id)
+    state.update(dec)  # what the aggregator will decode with, rounded by the decoder chain
     sent = ctx.upload_decoder(stage.architecture(n), blob)
     rec.update(role=ROLE_TRAIN, decoder=sent, ae_loss=losses[-1], ae_seconds=time.perf_counter() - t0)
     log.info("prepass: %d snapshots, AE loss %.4g, decoder %d bytes uploaded", len(snaps), losses[-1], sent)

@@ -224,3 +224,95 @@ def test_savings_from_a_report() -> None:
     sizes, ctx = sv.sizes_from_report(report)
     assert sizes == sv.Sizes(60_040, 110, 1000)
     assert ctx["rounds"] == 3 and ctx["messages"] == 12
+
+
+DECODER_CHAINS = ["bf16 | zstd", "quantize:8,granularity=layer | entropy"]
+
+
+@pytest.mark.parametrize("config", DECODER_CHAINS)
+def test_compressed_decoder_round_trips_smaller_and_still_reconstructs(config: str) -> None:
+    from fedsqueeze.codecs.autoencoder import decoder_chain
+
+    stage = Autoencoder(latent=8, correction=0.0)
+    n = 2000
+    shapes = stage.decoder_shapes(n)
+    enc, dec = random_ae(stage, n)
+    chain = decoder_chain(config)
+    blob = decoder_to_bytes(dec, "c0001", chain)
+    raw = decoder_to_bytes(dec, "c0001")
+    assert len(blob) < len(raw) / 2
+    got, meta = validate_decoder(blob, shapes, len(raw), chain)
+    assert meta == {"collaborator_id": "c0001", "chain": str(chain)} and set(got) == set(shapes)
+    w, w_hat = dec["dec.0.weight"], got["dec.0.weight"]
+    rel = float(np.linalg.norm(w - w_hat) / np.linalg.norm(w))
+    assert 0 < rel < 0.02, rel  # rounded, not dropped
+    # Updates in the decoder's span: the rounded decoder (sender and receiver both hold what travelled)
+    # reconstructs them about as well as the fp32 one (whose error is the 8-bit latent's).
+    layout = Layout.of({"x": np.zeros(n)})
+    p = Chain.parse("ae:latent=8,correction=0")
+    xs = (np.random.default_rng(1).standard_normal((4, 8)) @ w.T).astype(np.float32)
+    errors = []
+    for decoder in (dec, got):
+        tx, rx = CodecState(), CodecState()
+        tx.stage(0).update({**enc, **decoder})
+        rx.stage(0).update(decoder)
+        outs = np.stack([p.decode(p.encode(x, layout, tx).data, layout, rx) for x in xs])
+        errors.append(float(np.mean(np.sum((outs - xs) ** 2, axis=1) / np.sum(xs**2, axis=1))))
+    assert errors[0] < 0.01 and errors[1] < 1.2 * errors[0], errors
+
+
+def test_compressed_decoder_uploads_are_checked() -> None:
+    from safetensors.numpy import save
+
+    from fedsqueeze.codecs.autoencoder import decoder_chain
+
+    stage = Autoencoder(latent=4)
+    n = 300
+    shapes = stage.decoder_shapes(n)
+    _, dec = random_ae(stage, n)
+    chain = decoder_chain("quantize:8,granularity=layer | entropy")
+    cap = stage.decoder_nbytes(n) + 4096
+    good = decoder_to_bytes(dec, "c0001", chain)
+    data = np.frombuffer(
+        chain.encode(np.concatenate([v.reshape(-1) for v in dec.values()]), _layout(shapes)).data, np.uint8
+    )
+    meta = {"collaborator_id": "c0001", "chain": str(chain)}
+    nan_chain = decoder_chain("identity")
+    flat = np.zeros(sum(int(np.prod(s)) for s in shapes.values()), np.float32)
+    nan_payload = bytearray(nan_chain.encode(flat, _layout(shapes)).data)
+    nan_payload[-4:] = np.array([np.nan], np.float32).tobytes()
+    cases = {
+        "raw decoder, compressed plan": (decoder_to_bytes(dec, "c0001"), chain),
+        "compressed decoder, raw plan": (good, None),
+        "another chain": (decoder_to_bytes(dec, "c0001", decoder_chain("bf16 | zstd")), chain),
+        "truncated payload": (save({"payload": data[:-5]}, metadata=meta), chain),
+        "extra tensor": (save({"payload": data, "x": np.zeros(2, np.float32)}, metadata=meta), chain),
+        "payload not U8": (save({"payload": data.astype(np.float32)}, metadata=meta), chain),
+        "NaN": (
+            save(
+                {"payload": np.frombuffer(bytes(nan_payload), np.uint8)},
+                metadata={**meta, "chain": "identity"},
+            ),
+            nan_chain,
+        ),  # fmt: skip
+        "pickle": (pickle.dumps(dec), chain),
+    }
+    for name, (blob, expect) in cases.items():
+        with pytest.raises(CodecError):
+            validate_decoder(blob, shapes, cap, expect)
+        assert name
+    with pytest.raises(CodecError, match="size cap"):
+        validate_decoder(good, shapes, len(good) - 1, chain)
+    # A decoder chain is one stateless message; the plan refuses anything else.
+    with pytest.raises(PlanError, match="decoder_chain.*stateful"):
+        Plan.from_json(
+            {"uplink": {"chain": "ae"}, "prepass": {"enabled": True, "decoder_chain": "ef | topk:0.1"}}
+        )
+    with pytest.raises(PlanError, match="decoder_chain"):
+        Plan.from_json({"uplink": {"chain": "ae"}, "prepass": {"enabled": True, "decoder_chain": "nosuch"}})
+
+
+def _layout(shapes: dict) -> Layout:
+    from fedsqueeze.codecs.autoencoder import decoder_layout
+
+    return decoder_layout(shapes)

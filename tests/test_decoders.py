@@ -144,3 +144,43 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
     report = fed.report.to_json()
     assert report["prepass_bytes"]["decoder"] == 2 * len(good)
     assert report["prepass_bytes"]["down_wire"] > 0
+
+
+def test_compressed_decoder_upload_is_decoded_checked_and_counted_as_it_travelled() -> None:
+    from fedsqueeze.codecs.autoencoder import decoder_chain, validate_decoder
+
+    config = "quantize:8,granularity=layer | entropy"
+    plan = {**PLAN, "collaborators": {"min": 1}, "prepass": {**PLAN["prepass"], "decoder_chain": config}}
+    srv = AggregatorServer(Plan.from_json(plan), host="127.0.0.1", port=0, linger_s=0.1).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    try:
+        stub = pb_grpc.FederationStub(channel)
+        fed = srv.federation
+        index, stage = find_stage(fed.up_chain)
+        n = fed.layout.numel
+        arch = stage.architecture(n)
+        j = stub.Join(pb.JoinRequest(name="c0", num_samples=100))
+        a = pb.Credentials(collaborator_id=j.collaborator_id, token=j.token)
+        assert (
+            stub.GetTask(pb.GetTaskRequest(credentials=a, wait_ms=10_000)).kind == pb.GetTaskResponse.PREPASS
+        )
+        rng = np.random.default_rng(0)
+        dec = {
+            k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in stage.decoder_shapes(n).items()
+        }
+        chain = decoder_chain(config)
+        raw = decoder_to_bytes(dec, a.collaborator_id)
+        assert code_of(lambda: upload(stub, a, raw, arch)) == grpc.StatusCode.INVALID_ARGUMENT
+        other = decoder_to_bytes(dec, a.collaborator_id, decoder_chain("bf16 | zstd"))
+        assert code_of(lambda: upload(stub, a, other, arch)) == grpc.StatusCode.INVALID_ARGUMENT
+        blob = decoder_to_bytes(dec, a.collaborator_id, chain)
+        assert len(blob) < len(raw) / 3
+        assert upload(stub, a, blob, arch).bytes_received == len(blob)
+        installed = fed.links.link(a.collaborator_id).up.stage(index)["dec.0.weight"]
+        expected, _ = validate_decoder(blob, stage.decoder_shapes(n), len(blob), chain)
+        assert np.array_equal(installed, expected["dec.0.weight"])
+        assert not np.array_equal(installed, dec["dec.0.weight"])  # rounded by the decoder chain
+        assert fed.report.prepass_bytes["decoder"] == len(blob)
+    finally:
+        channel.close()
+        srv.stop(grace=0.1)
