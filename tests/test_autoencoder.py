@@ -316,3 +316,22 @@ def _layout(shapes: dict) -> Layout:
     from fedsqueeze.codecs.autoencoder import decoder_layout
 
     return decoder_layout(shapes)
+
+
+def test_savings_as_run_counts_every_decoder_that_travelled() -> None:
+    rounds = [{"participants": 4, "bytes": {"up_raw": 4 * 60_040, "up_wire": 440, "decoder": 0}}] * 3
+    rounds = [*rounds, {"participants": 4, "bytes": {"up_raw": 4 * 60_040, "up_wire": 440, "decoder": 700}}]
+    report = {
+        "model": {"raw_bytes": 60_040},
+        "plan": {"collaborators": {"min": 4}, "prepass": {"decoder": "per_collaborator"}},
+        "prepass_bytes": {"decoder": 4 * 1000},
+        "prepass": {"decoders": {"a": 2, "b": 1, "c": 1, "d": 1}},  # a re-trained once, during round 4
+        "rounds": rounds,
+    }
+    run = sv.as_run(report)
+    assert (
+        run["decoder_uploads"] == 5 and run["decoder_bytes"] == 4700 and run["decoder_bytes_in_rounds"] == 700
+    )
+    assert run["savings_ratio"] == pytest.approx(16 * 60_040 / (4 * 440 + 4700))
+    assert "SR 148.71" in sv.as_run_lines(run)[0]
+    assert sv.sizes_from_report(report)[0].decoder == 940  # D for eq. 4's table: the mean upload
