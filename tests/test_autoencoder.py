@@ -54,6 +54,8 @@ def test_layout_is_the_digits_mlp() -> None:
         "ae:hidden=[16],latent=8,bits=4,correction=0.01",
         "ae:what=weights,correction=0",
         "ae:variant=chunked,hidden=[8],latent=2,chunk=256,refine=false",
+        "ae:variant=conv,latent=2,stride=64,kernel=128",
+        "ae:variant=conv,hidden=[4],latent=2,stride=8,kernel=16,bits=6",
     ],
 )
 def test_round_trip_keeps_sender_and_receiver_in_sync(chain: str) -> None:
@@ -335,3 +337,79 @@ def test_savings_as_run_counts_every_decoder_that_travelled() -> None:
     assert run["savings_ratio"] == pytest.approx(16 * 60_040 / (4 * 440 + 4700))
     assert "SR 148.71" in sv.as_run_lines(run)[0]
     assert sv.sizes_from_report(report)[0].decoder == 940  # D for eq. 4's table: the mean upload
+
+
+def test_conv_variant_matches_torch_and_its_decoder_does_not_grow_with_the_model() -> None:
+    import torch
+
+    from fedsqueeze.collaborator.prepass import _convnet, _load
+
+    stage = Autoencoder(variant="conv", hidden=[3], latent=2, stride=4, kernel=10)
+    n = 1000  # padded to 1008 = 63 * 4^2
+    enc, dec = random_ae(stage, n)
+    assert stage.num_chunks(n) == 63 and stage.latent_count(n) == 126
+    sizes = stage.sizes(n)
+    t_enc = _convnet(sizes, stage.kernel, stage.stride, transpose=False)
+    t_dec = _convnet(list(reversed(sizes)), stage.kernel, stage.stride, transpose=True)
+    _load(t_enc, "enc", enc)
+    _load(t_dec, "dec", dec)
+    v = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+    z = stage.encode_latent(enc, v)
+    with torch.no_grad():
+        x = torch.zeros(1, 1, stage.padded_length(n))
+        x[0, 0, :n] = torch.from_numpy(v)
+        z_torch = t_enc(x)
+        np.testing.assert_allclose(z, z_torch.numpy().reshape(-1), rtol=1e-4, atol=1e-5)
+        out_torch = t_dec(z_torch).numpy().reshape(-1)[:n]
+    np.testing.assert_allclose(stage.decode_latent(dec, z, n), out_torch, rtol=1e-4, atol=1e-5)
+    # The decoder's size is the same for a model 100 times larger; dense grows with it.
+    assert stage.decoder_nbytes(100 * n) == stage.decoder_nbytes(n) == 4 * (2 * 3 * 10 + 3 + 3 * 1 * 10 + 1)
+    assert Autoencoder(latent=2).decoder_nbytes(100 * n) > 50 * Autoencoder(latent=2).decoder_nbytes(n)
+
+
+def test_conv_lstsq_latent_recovers_updates_in_the_decoders_span() -> None:
+    p = Chain.parse("ae:variant=conv,latent=2,stride=32,kernel=64,correction=0")
+    tx, _, index = states(p, N)
+    stage = find_stage(p)[1]
+    z = np.random.default_rng(3).standard_normal(stage.latent_count(N)).astype(np.float32)
+    x = stage.decode_latent(tx.stage(index), z, N) - stage.decode_latent(tx.stage(index), 0 * z, N)
+    enc = p.encode(x, LAYOUT, tx)
+    assert enc.stats.nmse < 0.01, enc.stats.nmse  # only the 8-bit latent's rounding
+    assert enc.stats.seconds < 2  # no n x latents matrix
+
+
+def test_conv_settings_and_architecture_checks() -> None:
+    for bad in ("kernel=16,stride=32", "kernel=33,stride=32", "stride=0", "kernel=100000"):
+        with pytest.raises(CodecError):
+            Chain.parse(f"ae:variant=conv,{bad}")
+    conv = Autoencoder(variant="conv", latent=2, stride=32, kernel=64)
+    arch = conv.architecture(N)
+    assert arch == {
+        "kind": "conv",
+        "sizes": {"input": N, "latent": 2, "layers": 0, "kernel": 64, "stride": 32},
+    }
+    # dense and chunked configs (and fingerprints) do not carry the conv-only settings
+    assert "stride" not in Autoencoder().get_config() and conv.get_config()["kernel"] == 64
+    from fedsqueeze.aggregator.prepass import Prepass
+    from fedsqueeze.errors import InvalidArgument
+
+    plan = Plan.from_json({"uplink": {"chain": "ae"}, "collaborators": {"min": 1},
+                           "prepass": {"enabled": True, "variant": "conv", "latent": 2, "stride": 32, "kernel": 64}})  # fmt: skip
+    chains = LinkChains.from_plan(plan)
+    pre = Prepass(plan.prepass, chains.uplink, LAYOUT)
+    pre.enabled = True
+    assert pre.expected == {"dec.0.weight": (2, 1, 64), "dec.0.bias": (1,)}
+    pre.check_upload("c0", arch)
+    for wrong in (
+        {**arch["sizes"], "kernel": 128},
+        {**arch["sizes"], "stride": 16},
+        {k: v for k, v in arch["sizes"].items() if k != "kernel"},
+    ):
+        with pytest.raises(InvalidArgument):
+            pre.check_upload("c0", {"kind": "conv", "sizes": wrong})
+    with pytest.raises(InvalidArgument):
+        pre.check_upload("c0", {"kind": "dense", "sizes": arch["sizes"]})
+    _, dec = random_ae(conv, N)
+    with pytest.raises(InvalidArgument):  # a dense decoder's tensors where the plan wants conv kernels
+        pre.validate("c0", decoder_to_bytes(random_ae(Autoencoder(latent=2), N)[1], "c0"))
+    assert set(pre.validate("c0", decoder_to_bytes(dec, "c0"))) == {"dec.0.weight", "dec.0.bias"}
