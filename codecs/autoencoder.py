@@ -44,7 +44,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import numpy as np
 
@@ -65,6 +65,10 @@ from .ef import remember, with_memory
 from .errors import CodecError
 from .positions import decode_interleaved, encode_interleaved
 from .sparse import top_indices
+
+if TYPE_CHECKING:
+    from .chain import Chain
+    from .layout import Layout
 
 Variant = Literal["dense", "chunked", "conv"]
 What = Literal["update", "weights"]
@@ -517,14 +521,14 @@ def find_stage(chain: Any) -> tuple[int, Autoencoder] | None:
     return index, stage
 
 
-def decoder_layout(expected: dict[str, tuple[int, ...]]) -> Any:
+def decoder_layout(expected: dict[str, tuple[int, ...]]) -> Layout:
     """The decoder's tensors as a codec Layout (float32, in `decoder_shapes()` order)."""
     from .layout import Layout, TensorInfo
 
     return Layout(tuple(TensorInfo(k, tuple(s), "float32") for k, s in expected.items()))
 
 
-def decoder_chain(config: str) -> Any:
+def decoder_chain(config: str) -> Chain | None:
     """The codec chain decoder uploads travel through (`prepass.decoder_chain`), or None for raw fp32.
 
     It must be stateless (one message, no memory shared with later ones) and hold no `ae` stage."""
@@ -541,7 +545,9 @@ def decoder_chain(config: str) -> Any:
 PAYLOAD_KEY = "payload"  # the one U8 tensor of a compressed decoder upload
 
 
-def decoder_to_bytes(tensors: dict[str, np.ndarray], collaborator_id: str = "", chain: Any = None) -> bytes:
+def decoder_to_bytes(
+    tensors: dict[str, np.ndarray], collaborator_id: str = "", chain: Chain | None = None
+) -> bytes:
     """safetensors bytes of a decoder; the metadata binds it to the collaborator that trained it.
 
     With `chain` (from `decoder_chain`), the decoder's weights go through that codec chain first and
@@ -585,7 +591,7 @@ def _load_safetensors(blob: bytes) -> dict[str, np.ndarray]:
 
 
 def validate_decoder(
-    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, chain: Any = None
+    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, chain: Chain | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Check an uploaded decoder against the expected tensor shapes; returns (tensors, metadata).
 
@@ -634,7 +640,7 @@ def _decode_compressed(
     header: dict[str, Any],
     meta: dict[str, str],
     expected: dict[str, tuple[int, ...]],
-    chain: Any,
+    chain: Chain,
 ) -> dict[str, np.ndarray]:
     if meta.get("chain") != str(chain):
         raise CodecError(
