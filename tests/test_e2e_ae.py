@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("decoder_mode", ["per_collaborator", "shared"])
 def test_ae_federation_matches_uncompressed_and_pays_for_its_decoders(tmp_path, procs, decoder_mode) -> None:
     plan = json.loads((ROOT / "fedsqueeze" / "plans" / "ae.json").read_text())
-    plan["prepass"]["decoder"] = decoder_mode  # the demo's plan as it is: 40 rounds (at 25 it trails by ~1.4 pp)
+    # the demo's plan as it is: 40 rounds (at 25 it trailed the baseline by 1.4 pp)
+    plan["prepass"]["decoder"] = decoder_mode
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     agg, report = start_federation(tmp_path, procs, 4)
     assert agg.wait(timeout=300) == 0, (tmp_path / "agg.log").read_text()
