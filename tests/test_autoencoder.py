@@ -413,3 +413,32 @@ def test_conv_settings_and_architecture_checks() -> None:
     with pytest.raises(InvalidArgument):  # a dense decoder's tensors where the plan wants conv kernels
         pre.validate("c0", decoder_to_bytes(random_ae(Autoencoder(latent=2), N)[1], "c0"))
     assert set(pre.validate("c0", decoder_to_bytes(dec, "c0"))) == {"dec.0.weight", "dec.0.bias"}
+
+
+def test_conv_prepass_trains_in_torch_and_its_compressed_decoder_serves_the_codec() -> None:
+    from fedsqueeze.codecs.autoencoder import decoder_chain
+    from fedsqueeze.collaborator.prepass import pack_decoder, train_autoencoder
+
+    stage = Autoencoder(variant="conv", latent=2, stride=16, kernel=32, correction=0.0)
+    n = 900
+    rng = np.random.default_rng(0)
+    # Updates that repeat one smooth shape along the vector: what a shift-invariant decoder can learn.
+    t = np.arange(n)
+    samples = np.stack(
+        [np.sin(t / 5.0 + p) * (1 + 0.1 * rng.standard_normal()) for p in rng.uniform(0, 6, 40)]
+    )
+    samples = (samples / np.sqrt(np.mean(samples**2, axis=1, keepdims=True))).astype(np.float32)
+    enc, dec, losses = train_autoencoder(stage, samples, epochs=30, lr=0.01, seed=0)
+    assert losses[-1] < 0.1 * losses[0]
+    blob, received = pack_decoder(stage, dec, "c0000", "quantize:8,granularity=layer | entropy", n)
+    assert len(blob) < len(decoder_to_bytes(dec, "c0000")) and set(received) == set(stage.decoder_shapes(n))
+    assert decoder_chain("") is None
+    layout = Layout.of({"x": np.zeros(n)})
+    p = Chain.from_config([{"id": "ae", **{k: v for k, v in stage.get_config().items() if k != "id"}}])
+    tx, rx = CodecState(), CodecState()
+    tx.stage(0).update({**enc, **received})
+    rx.stage(0).update(received)
+    x = samples[3]
+    encoded = p.encode(x, layout, tx)
+    assert np.array_equal(p.decode(encoded.data, layout, rx), encoded.reconstruction)
+    assert encoded.stats.nmse < 0.05, encoded.stats.nmse  # the AE part alone (no correction): 0.013 measured
