@@ -124,9 +124,12 @@ def _savings(args: argparse.Namespace) -> int:
     from . import savings as sv
 
     context: dict[str, object] = {}
+    run: dict[str, object] | None = None
     if args.report:
         try:
-            sizes, context = sv.sizes_from_report(sv.load_report(args.report))
+            report = sv.load_report(args.report)
+            sizes, context = sv.sizes_from_report(report)
+            run = sv.as_run(report)
         except (OSError, ValueError, KeyError) as exc:
             die(f"cannot read sizes from {args.report}: {exc}")
         sizes = sv.Sizes(
@@ -145,6 +148,9 @@ def _savings(args: argparse.Namespace) -> int:
     if context:
         print(f"from {args.report}: {context['messages']} uplink messages, {context['decoder_uploads']} decoder upload(s), "
               f"decoder mode of the run: {context['mode']}")  # fmt: skip
+    if run is not None:
+        for line in sv.as_run_lines(run):
+            print(line)
     print(f"savings ratio for C = {collaborators} collaborators, R = {rounds} rounds")
     for line in sv.table(sizes, rounds, collaborators):
         print(line)

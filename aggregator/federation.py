@@ -424,6 +424,8 @@ class Federation:
         with self._cond:
             self.prepass.check_upload(member.id, architecture)  # again: another upload may have won meanwhile
             self.prepass.accepted(member.id, tensors, blob)
+            if "prepass" in self.report.extra:  # a re-upload after the prepass: the report counts it too
+                self.report.extra["prepass"]["decoders"] = dict(self.prepass.installed)
             if self.prepass.shared:
                 self._announce()  # the others' PREPASS task with the shared decoder
             rnd = self.rounds.current

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsqueeze.codecs import Chain, CodecError, Layout, StageState
-from fedsqueeze.codecs.autoencoder import KINDS, Autoencoder, find_stage, validate_decoder
+from fedsqueeze.codecs.autoencoder import KINDS, Autoencoder, decoder_chain, find_stage, validate_decoder
 from fedsqueeze.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import PrepassSpec
@@ -60,6 +60,7 @@ class Prepass:
             (self.stage.decoder_nbytes(n) + HEADER_ALLOWANCE) if self.enabled and self.stage else 0
         )
         self.shared = spec.decoder == "shared"
+        self.chain = decoder_chain(spec.decoder_chain)  # what uploads travel through (None: raw fp32)
         self.running = False  # the prepass phase holds the rounds
         self.done = False  # the phase has ended (checkpointed: a restart does not run it again)
         self.trainer: str | None = None  # shared mode: the member that trains the decoder
@@ -81,7 +82,8 @@ class Prepass:
         return {
             "decoder_mode": self.spec.decoder,
             "architecture": self.architecture,
-            "decoder_bytes_each": self.max_bytes - HEADER_ALLOWANCE,
+            "decoder_bytes_each": self.max_bytes - HEADER_ALLOWANCE,  # fp32, before the decoder chain
+            "decoder_chain": str(self.chain) if self.chain is not None else "",
             "decoders": dict(self.installed),
             "shared_trainer": self.trainer,
             "missing": sorted(m for m in active if not self.ready(m)),
@@ -137,7 +139,7 @@ class Prepass:
     def validate(self, member_id: str, blob: bytes) -> StageState:
         """The decoder's tensors, checked against the plan and bound to `member_id` (no lock needed)."""
         try:
-            tensors, meta = validate_decoder(blob, self.expected, self.max_bytes)
+            tensors, meta = validate_decoder(blob, self.expected, self.max_bytes, self.chain)
         except CodecError as exc:
             raise InvalidArgument(f"decoder rejected: {exc}") from exc
         owner = meta.get("collaborator_id", "")

@@ -99,6 +99,36 @@ def sizes_from_report(report: dict[str, Any]) -> tuple[Sizes, dict[str, Any]]:
     return Sizes(original, up_wire / messages, decoder), context
 
 
+def as_run(report: dict[str, Any]) -> dict[str, Any]:
+    """Eq. 4 for the run as it happened: every accepted uplink message at fp32 over its wire bytes
+    plus every decoder byte that travelled (first uploads and re-uploads, in the prepass or during rounds)."""
+    rounds = report.get("rounds", [])
+    up_raw = sum(int(r["bytes"]["up_raw"]) for r in rounds)
+    up_wire = sum(int(r["bytes"]["up_wire"]) for r in rounds)
+    pre_decoder = int(report.get("prepass_bytes", {}).get("decoder", 0))
+    round_decoder = sum(int(r["bytes"].get("decoder", 0)) for r in rounds)
+    decoder = pre_decoder + round_decoder
+    uploads = sum(((report.get("prepass") or {}).get("decoders") or {}).values())
+    return {
+        "messages": sum(int(r.get("participants", 0)) for r in rounds),
+        "rounds": len(rounds),
+        "up_raw": up_raw,
+        "up_wire": up_wire,
+        "decoder_bytes": decoder,
+        "decoder_bytes_in_rounds": round_decoder,  # re-uploads after the prepass
+        "decoder_uploads": uploads,
+        "savings_ratio": up_raw / (up_wire + decoder) if up_wire + decoder else math.inf,
+    }
+
+
+def as_run_lines(run: dict[str, Any]) -> list[str]:
+    return [
+        f"as run (eq. 4 with the run's own counts): {run['messages']} uplink messages, {run['up_raw']:,} B at fp32 -> "
+        f"{run['up_wire']:,} B on the wire + {run['decoder_bytes']:,} B of {run['decoder_uploads']} decoder upload(s) "
+        f"({run['decoder_bytes_in_rounds']:,} B of them re-uploads during rounds): SR {run['savings_ratio']:.2f}",
+    ]
+
+
 # -- the report for the CLI -------------------------------------------------------------------------
 def table(s: Sizes, rounds: int, collaborators: int) -> list[str]:
     lines = [

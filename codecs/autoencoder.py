@@ -21,6 +21,11 @@ Variants (`variant`):
   hidden sizes `hidden` (mirrored in the decoder), latent `latent`.
 - `chunked`: the flat vector is cut into `chunk`-sized pieces (zero padded) that share one small
   dense AE with `latent` values per chunk; the decoder's size does not grow with the model.
+- `conv`: a 1-D convolutional AE over the whole flat vector (seed 001 section 4.3, zero padded to a
+  multiple of stride^layers): Conv1d layers of width `kernel` and step `stride`, channels 1 ->
+  `hidden` -> `latent`, tanh between them; the decoder mirrors them with ConvTranspose1d. The latent is
+  `latent` channels of ceil(n / stride^layers) values; the decoder has
+  sum(c_in * c_out * kernel + c_out) parameters, whatever n.
 
 Wire format of the stage (side header | body; the stage emits bytes, nothing else is appended):
 
@@ -39,7 +44,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import numpy as np
 
@@ -61,37 +66,80 @@ from .errors import CodecError
 from .positions import decode_interleaved, encode_interleaved
 from .sparse import top_indices
 
-Variant = Literal["dense", "chunked"]
+if TYPE_CHECKING:
+    from .chain import Chain
+    from .layout import Layout
+
+Variant = Literal["dense", "chunked", "conv"]
 What = Literal["update", "weights"]
 KINDS: tuple[str, ...] = get_args(Variant)  # the allow-list of decoder architectures
 WHAT: tuple[str, ...] = get_args(What)
 MAX_HIDDEN_LAYERS = 4
 MAX_WIDTH = 1 << 16
+MAX_KERNEL = 1 << 13
 
 
 # -- the networks, in numpy --------------------------------------------------------------------------
 def layer_sizes(variant: str, n: int, hidden: list[int], latent: int, chunk: int) -> list[int]:
-    """Encoder widths, input first; the decoder mirrors them."""
-    d_in = n if variant == "dense" else chunk
+    """Encoder widths (channels for `conv`), input first; the decoder mirrors them."""
+    d_in = {"dense": n, "chunked": chunk, "conv": 1}[variant]
     return [d_in, *hidden, latent]
 
 
-def decoder_shapes(sizes: list[int]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the decoder (torch's Linear convention: weight is (out, in))."""
+def decoder_shapes(sizes: list[int], kernel: int = 0) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the decoder: torch's Linear (out, in), or with `kernel` ConvTranspose1d (in, out, kernel)."""
     dec = list(reversed(sizes))
     out: dict[str, tuple[int, ...]] = {}
     for j, (a, b) in enumerate(zip(dec[:-1], dec[1:], strict=True)):
-        out[f"dec.{j}.weight"] = (b, a)
+        out[f"dec.{j}.weight"] = (a, b, kernel) if kernel else (b, a)
         out[f"dec.{j}.bias"] = (b,)
     return out
 
 
-def encoder_shapes(sizes: list[int]) -> dict[str, tuple[int, ...]]:
+def encoder_shapes(sizes: list[int], kernel: int = 0) -> dict[str, tuple[int, ...]]:
+    """Linear (out, in), or with `kernel` Conv1d (out, in, kernel)."""
     out: dict[str, tuple[int, ...]] = {}
     for j, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        out[f"enc.{j}.weight"] = (b, a)
+        out[f"enc.{j}.weight"] = (b, a, kernel) if kernel else (b, a)
         out[f"enc.{j}.bias"] = (b,)
     return out
+
+
+def conv1d(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
+    """torch's Conv1d(padding=(kernel - stride) / 2): x (batch, c_in, L), L a multiple of stride -> (batch, c_out, L / stride)."""
+    k = w.shape[2]
+    pad = (k - stride) // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad)))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, k, axis=2)[:, :, ::stride]
+    out: np.ndarray = np.einsum("bcmk,ock->bom", windows, w, optimize=True) + b[None, :, None]
+    return out
+
+
+def conv_transpose1d(z: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
+    """torch's ConvTranspose1d(padding=(kernel - stride) / 2): z (batch, c_in, m) -> (batch, c_out, m * stride)."""
+    batch, _, m = z.shape
+    c_out, k = w.shape[1], w.shape[2]
+    pad = (k - stride) // 2
+    blocks = -(-k // stride)
+    contrib = np.einsum("bcm,cok->bomk", z, w, optimize=True)  # every input's kernel-wide footprint
+    contrib = np.pad(contrib, ((0, 0), (0, 0), (0, 0), (0, blocks * stride - k)))
+    out = np.zeros((batch, c_out, (m + blocks) * stride), contrib.dtype)
+    for r in range(blocks):  # overlapping footprints: one strided add per stride-wide slice of the kernel
+        part = contrib[:, :, :, r * stride : (r + 1) * stride].reshape(batch, c_out, m * stride)
+        out[:, :, r * stride : r * stride + m * stride] += part
+    cropped: np.ndarray = out[:, :, pad : pad + m * stride] + b[None, :, None]
+    return cropped
+
+
+def _convnet(tensors: StageState, prefix: str, layers: int, x: np.ndarray, stride: int) -> np.ndarray:
+    """Conv1d (encoder) or ConvTranspose1d (decoder) layers with tanh between them."""
+    op = conv1d if prefix == "enc" else conv_transpose1d
+    h = x
+    for j in range(layers):
+        h = op(h, tensors[f"{prefix}.{j}.weight"], tensors[f"{prefix}.{j}.bias"], stride)
+        if j < layers - 1:
+            h = np.tanh(h)
+    return h.astype(np.float32, copy=False)
 
 
 def _mlp(tensors: StageState, prefix: str, layers: int, x: np.ndarray) -> np.ndarray:
@@ -162,6 +210,8 @@ class AutoencoderSettings:
     bits: int = 8  # bits per latent value on the wire (1..8)
     correction: float = 0.002  # fraction of entries of the residual sent as a sparse correction
     chunk: int = 1024  # chunk length for `chunked`
+    stride: int = 64  # `conv`: each layer's step (the latent is n / stride^layers long per channel)
+    kernel: int = 128  # `conv`: each layer's kernel width (>= stride, kernel - stride even)
     # update mode, linear decoder: the latent is the least-squares fit, not the encoder's guess
     refine: bool = True
 
@@ -202,6 +252,14 @@ class AutoencoderSettings:
             or not 1 <= self.chunk <= MAX_WIDTH
         ):
             raise CodecError(f"ae: chunk must be an integer in [1, {MAX_WIDTH}]")
+        for name in ("stride", "kernel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_KERNEL:
+                raise CodecError(f"ae: {name} must be an integer in [1, {MAX_KERNEL}]")
+        if self.kernel < self.stride or (self.kernel - self.stride) % 2:
+            raise CodecError(
+                f"ae: kernel ({self.kernel}) must be at least stride ({self.stride}) and differ from it by an even number"
+            )
 
 
 @register_codec
@@ -223,19 +281,45 @@ class Autoencoder(AutoencoderSettings, Codec):
         sizes.update({f"hidden_{i}": h for i, h in enumerate(self.hidden)})
         if self.variant == "chunked":
             sizes["chunk"] = self.chunk
+        if self.variant == "conv":
+            sizes.update(kernel=self.kernel, stride=self.stride)
         return {"kind": self.variant, "sizes": sizes}
 
+    def get_config(self) -> dict[str, Any]:
+        """stride and kernel only for `conv`: dense and chunked chains keep their configs and fingerprints."""
+        config = super().get_config()
+        if self.variant != "conv":
+            del config["stride"], config["kernel"]
+        return config
+
+    @property
+    def _kernel(self) -> int:
+        return self.kernel if self.variant == "conv" else 0
+
     def decoder_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
-        return decoder_shapes(self.sizes(n))
+        return decoder_shapes(self.sizes(n), self._kernel)
 
     def encoder_shapes(self, n: int) -> dict[str, tuple[int, ...]]:
-        return encoder_shapes(self.sizes(n))
+        return encoder_shapes(self.sizes(n), self._kernel)
 
     def decoder_nbytes(self, n: int) -> int:
         return 4 * sum(math.prod(s) for s in self.decoder_shapes(n).values())
 
     def num_chunks(self, n: int) -> int:
+        """Rows of the latent: 1 (dense), chunks (chunked), or each latent channel's length (conv)."""
+        if self.variant == "conv":
+            return max(1, -(-n // self.downsampling))
         return 1 if self.variant == "dense" else -(-n // self.chunk)
+
+    @property
+    def downsampling(self) -> int:
+        """conv: how many inputs one latent value stands for (stride^layers)."""
+        return int(self.stride ** self._layers())
+
+    def padded_length(self, n: int) -> int:
+        if self.variant == "conv":
+            return self.num_chunks(n) * self.downsampling
+        return n if self.variant == "dense" else self.num_chunks(n) * self.chunk
 
     def latent_count(self, n: int) -> int:
         return self.latent * self.num_chunks(n)
@@ -254,22 +338,67 @@ class Autoencoder(AutoencoderSettings, Codec):
     def _rows(self, v: np.ndarray, n: int) -> np.ndarray:
         if self.variant == "dense":
             return v.reshape(1, n)
-        rows = np.zeros(self.num_chunks(n) * self.chunk, np.float32)
+        rows = np.zeros(self.padded_length(n), np.float32)
         rows[:n] = v
-        return rows.reshape(-1, self.chunk)
+        return rows.reshape(1, 1, -1) if self.variant == "conv" else rows.reshape(-1, self.chunk)
 
     def encode_latent(self, state: StageState, v: np.ndarray) -> np.ndarray:
         n = v.size
+        if self.variant == "conv":
+            return _convnet(state, "enc", self._layers(), self._rows(v, n), self.stride).reshape(-1)
         return _mlp(state, "enc", self._layers(), self._rows(v, n)).reshape(-1)
+
+    def can_fit(self) -> bool:
+        """Whether the least-squares latent applies: a linear decoder."""
+        return self.refine and not self.hidden
+
+    def _fit_conv(self, state: StageState, v: np.ndarray, iterations: int = 100) -> np.ndarray:
+        """Least squares for the linear conv decoder by conjugate gradients on the normal equations (CGLS):
+        the decoder D is a ConvTranspose1d, so D^T is the Conv1d with the same kernel; no matrix is formed."""
+        n, m, s = v.size, self.num_chunks(v.size), self.stride
+        w = state["dec.0.weight"].astype(np.float64)  # ConvTranspose1d (in=latent, out=1, kernel)
+        w_adj = np.ascontiguousarray(w)  # the same array read as Conv1d (out=latent, in=1, kernel)
+        no_bias_out, no_bias_in = np.zeros(1), np.zeros(self.latent)
+
+        def forward(z: np.ndarray) -> np.ndarray:
+            return conv_transpose1d(z.reshape(1, self.latent, m), w, no_bias_out, s).reshape(-1)[:n]
+
+        def adjoint(r: np.ndarray) -> np.ndarray:
+            padded = np.zeros((1, 1, self.padded_length(n)))
+            padded[0, 0, :n] = r
+            return conv1d(padded, w_adj, no_bias_in, s).reshape(-1)
+
+        r = v.astype(np.float64) - float(state["dec.0.bias"][0])
+        z = np.zeros(self.latent * m)
+        g = adjoint(r)
+        d, gg = g.copy(), float(g @ g)
+        stop = 1e-12 * gg
+        for _ in range(iterations):
+            if gg <= stop:
+                break
+            q = forward(d)
+            step = gg / float(q @ q)
+            z += step * d
+            r -= step * q
+            g = adjoint(r)
+            gg, previous = float(g @ g), gg
+            d = g + (gg / previous) * d
+        return z.astype(np.float32)
 
     def fit_latent(self, state: StageState, v: np.ndarray) -> np.ndarray:
         """The latent whose (linear) decoding is closest to v: least squares, sender side only."""
+        n = v.size
+        if self.variant == "conv":
+            return self._fit_conv(state, v)
         w = state["dec.0.weight"].astype(np.float64)
-        rows = self._rows(v, v.size).astype(np.float64) - state["dec.0.bias"]
+        rows = self._rows(v, n).astype(np.float64) - state["dec.0.bias"]
         z, *_ = np.linalg.lstsq(w, rows.T, rcond=None)
         return z.T.reshape(-1).astype(np.float32)
 
     def decode_latent(self, state: StageState, z: np.ndarray, n: int) -> np.ndarray:
+        if self.variant == "conv":
+            out = _convnet(state, "dec", self._layers(), z.reshape(1, self.latent, -1), self.stride)
+            return out.reshape(-1)[:n].astype(np.float32, copy=False)
         rows = _mlp(state, "dec", self._layers(), z.reshape(self.num_chunks(n), self.latent))
         return rows.reshape(-1)[:n].astype(np.float32, copy=False)
 
@@ -290,7 +419,7 @@ class Autoencoder(AutoencoderSettings, Codec):
             rms = float(np.sqrt(np.mean(np.square(e, dtype=np.float64)))) if n else 0.0
             if rms == 0:
                 z = np.zeros(self.latent_count(n), np.float32)
-            elif self.refine and not self.hidden:
+            elif self.can_fit():
                 z = self.fit_latent(state, e / np.float32(rms))
             else:
                 z = self.encode_latent(state, e / np.float32(rms))
@@ -392,12 +521,48 @@ def find_stage(chain: Any) -> tuple[int, Autoencoder] | None:
     return index, stage
 
 
-def decoder_to_bytes(tensors: dict[str, np.ndarray], collaborator_id: str = "") -> bytes:
-    """safetensors bytes of a decoder; the metadata binds it to the collaborator that trained it."""
+def decoder_layout(expected: dict[str, tuple[int, ...]]) -> Layout:
+    """The decoder's tensors as a codec Layout (float32, in `decoder_shapes()` order)."""
+    from .layout import Layout, TensorInfo
+
+    return Layout(tuple(TensorInfo(k, tuple(s), "float32") for k, s in expected.items()))
+
+
+def decoder_chain(config: str) -> Chain | None:
+    """The codec chain decoder uploads travel through (`prepass.decoder_chain`), or None for raw fp32.
+
+    It must be stateless (one message, no memory shared with later ones) and hold no `ae` stage."""
+    from .chain import Chain
+
+    if not config.strip():
+        return None
+    chain = Chain.parse(config)
+    if chain.stateful:
+        raise CodecError(f"decoder chain {config!r} is stateful: a decoder travels as one message")
+    return chain
+
+
+PAYLOAD_KEY = "payload"  # the one U8 tensor of a compressed decoder upload
+
+
+def decoder_to_bytes(
+    tensors: dict[str, np.ndarray], collaborator_id: str = "", chain: Chain | None = None
+) -> bytes:
+    """safetensors bytes of a decoder; the metadata binds it to the collaborator that trained it.
+
+    With `chain` (from `decoder_chain`), the decoder's weights go through that codec chain first and
+    travel as one U8 tensor `payload`; the metadata also names the chain."""
     from safetensors.numpy import save
 
-    meta = {"collaborator_id": collaborator_id} if collaborator_id else None
-    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta)
+    meta = {"collaborator_id": collaborator_id} if collaborator_id else {}
+    if chain is None:
+        return save(
+            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta or None
+        )
+    layout = decoder_layout({k: tuple(v.shape) for k, v in tensors.items()})
+    flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in tensors.values()])
+    data = chain.encode(flat, layout).data
+    return save({PAYLOAD_KEY: np.frombuffer(data, np.uint8)}, metadata={**meta, "chain": str(chain)})
 
 
 def read_safetensors_header(blob: bytes, max_header: int = 1 << 20) -> dict[str, Any]:
@@ -416,13 +581,24 @@ def read_safetensors_header(blob: bytes, max_header: int = 1 << 20) -> dict[str,
     return header
 
 
+def _load_safetensors(blob: bytes) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    try:
+        return dict(load(bytes(blob)))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CodecError(f"decoder is not valid safetensors: {exc}") from exc
+
+
 def validate_decoder(
-    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int
+    blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, chain: Chain | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Check an uploaded decoder against the expected tensor shapes; returns (tensors, metadata).
 
     Refuses (CodecError): more than max_bytes, anything that is not safetensors (a pickle, say),
-    extra or missing keys, a dtype other than F32, wrong shapes, NaN or Inf.
+    extra or missing keys, a dtype other than F32, wrong shapes, NaN or Inf. With `chain` (the
+    plan's decoder chain), the blob must instead hold one U8 tensor `payload`, name that chain in its
+    metadata, and decode through it to the expected tensors (the layout fixes its output size).
     """
     if len(blob) > max_bytes:
         raise CodecError(f"decoder of {len(blob)} bytes exceeds the size cap of {max_bytes} bytes")
@@ -430,6 +606,11 @@ def validate_decoder(
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CodecError("decoder metadata must map strings to strings")
+    meta = {str(k): str(v) for k, v in meta.items()}
+    if chain is not None:
+        return _decode_compressed(blob, header, meta, expected, chain), meta
+    if "chain" in meta:
+        raise CodecError(f"decoder was compressed with {meta['chain']!r}, the plan expects raw fp32")
     extra, missing = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
     if extra or missing:
         raise CodecError(
@@ -445,18 +626,40 @@ def validate_decoder(
             raise CodecError(
                 f"decoder tensor {name!r} has shape {tuple(info.get('shape', ()))}, the plan needs {tuple(shape)}"
             )
-    from safetensors.numpy import load
-
-    try:
-        tensors = load(bytes(blob))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CodecError(f"decoder is not valid safetensors: {exc}") from exc
+    tensors = _load_safetensors(blob)
     for name, arr in tensors.items():
         if arr.dtype != np.float32 or arr.shape != tuple(expected[name]):
             raise CodecError(f"decoder tensor {name!r} does not match the plan")
         if not np.isfinite(arr).all():
             raise CodecError(f"decoder tensor {name!r} contains NaN or Inf")
-    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, {str(k): str(v) for k, v in meta.items()}
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, meta
+
+
+def _decode_compressed(
+    blob: bytes,
+    header: dict[str, Any],
+    meta: dict[str, str],
+    expected: dict[str, tuple[int, ...]],
+    chain: Chain,
+) -> dict[str, np.ndarray]:
+    if meta.get("chain") != str(chain):
+        raise CodecError(
+            f"decoder was compressed with {meta.get('chain')!r}, the plan's decoder chain is {str(chain)!r}"
+        )
+    if set(header) != {PAYLOAD_KEY}:
+        raise CodecError(f"a compressed decoder holds one tensor {PAYLOAD_KEY!r}, got {sorted(header)}")
+    info = header[PAYLOAD_KEY]
+    if not isinstance(info, dict) or info.get("dtype") != "U8" or len(info.get("shape", ())) != 1:
+        raise CodecError(f"decoder tensor {PAYLOAD_KEY!r} must be 1-D U8")
+    data = _load_safetensors(blob)[PAYLOAD_KEY]
+    flat = chain.decode(data.tobytes(), decoder_layout(expected))  # CodecError on anything malformed
+    if not np.isfinite(flat).all():
+        raise CodecError("decoder contains NaN or Inf")
+    ends = np.cumsum([math.prod(s) for s in expected.values()])[:-1]
+    return {
+        k: np.ascontiguousarray(part.reshape(s), dtype=np.float32)
+        for (k, s), part in zip(expected.items(), np.split(flat, ends), strict=True)
+    }
 
 
 # -- the plan's prepass settings configure the `ae` stage -------------------------------------------

@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.codecs import CodecError, Layout
-from fedsqueeze.codecs.autoencoder import Autoencoder, decoder_to_bytes, find_stage, validate_decoder
+from fedsqueeze.codecs.autoencoder import (
+    Autoencoder,
+    decoder_chain,
+    decoder_to_bytes,
+    find_stage,
+    validate_decoder,
+)
 from fedsqueeze.messages import Task
 from fedsqueeze.models import get_flat, set_flat
 from fedsqueeze.plan import Plan
@@ -78,9 +84,30 @@ def _rows(stage: Autoencoder, samples: np.ndarray) -> np.ndarray:
     if stage.variant == "dense":
         return samples
     n = samples.shape[1]
-    padded = np.zeros((len(samples), stage.num_chunks(n) * stage.chunk), np.float32)
+    padded = np.zeros((len(samples), stage.padded_length(n)), np.float32)
     padded[:, :n] = samples
+    if stage.variant == "conv":
+        return padded.reshape(len(samples), 1, -1)
     return padded.reshape(-1, stage.chunk)
+
+
+def _convnet(channels: list[int], kernel: int, stride: int, transpose: bool) -> Any:
+    """The numpy `conv1d` / `conv_transpose1d` of codecs/autoencoder.py, in torch, tanh between layers."""
+    from torch import nn
+
+    layer = nn.ConvTranspose1d if transpose else nn.Conv1d
+    layers: list[Any] = []
+    for j, (a, b) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+        layers.append(layer(a, b, kernel, stride=stride, padding=(kernel - stride) // 2))
+        if j < len(channels) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _weighted(net: Any) -> list[Any]:
+    from torch import nn
+
+    return [m for m in net if isinstance(m, nn.Linear | nn.Conv1d | nn.ConvTranspose1d)]
 
 
 def _mlp(sizes: list[int]) -> Any:
@@ -95,11 +122,9 @@ def _mlp(sizes: list[int]) -> Any:
 
 
 def _export(net: Any, prefix: str) -> dict[str, np.ndarray]:
-    from torch import nn
 
     out: dict[str, np.ndarray] = {}
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    for j, lin in enumerate(linears):
+    for j, lin in enumerate(_weighted(net)):
         out[f"{prefix}.{j}.weight"] = lin.weight.detach().numpy().astype(np.float32, copy=True)
         out[f"{prefix}.{j}.bias"] = lin.bias.detach().numpy().astype(np.float32, copy=True)
     return out
@@ -107,11 +132,9 @@ def _export(net: Any, prefix: str) -> dict[str, np.ndarray]:
 
 def _load(net: Any, prefix: str, tensors: dict[str, np.ndarray]) -> None:
     import torch
-    from torch import nn
 
-    linears = [m for m in net if isinstance(m, nn.Linear)]
     with torch.no_grad():
-        for j, lin in enumerate(linears):
+        for j, lin in enumerate(_weighted(net)):
             lin.weight.copy_(torch.from_numpy(tensors[f"{prefix}.{j}.weight"]))
             lin.bias.copy_(torch.from_numpy(tensors[f"{prefix}.{j}.bias"]))
 
@@ -134,7 +157,11 @@ def train_autoencoder(
     n = samples.shape[1]
     sizes = stage.sizes(n)
     torch.manual_seed(seed)
-    enc, dec = _mlp(sizes), _mlp(list(reversed(sizes)))
+    if stage.variant == "conv":
+        enc = _convnet(sizes, stage.kernel, stage.stride, transpose=False)
+        dec = _convnet(list(reversed(sizes)), stage.kernel, stage.stride, transpose=True)
+    else:
+        enc, dec = _mlp(sizes), _mlp(list(reversed(sizes)))
     if decoder is not None:
         _load(dec, "dec", decoder)
         for p in dec.parameters():
@@ -143,7 +170,7 @@ def train_autoencoder(
     params = list(enc.parameters()) + ([] if decoder is not None else list(dec.parameters()))
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    batch = 64 if stage.variant == "dense" else 256
+    batch = 256 if stage.variant == "chunked" else 64
     losses: list[float] = []
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=gen)
@@ -157,6 +184,16 @@ def train_autoencoder(
             total += loss.item() * len(xb)
         losses.append(total / len(data))
     return _export(enc, "enc"), _export(dec, "dec"), losses
+
+
+def pack_decoder(
+    stage: Autoencoder, dec: dict[str, np.ndarray], member_id: str, chain_config: str, n: int
+) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The upload's bytes (through the plan's decoder chain) and the decoder as the aggregator will read them."""
+    chain = decoder_chain(chain_config)
+    blob = decoder_to_bytes(dec, member_id, chain)
+    received, _ = validate_decoder(blob, stage.decoder_shapes(n), len(blob), chain)
+    return blob, received
 
 
 @dataclass
@@ -200,7 +237,10 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
         if task.model is None or zlib.crc32(task.model.data) != task.model.fingerprint:
             raise CodecError("shared decoder: missing or corrupt")
         tensors, _ = validate_decoder(
-            task.model.data, stage.decoder_shapes(n), stage.decoder_nbytes(n) + (1 << 16)
+            task.model.data,
+            stage.decoder_shapes(n),
+            stage.decoder_nbytes(n) + (1 << 16),
+            decoder_chain(spec.decoder_chain),
         )
         rec["down_wire"] = rec.get("down_wire", 0) + task.model.wire_size
         rec["down_raw"] = rec.get("down_raw", 0) + len(task.model.data)
@@ -233,9 +273,9 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
     enc, dec, losses = train_autoencoder(
         stage, ctx.samples, epochs=spec.ae_epochs, lr=spec.ae_lr, seed=plan.seed
     )
+    blob, dec = pack_decoder(stage, dec, ctx.member_id, spec.decoder_chain, n)
     state.update(enc)
-    state.update(dec)
-    blob = decoder_to_bytes(dec, ctx.member_id)
+    state.update(dec)  # what the aggregator will decode with, rounded by the decoder chain
     sent = ctx.upload_decoder(stage.architecture(n), blob)
     rec.update(role=ROLE_TRAIN, decoder=sent, ae_loss=losses[-1], ae_seconds=time.perf_counter() - t0)
     log.info("prepass: %d snapshots, AE loss %.4g, decoder %d bytes uploaded", len(snaps), losses[-1], sent)

@@ -46,6 +46,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     ]
     if s.get("decoder"):
         lines.append(f"decoder uploads  : {human_bytes(s['decoder'])}")
+        lines.append(
+            f"savings ratio    : {s['savings_ratio']:.1f} (eq. 4 as run: uplink fp32 / (uplink wire + decoder uploads))"
+        )
     lines.append(
         f"total            : {s['total_ratio']:.1f}x less traffic than fp32 (decoder uploads included)"
     )

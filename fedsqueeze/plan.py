@@ -182,6 +182,8 @@ class PrepassSpec(AutoencoderSettings):
     ae_epochs: Annotated[int, AtLeastOne] = 300  # autoencoder training (eq. 3, MSE, Adam)
     ae_lr: Annotated[float, Positive] = 0.001
     allow_retrain: bool = False  # accept a second decoder upload from the same collaborator
+    # codec chain the decoder upload travels through (e.g. "quantize:8,granularity=layer | entropy"); "" = raw fp32
+    decoder_chain: str = ""
 
 
 ServerOptimizerName = Literal["sgd", "momentum", "adam", "yogi"]
@@ -327,6 +329,12 @@ class Plan:
         found = find_stage(uplink)
         if self.prepass.enabled:
             _check(found is not None, "prepass.enabled needs an `ae` stage in uplink.chain")
+        from fedsqueeze.codecs.autoencoder import decoder_chain
+
+        try:
+            decoder_chain(self.prepass.decoder_chain)
+        except CodecError as exc:
+            raise PlanError(f"prepass.decoder_chain: {exc}") from exc
         if found is not None:
             _check(
                 self.prepass.enabled,

@@ -104,6 +104,8 @@ class RunReport:
                 totals["up_raw"] + totals["down_raw"],
                 totals["up_wire"] + totals["down_wire"] + totals["decoder"],
             ),
+            # eq. 4 as the run went: all uplink fp32 bytes over their wire bytes plus every decoder that travelled
+            "savings_ratio": ratio(totals["up_raw"], totals["up_wire"] + totals["decoder"]),
             "seconds": round(sum(r.seconds for r in self.rounds), 3),
         }
 

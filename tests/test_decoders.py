@@ -144,3 +144,75 @@ def test_hostile_decoders_are_refused_and_a_good_one_is_bound_and_used(server, s
     report = fed.report.to_json()
     assert report["prepass_bytes"]["decoder"] == 2 * len(good)
     assert report["prepass_bytes"]["down_wire"] > 0
+
+
+def test_compressed_decoder_upload_is_decoded_checked_and_counted_as_it_travelled() -> None:
+    """Also: a re-upload during the rounds counts, in the report's decoder bytes and in eq. 4 as run."""
+    from fedsqueeze.aggregator import savings as sv
+    from fedsqueeze.codecs.autoencoder import decoder_chain, validate_decoder
+
+    config = "quantize:8,granularity=layer | entropy"
+    plan = {**PLAN, "collaborators": {"min": 1},
+            "prepass": {**PLAN["prepass"], "decoder_chain": config, "allow_retrain": True}}  # fmt: skip
+    srv = AggregatorServer(Plan.from_json(plan), host="127.0.0.1", port=0, linger_s=0.1).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    try:
+        stub = pb_grpc.FederationStub(channel)
+        fed = srv.federation
+        index, stage = find_stage(fed.up_chain)
+        n = fed.layout.numel
+        arch = stage.architecture(n)
+        j = stub.Join(pb.JoinRequest(name="c0", num_samples=100))
+        a = pb.Credentials(collaborator_id=j.collaborator_id, token=j.token)
+        assert (
+            stub.GetTask(pb.GetTaskRequest(credentials=a, wait_ms=10_000)).kind == pb.GetTaskResponse.PREPASS
+        )
+        rng = np.random.default_rng(0)
+        dec = {
+            k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in stage.decoder_shapes(n).items()
+        }
+        chain = decoder_chain(config)
+        raw = decoder_to_bytes(dec, a.collaborator_id)
+        assert code_of(lambda: upload(stub, a, raw, arch)) == grpc.StatusCode.INVALID_ARGUMENT
+        other = decoder_to_bytes(dec, a.collaborator_id, decoder_chain("bf16 | zstd"))
+        assert code_of(lambda: upload(stub, a, other, arch)) == grpc.StatusCode.INVALID_ARGUMENT
+        blob = decoder_to_bytes(dec, a.collaborator_id, chain)
+        assert len(blob) < len(raw) / 3
+        assert upload(stub, a, blob, arch).bytes_received == len(blob)
+        installed = fed.links.link(a.collaborator_id).up.stage(index)["dec.0.weight"]
+        expected, _ = validate_decoder(blob, stage.decoder_shapes(n), len(blob), chain)
+        assert np.array_equal(installed, expected["dec.0.weight"])
+        assert not np.array_equal(installed, dec["dec.0.weight"])  # rounded by the decoder chain
+        assert fed.report.prepass_bytes["decoder"] == len(blob)
+
+        # Round 1: a re-trained decoder, then an update encoded with it.
+        assert stub.GetTask(pb.GetTaskRequest(credentials=a, wait_ms=20_000)).kind == pb.GetTaskResponse.TRAIN
+        dec2 = {k: v * 1.5 for k, v in dec.items()}
+        blob2 = decoder_to_bytes(dec2, a.collaborator_id, chain)
+        upload(stub, a, blob2, arch)
+        enc = {
+            k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in stage.encoder_shapes(n).items()
+        }
+        received2, _ = validate_decoder(blob2, stage.decoder_shapes(n), len(blob2), chain)
+        tx = CodecState()
+        tx.stage(index).update({**enc, **received2})
+        data = fed.up_chain.encode((rng.standard_normal(n) * 0.01).astype(np.float32), fed.layout, tx).data
+        update = payload_to_bytes(Payload(data=data, fingerprint=fed.up_fingerprint))
+        hdr = pb.UpdateHeader(credentials=a, round=1, num_samples=10, payload_size=len(update))
+        stub.SubmitUpdate(
+            iter([pb.SubmitUpdateRequest(header=hdr), pb.SubmitUpdateRequest(chunk=update)]), timeout=10
+        )
+        task = stub.GetTask(pb.GetTaskRequest(credentials=a, wait_ms=20_000))
+        assert task.kind == pb.GetTaskResponse.TRAIN and task.round == 2
+        report = fed.report.to_json()
+        run = sv.as_run(report)
+        assert run["decoder_uploads"] == 2 and run["messages"] == 1
+        assert run["decoder_bytes"] == len(blob) + len(blob2) and run["decoder_bytes_in_rounds"] == len(blob2)
+        expected_sr = fed.layout.raw_bytes / (len(update) + len(blob) + len(blob2))
+        assert run["savings_ratio"] == pytest.approx(expected_sr)
+        assert report["summary"]["savings_ratio"] == pytest.approx(expected_sr)
+        sizes, _ = sv.sizes_from_report(report)
+        assert sizes.decoder == (len(blob) + len(blob2)) / 2  # eq. 4's D: the mean upload
+    finally:
+        channel.close()
+        srv.stop(grace=0.1)
