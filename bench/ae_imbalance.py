@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = r
         ratio = r["raw"] / r["per_message"]
         decoders = f"{r['decoder']:,} B ({r['uploads']})" if r["uploads"] else "-"
-        sr = f"{r['sr']:.1f}" if r["uploads"] else "-"
+        sr = f"{r['sr']:.3g}" if r["uploads"] else "-"
         print(f"{name:<34} {r['final']:>7.2%} ({r['plain']:.1%}/{r['inverted']:.1%}) {r['last5']:>7.2%} "
               f"{r['per_message']:>7.1f} {ratio:>9.0f}x {decoders:>15} {sr:>8} {r['total']:>6.1f}x "
               f"{','.join(map(str, r['retrains'])) or '-':>14} {r['seconds']:>5.0f}", flush=True)  # fmt: skip
