@@ -428,7 +428,8 @@ class Federation:
                 self.report.extra["prepass"]["decoders"] = dict(self.prepass.installed)
             if self.prepass.shared:
                 self._announce()  # the others' PREPASS task with the shared decoder
-            rnd = self.rounds.current
+            # a re-upload between two rounds counts in the round just closed (its record shares the dict)
+            rnd = self.rounds.current or self.rounds.last
             target = (
                 rnd.bytes if (rnd is not None and not self.prepass.running) else self.report.prepass_bytes
             )
@@ -666,7 +667,7 @@ class Federation:
             participants=count,
             dropped=len(closed.missing),
             seconds=time.monotonic() - rnd.started,
-            bytes=dict(rnd.bytes),
+            bytes=rnd.bytes,  # shared: a decoder re-uploaded after the round closed still counts in it
             status=status,
             attempts=rnd.attempt + 1,
             resent=dict(rnd.resent),

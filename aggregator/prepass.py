@@ -6,7 +6,8 @@ not the plan's (or its kind is not on the allow-list), when its bytes are not sa
 pickle, say), when it has extra or missing keys, other dtypes or shapes, NaN or Inf, when it is
 larger than the cap (the plan's decoder size plus 64 KiB for the header), or when its metadata
 binds it to another collaborator's identity. A second upload from the same collaborator is
-refused (ALREADY_EXISTS) unless `prepass.allow_retrain`. In shared mode only the designated
+refused (ALREADY_EXISTS) unless `prepass.allow_retrain`, and more than `prepass.max_retrains`
+re-uploads are refused (FAILED_PRECONDITION). In shared mode only the designated
 collaborator (the first to join) may upload (PERMISSION_DENIED otherwise).
 
 An accepted decoder is installed in that collaborator's uplink CodecState, at the `ae` stage; in
@@ -131,9 +132,14 @@ class Prepass:
             )
         if self.shared and self.trainer is not None and member_id != self.trainer:
             raise PermissionDenied(f"shared decoder mode: only {self.trainer} uploads the decoder")
-        if member_id in self.installed and not self.spec.allow_retrain:
+        uploads = self.installed.get(member_id, 0)
+        if uploads and not self.spec.allow_retrain:
             raise AlreadyExists(
                 f"{member_id} already uploaded its decoder; the plan does not allow re-training"
+            )
+        if uploads > self.spec.max_retrains:
+            raise FailedPrecondition(
+                f"{member_id} has re-uploaded its decoder {uploads - 1} times, the plan allows {self.spec.max_retrains}"
             )
 
     def validate(self, member_id: str, blob: bytes) -> StageState:

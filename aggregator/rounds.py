@@ -82,6 +82,7 @@ class RoundControl:
         self.active_ids = active_ids
         self.announce = announce
         self.current: RoundState | None = None
+        self.last: RoundState | None = None  # the round closed most recently (its record shares its `bytes`)
         self.completed = 0  # rounds finished (ok or failed); the next round is completed + 1
 
     def open(self, number: int, strategy: Strategy) -> RoundState:
@@ -120,7 +121,7 @@ class RoundControl:
         grace = time.monotonic() + UPLOAD_GRACE_S
         while rnd.receiving and time.monotonic() < grace:
             self.cond.wait(0.05)
-        self.current = None
+        self.current, self.last = None, rnd
         self.cond.notify_all()
         return ClosedRound(rnd, rnd.participants - rnd.submitted)
 

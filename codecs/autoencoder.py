@@ -77,6 +77,8 @@ WHAT: tuple[str, ...] = get_args(What)
 MAX_HIDDEN_LAYERS = 4
 MAX_WIDTH = 1 << 16
 MAX_KERNEL = 1 << 13
+#: Sender-side state key: the NMSE of the AE part (alpha * Dec(z)) against the stage's input, last message.
+AE_NMSE = "ae_nmse"
 
 
 # -- the networks, in numpy --------------------------------------------------------------------------
@@ -442,6 +444,10 @@ class Autoencoder(AutoencoderSettings, Codec):
             alpha = 1.0
         base = (np.float32(alpha) * d).astype(np.float32)
         resid = e - base
+        energy = float(np.dot(e.astype(np.float64), e))
+        state[AE_NMSE] = np.array(
+            [float(np.dot(resid.astype(np.float64), resid)) / energy if energy > 0 else 0.0]
+        )
         idx = top_indices(resid, self.max_k(n))
         mag = _round_bf16(np.mean(np.abs(resid[idx]))) if idx.size else 0.0
         signs = (np.asarray(resid[idx]) < 0).astype(np.uint8)

@@ -8,6 +8,10 @@
 3. Train the autoencoder with the MSE of eq. 3, keep encoder and decoder in the uplink CodecState,
    and upload only the decoder (safetensors, bound to this collaborator's id in its metadata).
 
+4. Dynamic re-training (seed 001 section 4.2, `DriftMonitor`): with `prepass.retrain_nmse`, the AE's
+   error on this collaborator's own updates is watched round by round; past the threshold the AE is
+   re-trained on the recent updates and the decoder re-uploaded (counted as decoder bytes).
+
 Shared decoder mode (case a): the first collaborator to join trains the AE and uploads its decoder;
 the aggregator sends that decoder to everyone else, and each of them fits only an encoder to it on
 its own prepass data (the decoder frozen, the same loss), so no prepass data leaves a collaborator.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +31,14 @@ import numpy as np
 
 from fedsqueeze.codecs import CodecError, Layout
 from fedsqueeze.codecs.autoencoder import (
+    AE_NMSE,
     Autoencoder,
     decoder_chain,
     decoder_to_bytes,
     find_stage,
     validate_decoder,
 )
+from fedsqueeze.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from fedsqueeze.messages import Task
 from fedsqueeze.models import get_flat, set_flat
 from fedsqueeze.plan import Plan
@@ -147,8 +154,10 @@ def train_autoencoder(
     lr: float,
     seed: int = 0,
     decoder: dict[str, np.ndarray] | None = None,
+    init: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
-    """Fit the AE to `samples` (rows) with eq. 3's MSE; with `decoder`, fit only an encoder to it.
+    """Fit the AE to `samples` (rows) with eq. 3's MSE; with `decoder`, fit only an encoder to it;
+    with `init` (encoder and decoder tensors), start from that AE (re-training).
 
     Returns (encoder tensors, decoder tensors, loss per epoch).
     """
@@ -162,6 +171,9 @@ def train_autoencoder(
         dec = _convnet(list(reversed(sizes)), stage.kernel, stage.stride, transpose=True)
     else:
         enc, dec = _mlp(sizes), _mlp(list(reversed(sizes)))
+    if init is not None:
+        _load(enc, "enc", init)
+        _load(dec, "dec", init)
     if decoder is not None:
         _load(dec, "dec", decoder)
         for p in dec.parameters():
@@ -278,5 +290,91 @@ def handle_task(ctx: PrepassContext, task: Task) -> dict[str, Any]:
     state.update(dec)  # what the aggregator will decode with, rounded by the decoder chain
     sent = ctx.upload_decoder(stage.architecture(n), blob)
     rec.update(role=ROLE_TRAIN, decoder=sent, ae_loss=losses[-1], ae_seconds=time.perf_counter() - t0)
+    if spec.retrain_nmse is not None:
+        ctx.step.on_submitted = DriftMonitor(ctx, index, stage).observe
     log.info("prepass: %d snapshots, AE loss %.4g, decoder %d bytes uploaded", len(snaps), losses[-1], sent)
     return rec
+
+
+def unit_rms(x: np.ndarray) -> np.ndarray | None:
+    """x scaled to unit RMS, as the AE's update samples are; None for an all-zero x."""
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    return (x / rms).astype(np.float32) if rms > 0 else None
+
+
+class DriftMonitor:
+    """Dynamic re-training (seed 001 sections 4.2, 5.2): watch the AE's error on this collaborator's own
+    updates and, when it drifts, re-train the AE on the recent ones and re-upload the decoder.
+
+    After each update the aggregator took, the `ae` stage has left the NMSE of its AE part (alpha * Dec(z)
+    against what it encoded) in the sender's state. When its mean over the last `prepass.retrain_window`
+    rounds exceeds `prepass.retrain_nmse`, the AE (warm-started from the current one) is trained on the last
+    `prepass.retrain_updates` updates (unit RMS; the weights themselves in weights mode), its decoder goes
+    through the plan's decoder chain and `UploadDecoder` as in the prepass, and only once the aggregator has
+    installed it does this side switch to the new AE, so the next update is decoded with the decoder it was
+    encoded for. At most `prepass.max_retrains` times; a refused upload keeps the old AE and stops re-training.
+    """
+
+    def __init__(self, ctx: PrepassContext, index: int, stage: Autoencoder) -> None:
+        spec = ctx.plan.prepass
+        assert spec.retrain_nmse is not None
+        self.ctx, self.index, self.stage = ctx, index, stage
+        self.threshold = spec.retrain_nmse
+        self.errors: deque[float] = deque(maxlen=spec.retrain_window)
+        self.recent: deque[np.ndarray] = deque(maxlen=spec.retrain_updates)
+        self.retrains = 0
+        self.stopped = False
+
+    def observe(self, round_number: int, update: np.ndarray) -> None:
+        """Record one submitted update and its AE error; re-train when the window's mean is past the threshold."""
+        state = self.ctx.states.up.stage(self.index)
+        if AE_NMSE not in state or self.stopped:
+            return
+        self.errors.append(float(state[AE_NMSE][0]))
+        sample = unit_rms(update) if self.stage.what == "update" else update.astype(np.float32)
+        if sample is not None:
+            self.recent.append(sample)
+        spec = self.ctx.plan.prepass
+        if len(self.errors) < (self.errors.maxlen or 1) or self.retrains >= spec.max_retrains:
+            return
+        mean = float(np.mean(self.errors))
+        if mean > self.threshold and self.recent:
+            self.retrain(round_number, mean)
+
+    def retrain(self, round_number: int, mean_nmse: float) -> None:
+        ctx, stage, spec = self.ctx, self.stage, self.ctx.plan.prepass
+        t0 = time.perf_counter()
+        state = ctx.states.up.stage(self.index)
+        n = ctx.layout.numel
+        current = {k: state[k] for k in (*stage.encoder_shapes(n), *stage.decoder_shapes(n))}
+        samples = np.stack(list(self.recent))
+        enc, dec, losses = train_autoencoder(stage, samples, epochs=spec.ae_epochs, lr=spec.ae_lr,
+                                             seed=ctx.plan.seed + round_number, init=current)  # fmt: skip
+        blob, dec = pack_decoder(stage, dec, ctx.member_id, spec.decoder_chain, n)
+        try:
+            sent = ctx.upload_decoder(stage.architecture(n), blob)
+        except (AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied) as exc:
+            log.warning(
+                "round %d: re-trained decoder refused (%s); keeping the current AE", round_number, exc
+            )
+            self.stopped = True
+            return
+        state = ctx.states.up.stage(self.index)  # the uplink state as it is now
+        state.update(enc)
+        state.update(dec)
+        self.retrains += 1
+        self.errors.clear()
+        rec = ctx.record
+        rec["decoder"] = rec.get("decoder", 0) + sent
+        rec.setdefault("retrains", []).append(
+            {
+                "round": round_number,
+                "nmse": mean_nmse,
+                "samples": len(samples),
+                "ae_loss": losses[-1],
+                "decoder": sent,
+                "seconds": time.perf_counter() - t0,
+            }  # fmt: skip
+        )
+        log.info("round %d: AE NMSE %.3g > %.3g over %d rounds: re-trained on %d updates, decoder %d bytes re-uploaded",
+                 round_number, mean_nmse, self.threshold, self.errors.maxlen, len(samples), sent)  # fmt: skip

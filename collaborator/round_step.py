@@ -14,7 +14,8 @@ Resuming: the codec states are snapshotted before each round's model is decoded.
 the round just handled (the aggregator restarted from a checkpoint before it) restores that
 snapshot, so both sides' states match again. An update the aggregator refuses because its round
 closed or it was not ours (FAILED_PRECONDITION, PERMISSION_DENIED, UNAUTHENTICATED) rolls the
-uplink state back and is dropped.
+uplink state back and is dropped. An update that was taken goes to `on_submitted` (the autoencoder's
+drift monitor, `prepass.DriftMonitor`, which may re-train it and re-upload its decoder).
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ class RoundStep:
         self.up_fingerprint = chains.uplink.fingerprint(layout)
         self.up_codec, self.down_codec = str(chains.uplink), str(chains.downlink)
         self._snapshot: tuple[int, tuple[bytes, bytes]] | None = None  # (round, states before that round)
+        # called with (round, update) once the aggregator has taken an update (prepass.DriftMonitor)
+        self.on_submitted: Callable[[int, np.ndarray], None] | None = None
 
     def decode_download(self, payload: Payload) -> np.ndarray:
         """The global model from a download, advancing the downlink state."""
@@ -225,9 +228,12 @@ class RoundStep:
             return None
         if self.metrics is not None:
             self.metrics.record_transfer("up", self.up_codec, self.member_id, raw=raw, wire=wire)
-        return RoundRecord(download.round, raw, wire, raw, download.wire, encoded.stats.nmse, encoded.stats.seconds,
-                           time.perf_counter() - download.started, _floats(train_metrics), encoded.stats,
-                           dict(evaluation.metrics) if evaluation else {})  # fmt: skip
+        record = RoundRecord(download.round, raw, wire, raw, download.wire, encoded.stats.nmse, encoded.stats.seconds,
+                             time.perf_counter() - download.started, _floats(train_metrics), encoded.stats,
+                             dict(evaluation.metrics) if evaluation else {})  # fmt: skip
+        if self.on_submitted is not None:
+            self.on_submitted(download.round, x)
+        return record
 
     def run(self, task: Task) -> RoundRecord | None:
         """Handle one TRAIN task with the step's trainer."""

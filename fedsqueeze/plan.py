@@ -182,6 +182,14 @@ class PrepassSpec(AutoencoderSettings):
     ae_epochs: Annotated[int, AtLeastOne] = 300  # autoencoder training (eq. 3, MSE, Adam)
     ae_lr: Annotated[float, Positive] = 0.001
     allow_retrain: bool = False  # accept a second decoder upload from the same collaborator
+    max_retrains: Annotated[int, NonNegative] = (
+        3  # with allow_retrain: re-uploads per collaborator after its first
+    )
+    # dynamic re-training (seed 001 4.2): a collaborator re-trains its AE on its recent updates and re-uploads the
+    # decoder when the AE part's NMSE on its own messages, averaged over `retrain_window` rounds, exceeds this; null: never
+    retrain_nmse: Annotated[float | None, Positive] = None
+    retrain_window: Annotated[int, AtLeastOne] = 3  # rounds the NMSE is averaged over
+    retrain_updates: Annotated[int, AtLeastOne] = 10  # the recent updates the AE is re-trained on
     # codec chain the decoder upload travels through (e.g. "quantize:8,granularity=layer | entropy"); "" = raw fp32
     decoder_chain: str = ""
 
@@ -335,6 +343,13 @@ class Plan:
             decoder_chain(self.prepass.decoder_chain)
         except CodecError as exc:
             raise PlanError(f"prepass.decoder_chain: {exc}") from exc
+        if self.prepass.retrain_nmse is not None:
+            _check(self.prepass.allow_retrain, "prepass.retrain_nmse needs prepass.allow_retrain: true")
+            _check(self.prepass.max_retrains >= 1, "prepass.retrain_nmse needs prepass.max_retrains >= 1")
+            _check(
+                self.prepass.decoder == "per_collaborator",
+                "prepass.retrain_nmse needs prepass.decoder 'per_collaborator' (a shared decoder serves everyone's encoders)",
+            )
         if found is not None:
             _check(
                 self.prepass.enabled,

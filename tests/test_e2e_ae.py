@@ -47,3 +47,26 @@ def test_ae_federation_matches_uncompressed_and_pays_for_its_decoders(tmp_path, 
     assert sum(c["prepass"]["down_wire"] for c in sent) == data["prepass_bytes"]["down_wire"]
     base = run_plan(uncompressed(Plan.from_json(plan))).final_accuracy
     assert s["final_accuracy"] >= base - 0.01, (s["final_accuracy"], base)
+
+
+def test_collaborator_processes_retrain_and_reupload_over_grpc(tmp_path, procs) -> None:
+    """Dynamic re-training through real processes: a threshold every update exceeds, window 1, cap 2."""
+    from fedsqueeze.aggregator import savings as sv
+
+    plan = json.loads((ROOT / "fedsqueeze" / "plans" / "ae.json").read_text())
+    plan["rounds"], plan["collaborators"]["min"] = 4, 2
+    plan["prepass"].update(epochs=2, ae_epochs=10, allow_retrain=True, retrain_nmse=1e-9, retrain_window=1,
+                           max_retrains=2)  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    agg, report = start_federation(tmp_path, procs, 2)
+    assert agg.wait(timeout=240) == 0, (tmp_path / "agg.log").read_text()
+    for p in procs[1:]:
+        assert p.wait(timeout=60) == 0
+    data = json.loads(report.read_text())
+    sent = [json.loads((tmp_path / f"c{i}.json").read_text()) for i in range(2)]
+    assert all([r["round"] for r in c["prepass"]["retrains"]] == [1, 2] for c in sent)
+    assert sorted(data["prepass"]["decoders"].values()) == [3, 3]
+    run = sv.as_run(data)
+    assert run["decoder_bytes"] == sum(c["prepass"]["decoder"] for c in sent) == data["summary"]["decoder"]
+    assert run["decoder_bytes_in_rounds"] == sum(r["decoder"] for c in sent for r in c["prepass"]["retrains"])
+    assert [r["participants"] for r in data["rounds"]] == [2] * 4  # every update decoded and taken
