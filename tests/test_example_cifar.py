@@ -25,7 +25,7 @@ from fedsqueeze.tasks import (
     read_cifar10_bin,
 )
 
-from .test_examples import federate, save_initial_model
+from .test_examples import accuracy_by_round, federate, save_initial_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cifar10_resnet"
@@ -170,10 +170,5 @@ def test_the_federated_cifar10_resnet(tmp_path: Path, procs: list) -> None:
     report = federate(tmp_path, procs, plan, tmp_path / "model.safetensors",
                       [[script, "--server", "{server}", "--data", str(tmp_path / "data"), "--part", str(i),
                         "--parts", "2", "--device", "cpu"] for i in range(2)])  # fmt: skip
-    rounds = report["rounds"]
-    accuracy = [r["accuracy"] for r in rounds]
-    s = report["summary"]
-    print(f"\ncifar10_resnet (synthetic, {report['model']['parameters']:,} parameters): accuracy by round {[round(a, 3) for a in accuracy]}; "
-          f"uplink {s['up_ratio']:.1f}x, downlink {s['down_ratio']:.1f}x")  # fmt: skip
-    assert [r["status"] for r in rounds] == ["ok"] * plan["rounds"]
+    accuracy, s = accuracy_by_round(report, plan, "cifar10_resnet (synthetic)")
     assert accuracy[-1] > 0.6 and s["up_ratio"] > 50 and s["down_ratio"] > 15

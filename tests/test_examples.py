@@ -47,6 +47,16 @@ def save_initial_model(script_dir: Path, module: str, model: str, path: Path) ->
     subprocess.run([sys.executable, "-c", code], cwd=script_dir, check=True)
 
 
+def accuracy_by_round(report: dict, plan: dict, name: str) -> tuple[list[float], dict]:
+    """(accuracy by round, summary) of a run whose every planned round must be ok; printed for the README."""
+    rounds, summary = report["rounds"], report["summary"]
+    accuracy = [r["accuracy"] for r in rounds]
+    print(f"\n{name} ({report['model']['parameters']:,} parameters): accuracy by round "
+          f"{[round(a, 3) for a in accuracy]}; uplink {summary['up_ratio']:.1f}x, downlink {summary['down_ratio']:.1f}x")  # fmt: skip
+    assert [r["status"] for r in rounds] == ["ok"] * plan["rounds"]
+    return accuracy, summary
+
+
 def readme_diff() -> str:
     plain = (DIGITS / "train.py").read_text().splitlines(keepends=True)
     federated = (DIGITS / "train_federated.py").read_text().splitlines(keepends=True)
@@ -76,10 +86,5 @@ def test_the_federated_digits_script(tmp_path: Path, procs: list) -> None:
     script = str(DIGITS / "train_federated.py")
     report = federate(tmp_path, procs, plan, tmp_path / "model.safetensors",
                       [[script, "--server", "{server}", "--part", str(i), "--parts", "2"] for i in range(2)])  # fmt: skip
-    rounds = report["rounds"]
-    accuracy = [r["accuracy"] for r in rounds]
-    s = report["summary"]
-    print(f"\npytorch_digits: accuracy by round {[round(a, 3) for a in accuracy]}; uplink {s['up_ratio']:.0f}x, "
-          f"downlink {s['down_ratio']:.0f}x")  # fmt: skip
-    assert [r["status"] for r in rounds] == ["ok"] * plan["rounds"]
+    accuracy, s = accuracy_by_round(report, plan, "pytorch_digits")
     assert accuracy[-1] > 0.9 and s["up_ratio"] > 50 and s["down_ratio"] > 10

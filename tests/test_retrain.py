@@ -36,6 +36,14 @@ def updates(basis: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarr
     return rows.reshape(count, N).astype(np.float32)
 
 
+def drift_setup(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the prepass's subspace, the one updates drift to, 20 prepass updates of unit RMS in the first)."""
+    old, new = (np.linalg.qr(rng.standard_normal((CHUNK, LATENT)))[0] for _ in range(2))
+    prepass = updates(old, 20, rng)
+    prepass /= np.sqrt(np.mean(prepass**2, axis=1, keepdims=True))
+    return old, new, prepass
+
+
 def test_plan_checks_the_retraining_keys() -> None:
     assert plan().prepass.retrain_nmse is None  # the default: never re-train
     with pytest.raises(PlanError, match="allow_retrain"):
@@ -112,9 +120,7 @@ class Collaborator:
 
 def test_drift_triggers_exactly_one_retraining_and_its_decoder_serves_the_new_updates() -> None:
     rng = np.random.default_rng(0)
-    old, new = (np.linalg.qr(rng.standard_normal((CHUNK, LATENT)))[0] for _ in range(2))
-    prepass = updates(old, 20, rng)
-    prepass /= np.sqrt(np.mean(prepass**2, axis=1, keepdims=True))
+    old, new, prepass = drift_setup(rng)
     c = Collaborator(plan(retrain_nmse=0.7, max_retrains=1), prepass)
     c.prepass()
     first = c.uploads[0]
@@ -144,9 +150,7 @@ def test_drift_triggers_exactly_one_retraining_and_its_decoder_serves_the_new_up
 
 def test_without_a_threshold_nothing_is_retrained() -> None:
     rng = np.random.default_rng(1)
-    old, new = (np.linalg.qr(rng.standard_normal((CHUNK, LATENT)))[0] for _ in range(2))
-    prepass = updates(old, 20, rng)
-    prepass /= np.sqrt(np.mean(prepass**2, axis=1, keepdims=True))
+    _, new, prepass = drift_setup(rng)
     c = Collaborator(plan(), prepass)
     c.prepass()
     drifted = [c.send(u) for u in updates(new, 6, rng)]
@@ -156,9 +160,7 @@ def test_without_a_threshold_nothing_is_retrained() -> None:
 
 def test_a_refused_reupload_keeps_the_current_ae_and_stops() -> None:
     rng = np.random.default_rng(2)
-    old, new = (np.linalg.qr(rng.standard_normal((CHUNK, LATENT)))[0] for _ in range(2))
-    prepass = updates(old, 20, rng)
-    prepass /= np.sqrt(np.mean(prepass**2, axis=1, keepdims=True))
+    _, new, prepass = drift_setup(rng)
     c = Collaborator(plan(retrain_nmse=0.7, max_retrains=1), prepass)
     c.prepass()
     c.cap = 0  # the aggregator refuses what this collaborator believes it may send
