@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from fedsqueeze.messages import Evaluation, Task
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
+
+if TYPE_CHECKING:
+    from fedsqueeze.qat import WeightQuantizer
 
 log = logging.getLogger("fedsqueeze.collaborator")
 
@@ -72,6 +75,14 @@ class BuiltinTrainer:
     x: np.ndarray
     y: np.ndarray
     shard_index: int
+    # training.qat's quantizer (None: plain float training); built once, it holds the model's layout
+    quantizer: WeightQuantizer | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        from fedsqueeze.qat import WeightQuantizer, qat_chain
+
+        chain = qat_chain(self.plan.training.qat)
+        self.quantizer = None if chain is None else WeightQuantizer.of(self.model, chain)
 
     @property
     def num_samples(self) -> int:
@@ -83,7 +94,8 @@ class BuiltinTrainer:
 
         t = self.plan.training
         return train_local(self.model, self.x, self.y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                           weight_decay=t.weight_decay, seed=training_seed(self.plan, round_number, self.shard_index))  # fmt: skip
+                           weight_decay=t.weight_decay, seed=training_seed(self.plan, round_number, self.shard_index),
+                           quantizer=self.quantizer)  # fmt: skip
 
     def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
         from fedsqueeze.models import get_flat, set_flat

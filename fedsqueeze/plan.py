@@ -143,6 +143,9 @@ class TrainingSpec:
     lr: Annotated[float, Positive] = 0.05
     momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, NonNegative] = 0.0
+    # quantization-aware training (seed 003, fedsqueeze/qat.py): a stateless chain the weights pass through in
+    # every forward pass, e.g. "sign" (BinaryConnect) or "quantize:4,granularity=layer,grid=minmax"; "" = off
+    qat: str = ""
 
 
 @dataclass
@@ -343,6 +346,12 @@ class Plan:
             decoder_chain(self.prepass.decoder_chain)
         except CodecError as exc:
             raise PlanError(f"prepass.decoder_chain: {exc}") from exc
+        from fedsqueeze.qat import qat_chain
+
+        try:
+            qat_chain(self.training.qat)
+        except CodecError as exc:
+            raise PlanError(f"training.qat: {exc}") from exc
         if self.prepass.retrain_nmse is not None:
             _check(self.prepass.allow_retrain, "prepass.retrain_nmse needs prepass.allow_retrain: true")
             _check(self.prepass.max_retrains >= 1, "prepass.retrain_nmse needs prepass.max_retrains >= 1")

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsqueeze.qat import WeightQuantizer
+
 
 def train_local(
     model: nn.Module,
@@ -19,8 +21,13 @@ def train_local(
     weight_decay: float = 0.0,
     seed: int = 0,
     on_step: object = None,
+    quantizer: WeightQuantizer | None = None,
 ) -> dict[str, float]:
-    """SGD for `epochs` over (x, y). `on_step(epoch, batch)` runs after every optimizer step."""
+    """SGD for `epochs` over (x, y). `on_step(epoch, batch)` runs after every optimizer step.
+
+    With a `quantizer` (quantization-aware training, fedsqueeze/qat.py) every step's forward and
+    backward pass sees the quantized weights, the step updates the float ones, and the model ends
+    holding its quantized weights."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -32,15 +39,20 @@ def train_local(
         for b, start in enumerate(range(0, len(yt), batch_size)):
             idx = order[start : start + batch_size]
             opt.zero_grad()
+            latent = quantizer.swap_in() if quantizer is not None else None
             out = model(xt[idx])
             loss = loss_fn(out, yt[idx])
             loss.backward()
+            if quantizer is not None and latent is not None:
+                quantizer.restore(latent)
             opt.step()
             loss_sum += loss.item() * len(idx)
             correct += int((out.argmax(1) == yt[idx]).sum())
             total += len(idx)
             if callable(on_step):
                 on_step(epoch, b)
+    if quantizer is not None:
+        quantizer.quantize()
     return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1), "samples": float(len(y))}
 
 

@@ -48,7 +48,9 @@ class SimCollaborator:
     admission: Admission
     step: RoundStep
     prepass: PrepassContext | None = None
-    sent: list[dict[str, Any]] = field(default_factory=list)  # per round: up_wire, down_wire
+    sent: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # per round: up_wire, down_wire, the uplink's nmse
 
     @property
     def id(self) -> str:
@@ -161,7 +163,14 @@ class InProcessFederation:
         record = c.step.run(task)
         if record is not None:
             self.encode_seconds += record.encode_seconds
-            c.sent.append({"round": task.round, "up_wire": record.up_wire, "down_wire": record.down_wire})
+            c.sent.append(
+                {
+                    "round": task.round,
+                    "up_wire": record.up_wire,
+                    "down_wire": record.down_wire,
+                    "nmse": record.nmse,
+                }
+            )
 
     def _decoder_uploader(self, a: Admission) -> Callable[[dict[str, Any], bytes], int]:
         def upload(architecture: dict[str, Any], blob: bytes) -> int:
