@@ -14,12 +14,13 @@ fake quantization with a grid per layer, as Brevitas' default per-layer scaling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from fedsqueeze.codecs import Chain, CodecError, Layout
-from fedsqueeze.models import get_flat, model_layout, set_flat
+
+if TYPE_CHECKING:  # torch only where training runs: the aggregator validates plans without it
+    import torch
+    from torch import nn
 
 
 def qat_chain(config: str) -> Chain | None:
@@ -44,10 +45,14 @@ class WeightQuantizer:
 
     @classmethod
     def of(cls, model: nn.Module, chain: Chain) -> WeightQuantizer:
+        from fedsqueeze.models import model_layout
+
         return cls(model, chain, model_layout(model))
 
     def quantize(self) -> None:
         """The model's travelling tensors, replaced by what the chain reconstructs of them."""
+        from fedsqueeze.models import get_flat, set_flat
+
         set_flat(self.model, self.chain.encode(get_flat(self.model), self.layout).reconstruction)
 
     def swap_in(self) -> list[torch.Tensor]:
@@ -58,6 +63,8 @@ class WeightQuantizer:
 
     def restore(self, latent: list[torch.Tensor]) -> None:
         """The float parameters back under the gradients of the quantized ones (buffers keep their updates)."""
+        import torch
+
         with torch.no_grad():
             for p, saved in zip(self.model.parameters(), latent, strict=True):
                 p.copy_(saved)
