@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import md_code, replace_section
-from bench.fl_bench import CNN, MNIST1D_SAMPLES, TRAINING, smoothed_final
+from bench.fl_bench import CNN, MNIST1D_SAMPLES, TRAINING, fmt_bytes, smoothed_final
 
 PRUNE_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
 QUANTIZERS = {
@@ -48,14 +48,20 @@ class Row:
     chain: str  # both directions
     qat: str = ""
     group: str = "pruning"
+    paper: tuple[float, float] | None = (
+        None  # seed 003's (accuracy %, message MB) for the same row, if it has one
+    )
 
 
 def rows() -> list[Row]:
-    out = [Row("FedAvg (no compression)", "identity", group="baseline")]
-    out += [Row(f"{rate:.0%} pruning", f"prune:{rate} | zstd") for rate in PRUNE_RATES]
+    out = [Row("FedAvg (no compression)", "identity", group="baseline", paper=PAPER_TABLE_I[0.0])]
+    out += [
+        Row(f"{rate:.0%} pruning", f"prune:{rate} | zstd", paper=PAPER_TABLE_I[rate]) for rate in PRUNE_RATES
+    ]
     for bits, quantizer in QUANTIZERS.items():
         out.append(Row(f"{bits}-bit post-hoc", f"{quantizer} | zstd", group="quantization"))
-        out.append(Row(f"{bits}-bit QAT", f"{quantizer} | zstd", qat=quantizer, group="quantization"))
+        out.append(Row(f"{bits}-bit QAT", f"{quantizer} | zstd", qat=quantizer, group="quantization",
+                       paper=PAPER_QAT[bits]))  # fmt: skip
     return out
 
 
@@ -100,19 +106,6 @@ def run_one(job: tuple[Row, int, int]) -> dict[str, Any]:
     }
 
 
-def paper_figure(row: Row) -> tuple[float, float] | None:
-    """Seed 003's (accuracy %, message MB) for this row: Table I for pruning, Table II for QAT."""
-    if row.group == "baseline":
-        return PAPER_TABLE_I[0.0]
-    if row.group == "pruning":
-        return PAPER_TABLE_I.get(float(row.chain.split(":")[1].split(" ")[0]))
-    return PAPER_QAT[int(row.name.split("-")[0])] if row.qat else None
-
-
-def fmt_kb(b: float) -> str:
-    return f"{b / 1000:,.1f} kB"
-
-
 def table(results: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> list[str]:
     by_row: dict[str, list[dict[str, Any]]] = {}
     for r in results:
@@ -142,10 +135,9 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, wall: float) 
         )
         up = statistics.mean(r["up_wire"] for r in runs)
         down = statistics.mean(r["down_wire"] for r in runs)
-        paper = paper_figure(row)
-        paper_cols = f"{paper[0]:.2f} % | {paper[1]} MB" if paper else "- | -"
-        lines.append(f"| {row.name} | {md_code(row.chain)} | {md_code(row.qat) if row.qat else '-'} | {acc} | {fmt_kb(up)} | "
-                     f"{fmt_kb(down)} | {raw / up:.1f}x | {paper_cols} |")  # fmt: skip
+        paper_cols = f"{row.paper[0]:.2f} % | {row.paper[1]} MB" if row.paper else "- | -"
+        lines.append(f"| {row.name} | {md_code(row.chain)} | {md_code(row.qat) if row.qat else '-'} | {acc} | {fmt_bytes(up)} | "
+                     f"{fmt_bytes(down)} | {raw / up:.1f}x | {paper_cols} |")  # fmt: skip
     return lines
 
 

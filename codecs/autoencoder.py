@@ -540,12 +540,7 @@ def decoder_chain(config: str) -> Chain | None:
     It must be stateless (one message, no memory shared with later ones) and hold no `ae` stage."""
     from .chain import Chain
 
-    if not config.strip():
-        return None
-    chain = Chain.parse(config)
-    if chain.stateful:
-        raise CodecError(f"decoder chain {config!r} is stateful: a decoder travels as one message")
-    return chain
+    return Chain.parse_stateless(config, "decoder chain", "a decoder travels as one message")
 
 
 PAYLOAD_KEY = "payload"  # the one U8 tensor of a compressed decoder upload

@@ -180,6 +180,16 @@ class Chain:
         return cls([get_codec(parse_stage(p)) for p in parts])
 
     @classmethod
+    def parse_stateless(cls, text: str, what: str, why: str) -> Chain | None:
+        """The `what` chain, which must keep no state between messages (`why`), or None when `text` is blank."""
+        if not text.strip():
+            return None
+        chain = cls.parse(text)
+        if chain.stateful:
+            raise CodecError(f"{what} {text!r} is stateful: {why}")
+        return chain
+
+    @classmethod
     def from_config(cls, config: Any) -> Chain:
         """From a chain string, a list of codec configs, or {"chain": [...]}."""
         if isinstance(config, Chain):

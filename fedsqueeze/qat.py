@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedsqueeze.codecs import Chain, CodecError, Layout
+from fedsqueeze.codecs import Chain, Layout
 
 if TYPE_CHECKING:  # torch only where training runs: the aggregator validates plans without it
     import torch
@@ -25,14 +25,9 @@ if TYPE_CHECKING:  # torch only where training runs: the aggregator validates pl
 
 def qat_chain(config: str) -> Chain | None:
     """The chain of `training.qat`, or None when QAT is off. It must be stateless: it shapes weights, not a stream."""
-    if not config.strip():
-        return None
-    chain = Chain.parse(config)
-    if chain.stateful:
-        raise CodecError(
-            f"{config!r} is stateful; a QAT quantizer must map the same weights to the same values"
-        )
-    return chain
+    return Chain.parse_stateless(
+        config, "QAT chain", "a quantizer must map the same weights to the same values"
+    )
 
 
 @dataclass
