@@ -28,8 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from .common import chain_label, downlink_label, replace_section
+from .fl_bench import ADAM, ADAM_B05, CONTEXT
 
-CHAINS = [
+# bench.fl_bench's H3, the chains with the fewest bytes to target there
+RECIPE_UP = f"ef:0.8 | stc:0.005,{CONTEXT} | entropy"
+RECIPE_DOWN = f"residual | lattice:0.1,{CONTEXT} | entropy"
+# (name, uplink chain, downlink chain or spec, plan sections merged on top)
+CHAINS: list[tuple[Any, ...]] = [
     ("FedAvg (identity)", "identity", "identity"),
     ("fp16", "fp16", "fp16"),
     ("sign + EF / fp16", "ef | sign", "fp16"),
@@ -39,6 +44,11 @@ CHAINS = [
     ("sign + EF / catch-up, update top-k 5%", "ef | sign", {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.05"}),
     ("top-k 1% q4 / catch-up, update top-k 1%", "ef | topk:0.01 | quantize:4 | entropy",
      {"chain": "residual | lattice:0.0005 | entropy", "update_chain": "ef | topk:0.01"}),
+    # bench.fl_bench's recipe (H3) and its peers: server-side Adam, the initial model as the downlink's prior
+    ("FedAdam (identity)", "identity", "identity", {"aggregation": {"server_optimizer": ADAM}}),
+    ("sign + EF + FedAdam / fp16", "ef | sign", "fp16", {"aggregation": {"server_optimizer": ADAM}}),
+    ("recipe: STC 0.5% + FedAdam / dense catch-up", RECIPE_UP, {"chain": RECIPE_DOWN, "prior": "initial"},
+     {"aggregation": {"server_optimizer": ADAM_B05}}),
 ]  # fmt: skip
 
 
@@ -89,8 +99,10 @@ class Topology:
         self.cleanup()
 
 
-def make_plan(up: str, down: str | dict[str, Any], n: int, rounds: int, seed: int) -> dict[str, Any]:
-    return {
+def make_plan(
+    up: str, down: str | dict[str, Any], n: int, rounds: int, seed: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return (extra or {}) | {
         "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5},
         "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
         "rounds": rounds,
@@ -157,8 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--down-mbit", type=float, default=10.0)
     parser.add_argument("--collaborators", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--horizon",
+        type=int,
+        help="rounds for the compressed chains (default: --rounds); FedAvg runs --rounds",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chains", type=int, default=len(CHAINS), help="the first N chains")
+    parser.add_argument("--only", help="comma-separated row numbers (0 = FedAvg, always run)")
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -173,14 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     accs = [r["accuracy"] for r in ref.rounds]
     target = sum(accs[-3:]) / 3 - 0.01
     print(f"target {100 * target:.2f} % (in-process FedAvg, last 3 of {args.rounds} rounds, minus 1 pp)")
+    chosen = CHAINS[: args.chains]
+    if args.only:
+        chosen = [CHAINS[0], *(CHAINS[int(i)] for i in args.only.split(",") if int(i) != 0)]
     rows = []
     with Topology(args.collaborators, args.up_mbit, args.down_mbit) as topo:
-        for name, up, down in CHAINS[: args.chains]:
+        for name, up, down, *extra in chosen:
+            rounds = args.rounds if name == CHAINS[0][0] else max(args.rounds, args.horizon or 0)
+            plan = make_plan(up, down, args.collaborators, rounds, args.seed, *extra)
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
-                rep = run_federation(
-                    topo, make_plan(up, down, args.collaborators, args.rounds, args.seed), Path(d)
-                )
+                rep = run_federation(topo, plan, Path(d))
                 wall = time.perf_counter() - t0
             pre = rep.get("prepass", {})
             elapsed, hit = 0.0, None
@@ -198,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 1, sum(r["participants"] for r in rep["rounds"])
             )
             row = {"name": name, "up": up, "down": down, "hit": hit, "per_round": per_round, "final": rep["rounds"][-1]["accuracy"],
-                   "up_msg": up_msg, "down_msg": down_msg, "wall": wall, "prepass": bool(pre)}  # fmt: skip
+                   "up_msg": up_msg, "down_msg": down_msg, "wall": wall, "prepass": bool(pre), "rounds": n,
+                   "server_optimizer": plan.get("aggregation", {}).get("server_optimizer")}  # fmt: skip
             rows.append(row)
             print(
                 f"{name}: {f'round {hit[0]}, {hit[1]:.1f} s' if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s"
@@ -210,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Aggregator and {args.collaborators} collaborators, each in its own network namespace, one veth pair per collaborator "
         f"(10.200.i.2 <-> 10.200.i.1), `tc tbf`: **{args.up_mbit:g} Mbit/s uplink** per collaborator, {args.down_mbit:g} Mbit/s downlink. "
         f"Real `aggregator serve` / `collaborator join` processes. Plan: MNIST-1D, Dirichlet 0.5 over {args.collaborators} shards, the "
-        f"66k-parameter MLP, all {args.collaborators} collaborators every round, 1 local epoch, {args.rounds} rounds, seed {args.seed}. "
+        f"66k-parameter MLP, all {args.collaborators} collaborators every round, 1 local epoch, seed {args.seed}; FedAvg runs {args.rounds} rounds, "
+        f"the other chains {max(args.rounds, args.horizon or 0)}. "
         f"Target {100 * target:.2f} % (in-process FedAvg, mean of the last 3 rounds, minus 1 pp). Time to target: the aggregator's "
         "round durations summed up to the first round at target (transfers, codec time, training, aggregation, evaluation; "
         "process start-up and joining excluded). Namespaces removed afterwards: "
@@ -223,9 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         hit = r["hit"]
         speed = f"{base / hit[1]:.1f}x" if (hit and base) else "-"
         lines.append(
-            f"| {r['name']} | {chain_label(r['up'])} | {downlink_label(r['down'])} | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
+            f"| {r['name']} | {chain_label(r['up'], server_optimizer=r['server_optimizer'])} | {downlink_label(r['down'])} | {r['up_msg']:,.0f} | {r['down_msg']:,.0f} | {r['per_round']:.2f} | "
             f"{hit[0] if hit else 'not reached'} | {f'{hit[1]:.1f} s' if hit else '-'} | {speed} | {100 * r['final']:.2f} % |"
         )
+    if rows:
+        fastest = min(rows, key=lambda r: r["per_round"])
+        lines += [
+            "",
+            f"Ceiling: FedAvg's round takes {rows[0]['per_round']:.2f} s and the fastest chain's ({fastest['name']}) "
+            f"{fastest['per_round']:.2f} s, the time left when almost nothing travels (training, codec time, aggregation, "
+            f"evaluation, round trips). No chain can be more than {rows[0]['per_round'] / fastest['per_round']:.1f}x faster "
+            "to the target than FedAvg here unless it needs fewer rounds than FedAvg does. For 50x at equal rounds, "
+            f"FedAvg's uplink alone would have to take {50 * fastest['per_round']:.1f} s a round: fp32 messages of about "
+            f"{50 * fastest['per_round'] * args.up_mbit * 1e6 / 8 / 1e6:.1f} MB (a model of "
+            f"{50 * fastest['per_round'] * args.up_mbit * 1e6 / 8 / 4 / 1e6:.1f} M parameters) at this uplink, with training "
+            "no slower than here.",
+        ]
     replace_section(
         Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines
     )
