@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
-from fedsqueeze.qat import WeightQuantizer
+if TYPE_CHECKING:  # at run time this module needs numpy and torch only: bench/flower loads it by path
+    from fedsqueeze.qat import WeightQuantizer
 
 
 def train_local(

@@ -83,3 +83,25 @@ def test_the_aggregators_domain_never_imports_torch() -> None:
     assert not [
         n for n in top_level if "torch" in ast.dump(n) or "models" in ast.dump(n) or "training" in ast.dump(n)
     ]
+
+
+def test_the_training_module_loads_by_path_without_fedsqueeze() -> None:
+    """bench/flower's peer runs in Flower's own venv and loads fedsqueeze/training.py by path: at run time
+    it may need numpy and torch only (type-only imports stay under TYPE_CHECKING)."""
+    import site
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, importlib.util\n"
+        f"sys.path[:0] = {site.getsitepackages()!r}\n"  # numpy and torch, but -S skips the editable install's .pth
+        f"spec = importlib.util.spec_from_file_location('fs_training', {str(ROOT / 'fedsqueeze' / 'training.py')!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "import numpy as np, torch\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "x = np.random.default_rng(0).normal(size=(16, 4)).astype('float32'); y = (x[:, 0] > 0).astype('int64')\n"
+        "mod.train_local(model, x, y, epochs=1, batch_size=8, lr=0.1, momentum=0.0, seed=0)\n"
+        "assert 'fedsqueeze' not in sys.modules, sorted(m for m in sys.modules if m.startswith('fedsqueeze'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
