@@ -16,6 +16,11 @@ fsync of DIR), so a crash leaves either the previous checkpoint or the new one, 
   bookkeeping), `report` (the run report's rounds, prepass bytes and extra fields so far).
 
 It holds the session tokens: the file is created with mode 0600. Nothing is pickled.
+
+`DIR/decoders/<member id, hex>.<n>.safetensors`: the n-th decoder upload a member made, its bytes as
+received, written (atomically, 0600) when it is accepted. Decoders are re-uploaded in the middle of
+rounds, between checkpoints: a restart re-installs those newer than the checkpoint's count (after
+checking them again), so the aggregator decodes with the AE the collaborator has kept.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from safetensors.numpy import save as st_save
 from fedsqueeze.codecs import Layout
 
 FILENAME = "checkpoint.safetensors"
+DECODERS = "decoders"  # accepted decoder uploads, kept between checkpoints
 FORMAT = 2  # 2: CodecState slots are configured stages (1 counted the implicit raw stages)
 
 
@@ -54,23 +60,10 @@ class Checkpoint:
     optimizer_state: bytes = b""  # the server optimizer's moments (empty: none)
 
 
-def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    for t, sl in layout.slices():
-        tensors[f"model/{t.name}"] = np.ascontiguousarray(ckpt.global_model[sl].reshape(t.shape))
-    for cid, (up, down) in ckpt.states.items():
-        tensors[f"state/{cid}/up"] = np.frombuffer(up, dtype=np.uint8)
-        tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
-    if ckpt.server_state:
-        tensors["server/update"] = np.frombuffer(ckpt.server_state, dtype=np.uint8)
-    if ckpt.optimizer_state:
-        tensors["server/optimizer"] = np.frombuffer(ckpt.optimizer_state, dtype=np.uint8)
-    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, "membership": ckpt.membership,
-            "prepass": ckpt.prepass, "report": ckpt.report}  # fmt: skip
-    blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
-    path = directory / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
+def _write_atomic(directory: Path, name: str, blob: bytes) -> Path:
+    """Write `blob` to directory/name, mode 0600: temp file, fsync, rename, fsync of the directory."""
+    path = directory / name
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -87,6 +80,45 @@ def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save_decoder(directory: Path, member_id: str, count: int, blob: bytes) -> Path:
+    """Keep a member's `count`-th accepted decoder upload (its bytes as received)."""
+    folder = directory / DECODERS
+    folder.mkdir(parents=True, exist_ok=True)
+    return _write_atomic(folder, f"{member_id.encode().hex()}.{count}.safetensors", blob)
+
+
+def decoders_since(directory: Path, counts: dict[str, int]) -> dict[str, list[tuple[int, bytes]]]:
+    """Per member, the uploads kept after its count in `counts` (the checkpoint's), oldest first."""
+    found: dict[str, list[tuple[int, bytes]]] = {}
+    for path in sorted((directory / DECODERS).glob("*.*.safetensors")):
+        hex_id, number = path.name.split(".")[:2]
+        try:
+            member_id, count = bytes.fromhex(hex_id).decode(), int(number)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: not a decoder file this build wrote") from exc
+        if count > counts.get(member_id, 0):
+            found.setdefault(member_id, []).append((count, path.read_bytes()))
+    return {m: sorted(uploads) for m, uploads in found.items()}
+
+
+def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for t, sl in layout.slices():
+        tensors[f"model/{t.name}"] = np.ascontiguousarray(ckpt.global_model[sl].reshape(t.shape))
+    for cid, (up, down) in ckpt.states.items():
+        tensors[f"state/{cid}/up"] = np.frombuffer(up, dtype=np.uint8)
+        tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
+    if ckpt.server_state:
+        tensors["server/update"] = np.frombuffer(ckpt.server_state, dtype=np.uint8)
+    if ckpt.optimizer_state:
+        tensors["server/optimizer"] = np.frombuffer(ckpt.optimizer_state, dtype=np.uint8)
+    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, "membership": ckpt.membership,
+            "prepass": ckpt.prepass, "report": ckpt.report}  # fmt: skip
+    blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
+    return _write_atomic(directory, FILENAME, blob)
 
 
 def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None:

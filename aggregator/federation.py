@@ -435,6 +435,11 @@ class Federation:
             )
             target["decoder"] += len(blob)
             member.decoder_bytes += len(blob)
+            count = self.prepass.installed[member.id]
+        if (
+            self.state_dir is not None
+        ):  # before it is used: a restart must decode with the AE the member keeps
+            checkpoint.save_decoder(self.state_dir, member.id, count, blob)
         self.links.install(member.id, self.prepass.index, tensors)
         self.metrics.record_decoder(self.links.up_codec, member.id, len(blob))
         with self._cond:
@@ -710,6 +715,29 @@ class Federation:
         log.info("checkpoint after round %d: %s", self.rounds.completed, path)
         return path
 
+    def _restore_decoders(self) -> None:
+        """Re-install the decoders uploaded after the checkpoint was written (checked again), counting
+        their bytes in the last round it holds (or the prepass)."""
+        assert self.state_dir is not None
+        for mid, uploads in checkpoint.decoders_since(self.state_dir, self.prepass.installed).items():
+            member = self.membership.members.get(mid)
+            if member is None or not self.links.has(mid):
+                continue
+            try:
+                tensors = self.prepass.validate(mid, uploads[-1][1])
+            except InvalidArgument as exc:
+                raise checkpoint.CheckpointError(f"{self.state_dir}: a kept decoder of {mid}: {exc}") from exc
+            self.prepass.accepted(mid, tensors, uploads[-1][1])
+            self.prepass.installed[mid] = uploads[-1][0]
+            self.links.install(mid, self.prepass.index, tensors)
+            size = sum(len(blob) for _, blob in uploads)
+            target = self.report.rounds[-1].bytes if self.report.rounds else self.report.prepass_bytes
+            target["decoder"] = target.get("decoder", 0) + size
+            member.decoder_bytes += size
+            if "prepass" in self.report.extra:
+                self.report.extra["prepass"]["decoders"] = dict(self.prepass.installed)
+            log.info("re-installed %s's decoder upload %d (after the checkpoint)", mid, uploads[-1][0])
+
     def _restore(self) -> None:
         assert self.state_dir is not None
         ckpt = checkpoint.load(self.state_dir, self.plan.sha256, self.layout)
@@ -730,6 +758,7 @@ class Federation:
             self.report.rounds = [RoundRecord(**r) for r in rep.get("rounds", [])]
             self.report.extra.update(rep.get("extra", {}))
             self.report.prepass_bytes.update(rep.get("prepass_bytes", {}))
+            self._restore_decoders()
         except (KeyError, TypeError, ValueError, CodecError, ServerOptimizerError) as exc:
             raise checkpoint.CheckpointError(f"{self.state_dir}: malformed checkpoint: {exc}") from exc
         self._resumed_members = sum(1 for m in self.membership.members.values() if m.active)

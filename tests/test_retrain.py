@@ -245,3 +245,49 @@ def test_the_aggregator_caps_reuploads_per_collaborator() -> None:
     pre.installed["c0"] = 1
     with pytest.raises(AlreadyExists):
         pre.check_upload("c0", arch)
+
+
+@pytest.mark.parametrize("mode", ["per_collaborator", "shared"])
+def test_a_reupload_after_the_last_checkpoint_survives_a_restart(tmp_path, mode: str) -> None:
+    """A decoder re-uploaded between a checkpoint and a crash: the restarted aggregator decodes with it (the
+    collaborator keeps its new AE), its count and bytes included; an upload the checkpoint holds is not redone."""
+    from fedsqueeze.aggregator.federation import Federation
+
+    p = digits_plan(allow_retrain=True, max_retrains=3, decoder=mode)
+    fed = Federation(p, state_dir=tmp_path)
+    a, b = fed.join("a", 100), fed.join("b", 100)
+    stage = find_stage(fed.up_chain)[1]
+    n = fed.layout.numel
+    arch = stage.architecture(n)
+    rng = np.random.default_rng(0)
+
+    def upload(who) -> dict[str, np.ndarray]:
+        dec = {k: rng.standard_normal(s).astype(np.float32) for k, s in stage.decoder_shapes(n).items()}
+        blob, received = pack_decoder(stage, dec, who.collaborator_id, DECODER_CHAIN, n)
+        fed.upload_decoder(who.collaborator_id, who.token, arch, blob)
+        return received
+
+    upload(a)
+    if mode == "per_collaborator":
+        upload(b)
+    fed.checkpoint()
+    before = fed.report.prepass_bytes["decoder"]
+    latest = [upload(a), upload(a)][-1]  # two re-uploads after the checkpoint, then the "crash"
+    resumed = Federation(p, state_dir=tmp_path)
+    assert resumed.prepass.installed[a.collaborator_id] == 3
+    held = resumed.links.link(a.collaborator_id).up.stage(resumed.prepass.index)
+    assert all(np.array_equal(held[k], latest[k]) for k in latest)
+    assert resumed.report.prepass_bytes["decoder"] == fed.report.prepass_bytes["decoder"] > before
+    if mode == "shared":  # the other member is sent the newer shared decoder again
+        assert (
+            resumed.prepass.shared_payload is not None
+            and b.collaborator_id not in resumed.prepass.shared_sent
+        )
+    else:  # b's upload was in the checkpoint already
+        assert resumed.prepass.installed[b.collaborator_id] == 1
+    # restarting again from the same checkpoint gives the same state; after a new checkpoint, nothing is re-counted
+    assert Federation(p, state_dir=tmp_path).report.prepass_bytes == resumed.report.prepass_bytes
+    resumed.checkpoint()
+    again = Federation(p, state_dir=tmp_path)
+    assert again.report.prepass_bytes == resumed.report.prepass_bytes
+    assert again.prepass.installed == resumed.prepass.installed
