@@ -117,6 +117,12 @@ def join(
             layout_of(travelling(model, "average")), tuple(buffer_names(model)), evaluate is not None
         )
         session = client.join(opts.name or socket.gethostname(), 0, model_info)
+        if session.plan.training.qat:
+            log.warning(
+                "the plan's training.qat (%r) applies to the built-in training loop; this one is yours: "
+                "train through fedsqueeze.qat.WeightQuantizer.of(model, qat_chain(plan.training.qat)) to follow it",
+                session.plan.training.qat,
+            )
         return JoinedFederation(client, session, model, opts, evaluate=evaluate)
     except BaseException:
         client.close()
