@@ -99,12 +99,27 @@ class Topology:
         self.cleanup()
 
 
+HIDDEN = [384, 128]  # the 66k-parameter MLP of bench.fl_bench
+MNIST1D_SHAPE = (40, 10)  # input length, classes
+
+
+def mlp_parameters(hidden: list[int]) -> int:
+    sizes = [MNIST1D_SHAPE[0], *hidden, MNIST1D_SHAPE[1]]
+    return sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+
+
 def make_plan(
-    up: str, down: str | dict[str, Any], n: int, rounds: int, seed: int, extra: dict[str, Any] | None = None
+    up: str,
+    down: str | dict[str, Any],
+    n: int,
+    rounds: int,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+    hidden: list[int] = HIDDEN,
 ) -> dict[str, Any]:
     return (extra or {}) | {
         "task": {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.5},
-        "model": {"name": "mlp", "args": {"hidden": [384, 128]}},
+        "model": {"name": "mlp", "args": {"hidden": hidden}},
         "rounds": rounds,
         "seed": seed,
         "collaborators": {"min": n, "fraction": 1.0, "join_timeout_s": 300},
@@ -175,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds for the compressed chains (default: --rounds); FedAvg runs --rounds",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hidden",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=HIDDEN,
+        help="the MLP's hidden sizes (default 384,128: 66k parameters); another size gets its own section",
+    )
     parser.add_argument("--chains", type=int, default=len(CHAINS), help="the first N chains")
     parser.add_argument("--only", help="comma-separated row numbers (0 = FedAvg, always run)")
     parser.add_argument("--out", default="docs/benchmarks.md")
@@ -186,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedsqueeze.simulation import run_plan
 
     ref = run_plan(
-        Plan.from_json(make_plan("identity", "identity", args.collaborators, args.rounds, args.seed))
+        Plan.from_json(
+            make_plan("identity", "identity", args.collaborators, args.rounds, args.seed, hidden=args.hidden)
+        )
     )
     accs = [r["accuracy"] for r in ref.rounds]
     target = sum(accs[-3:]) / 3 - 0.01
@@ -198,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     with Topology(args.collaborators, args.up_mbit, args.down_mbit) as topo:
         for name, up, down, *extra in chosen:
             rounds = args.rounds if name == CHAINS[0][0] else max(args.rounds, args.horizon or 0)
-            plan = make_plan(up, down, args.collaborators, rounds, args.seed, *extra)
+            plan = make_plan(
+                up, down, args.collaborators, rounds, args.seed, extra[0] if extra else None, args.hidden
+            )
             with tempfile.TemporaryDirectory() as d:
                 t0 = time.perf_counter()
                 rep = run_federation(topo, plan, Path(d))
@@ -232,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Aggregator and {args.collaborators} collaborators, each in its own network namespace, one veth pair per collaborator "
         f"(10.200.i.2 <-> 10.200.i.1), `tc tbf`: **{args.up_mbit:g} Mbit/s uplink** per collaborator, {args.down_mbit:g} Mbit/s downlink. "
         f"Real `aggregator serve` / `collaborator join` processes. Plan: MNIST-1D, Dirichlet 0.5 over {args.collaborators} shards, the "
-        f"66k-parameter MLP, all {args.collaborators} collaborators every round, 1 local epoch, seed {args.seed}; FedAvg runs {args.rounds} rounds, "
+        f"MLP with hidden layers {args.hidden} ({mlp_parameters(args.hidden):,} parameters), all {args.collaborators} collaborators every round, 1 local epoch, seed {args.seed}; FedAvg runs {args.rounds} rounds, "
         f"the other chains {max(args.rounds, args.horizon or 0)}. "
         f"Target {100 * target:.2f} % (in-process FedAvg, mean of the last 3 rounds, minus 1 pp). Time to target: the aggregator's "
         "round durations summed up to the first round at target (transfers, codec time, training, aggregation, evaluation; "
@@ -262,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{50 * fastest['per_round'] * args.up_mbit * 1e6 / 8 / 4 / 1e6:.1f} M parameters) at this uplink, with training "
             "no slower than here.",
         ]
+    default_model = args.hidden == HIDDEN
     replace_section(
-        Path(args.out), "slowlink", f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)", lines
+        Path(args.out),
+        "slowlink" if default_model else f"slowlink-mlp-{'-'.join(map(str, args.hidden))}",
+        f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)"
+        + ("" if default_model else f", a {mlp_parameters(args.hidden) / 1e6:.1f}M-parameter MLP"),
+        lines,
     )
     print("\n".join(lines))
     return 0
