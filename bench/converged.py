@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--settings", default="mnist1d-a0.5,digits-a0.5")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    parser.add_argument(
+        "--setting-seeds",
+        action="append",
+        default=[],
+        metavar="KEY=SEEDS",
+        help="other seeds for one setting, e.g. mnist1d-cnn-a0.5=0 (repeatable)",
+    )
     parser.add_argument("--horizon", type=int, default=300)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reuse", action="store_true", help="read runs back from the cache")
@@ -223,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = [s for s in SETTINGS if s.key in args.settings.split(",")]
     cfg = Config(rounds=args.horizon, horizon=args.horizon, seeds=args.seeds)
+    seeds = {s.key: args.seeds for s in settings}
+    for item in args.setting_seeds:
+        key, _, values = item.partition("=")
+        seeds[key] = [int(v) for v in values.split(",")]
     jobs: list[Job] = [
         ("flower", s, opt, seed, cfg)
         for s in settings
         for opt in FLOWER_STRATEGIES.values()
-        for seed in args.seeds
+        for seed in seeds[s.key]
     ]
-    jobs += [("ours", s, c, seed, cfg) for s in settings for c in chains() for seed in args.seeds]  # fmt: skip
+    jobs += [("ours", s, c, seed, cfg) for s in settings for c in chains() for seed in seeds[s.key]]  # fmt: skip
     results: list[tuple[Job, dict[str, Any]]] = []
     todo = []
     for job in jobs:
@@ -248,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     body = [
         f"Command: `python -m bench.converged --settings {args.settings} --seeds {','.join(map(str, args.seeds))} "
-        f"--horizon {args.horizon}` ({wall / 60:.1f} min wall, {args.jobs} processes"
+        + "".join(f"--setting-seeds {item} " for item in args.setting_seeds)
+        + f"--horizon {args.horizon}` ({wall / 60:.1f} min wall, {args.jobs} processes"
         + (f"; {len(jobs) - len(todo)} of {len(jobs)} runs from the cache" if len(todo) < len(jobs) else "") + "). "
         f"Every run goes {args.horizon} rounds. Converged target: the best uncompressed accuracy by round {args.horizon} "
         "(Flower's FedAvg and FedAdam, our FedAvg and FedAdam with identity chains; mean of the last 5 rounds, mean over "
