@@ -436,9 +436,8 @@ class Federation:
             target["decoder"] += len(blob)
             member.decoder_bytes += len(blob)
             count = self.prepass.installed[member.id]
-        if (
-            self.state_dir is not None
-        ):  # before it is used: a restart must decode with the AE the member keeps
+        # kept before it is used: a restart must decode with the AE the member keeps
+        if self.state_dir is not None:
             checkpoint.save_decoder(self.state_dir, member.id, count, blob)
         self.links.install(member.id, self.prepass.index, tensors)
         self.metrics.record_decoder(self.links.up_codec, member.id, len(blob))
