@@ -8,7 +8,7 @@ PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-grpc-check bench-slowlink bench-scale flower-venv flower-test bench-flower-app clean prometheus compose-test
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-converged bench-resfed bench-grpc-check bench-slowlink bench-scale flower-venv flower-test bench-flower-app clean prometheus compose-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -117,6 +117,12 @@ bench-quick: $(STAMP) ## Minutes-long smoke run of every benchmark, written to r
 
 bench-fl: $(STAMP) $(FLOWER_STAMP) ## Communication to target accuracy vs FedAvg and Flower (plots in docs/)
 	$(BIN)/python -m bench.fl_bench --jobs 2 --out docs/benchmarks.md
+
+bench-converged: $(STAMP) $(FLOWER_STAMP) ## Bytes to a converged target (300 rounds) vs Flower's best strategy
+	$(BIN)/python -m bench.converged --settings mnist1d-a0.5,digits-a0.5,mnist1d-cnn-a0.5 --seeds 0,1,2 --setting-seeds mnist1d-cnn-a0.5=0 --jobs 2 --reuse --out docs/benchmarks.md
+
+bench-resfed: $(STAMP) ## Seed 004 (ResFed) on a stand-in: traffic per client to 70 %
+	$(BIN)/python -m bench.resfed --jobs 2 --out docs/benchmarks.md
 
 bench-grpc-check: $(STAMP) ## In-process byte counts == real gRPC byte counts
 	$(BIN)/python -m bench.grpc_check --out docs/benchmarks.md
