@@ -89,9 +89,9 @@ def save_decoder(directory: Path, member_id: str, count: int, blob: bytes) -> Pa
     return _write_atomic(folder, f"{member_id.encode().hex()}.{count}.safetensors", blob)
 
 
-def decoders_since(directory: Path, counts: dict[str, int]) -> dict[str, list[tuple[int, bytes]]]:
-    """Per member, the uploads kept after its count in `counts` (the checkpoint's), oldest first."""
-    found: dict[str, list[tuple[int, bytes]]] = {}
+def decoders_since(directory: Path, counts: dict[str, int]) -> dict[str, list[tuple[int, Path]]]:
+    """Per member, the files of the uploads kept after its count in `counts` (the checkpoint's), oldest first."""
+    found: dict[str, list[tuple[int, Path]]] = {}
     for path in sorted((directory / DECODERS).glob("*.*.safetensors")):
         hex_id, number = path.name.split(".")[:2]
         try:
@@ -99,7 +99,7 @@ def decoders_since(directory: Path, counts: dict[str, int]) -> dict[str, list[tu
         except ValueError as exc:
             raise CheckpointError(f"{path}: not a decoder file this build wrote") from exc
         if count > counts.get(member_id, 0):
-            found.setdefault(member_id, []).append((count, path.read_bytes()))
+            found.setdefault(member_id, []).append((count, path))
     return {m: sorted(uploads) for m, uploads in found.items()}
 
 

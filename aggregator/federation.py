@@ -722,20 +722,22 @@ class Federation:
             member = self.membership.members.get(mid)
             if member is None or not self.links.has(mid):
                 continue
+            latest, path = uploads[-1]
+            blob = path.read_bytes()
             try:
-                tensors = self.prepass.validate(mid, uploads[-1][1])
+                tensors = self.prepass.validate(mid, blob)
             except InvalidArgument as exc:
                 raise checkpoint.CheckpointError(f"{self.state_dir}: a kept decoder of {mid}: {exc}") from exc
-            self.prepass.accepted(mid, tensors, uploads[-1][1])
-            self.prepass.installed[mid] = uploads[-1][0]
+            self.prepass.accepted(mid, tensors, blob)
+            self.prepass.installed[mid] = latest  # every upload since the checkpoint, not just this one
             self.links.install(mid, self.prepass.index, tensors)
-            size = sum(len(blob) for _, blob in uploads)
+            size = sum(p.stat().st_size for _, p in uploads)
             target = self.report.rounds[-1].bytes if self.report.rounds else self.report.prepass_bytes
             target["decoder"] = target.get("decoder", 0) + size
             member.decoder_bytes += size
             if "prepass" in self.report.extra:
                 self.report.extra["prepass"]["decoders"] = dict(self.prepass.installed)
-            log.info("re-installed %s's decoder upload %d (after the checkpoint)", mid, uploads[-1][0])
+            log.info("re-installed %s's decoder upload %d (after the checkpoint)", mid, latest)
 
     def _restore(self) -> None:
         assert self.state_dir is not None

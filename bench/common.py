@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+J = TypeVar("J")
 
 HEADER = (
     "# Benchmarks\n\nEvery table here is written by a script in `bench/`; the command is given with each.\n"
 )
+
+
+def int_list(text: str) -> list[int]:
+    """A command-line list of integers: "0,1,2" -> [0, 1, 2]."""
+    return [int(v) for v in text.split(",")]
+
+
+def split_cached(
+    jobs: Sequence[J], path_of: Callable[[J], Path], reuse: bool
+) -> tuple[list[tuple[J, dict[str, Any]]], list[J]]:
+    """(the jobs whose result file exists, with that result, read back; the jobs left to run). Without
+    `reuse`, every job is left to run."""
+    done: list[tuple[J, dict[str, Any]]] = []
+    todo: list[J] = []
+    for job in jobs:
+        path = path_of(job)
+        if reuse and path.exists():
+            done.append((job, json.loads(path.read_text())))
+        else:
+            todo.append(job)
+    return done, todo
 
 
 def md_code(text: str) -> str:

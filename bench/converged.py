@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import replace_section
+from bench.common import int_list, replace_section, split_cached
 from bench.fl_bench import (
     ADAM,
     CACHE,
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--settings", default="mnist1d-a0.5,digits-a0.5")
-    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2])
     parser.add_argument(
         "--setting-seeds",
         action="append",
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = {s.key: args.seeds for s in settings}
     for item in args.setting_seeds:
         key, _, values = item.partition("=")
-        seeds[key] = [int(v) for v in values.split(",")]
+        seeds[key] = int_list(values)
     jobs: list[Job] = [
         ("flower", s, opt, seed, cfg)
         for s in settings
@@ -241,14 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds[s.key]
     ]
     jobs += [("ours", s, c, seed, cfg) for s in settings for c in chains() for seed in seeds[s.key]]  # fmt: skip
-    results: list[tuple[Job, dict[str, Any]]] = []
-    todo = []
-    for job in jobs:
-        path = cached(job)
-        if args.reuse and path.exists():
-            results.append((job, json.loads(path.read_text())))
-        else:
-            todo.append(job)
+    results, todo = split_cached(jobs, cached, args.reuse)
     print(f"{len(jobs)} runs ({len(jobs) - len(todo)} cached), {args.jobs} processes", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import chain_label, replace_section
+from .common import chain_label, replace_section, split_cached
 from .common import md_code as code
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -793,14 +793,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def execute(jobs: list[Job]) -> None:
         nonlocal cached
-        todo = []
-        for j in jobs:
-            p = cache_path(*j[:4], j[4])
-            if args.reuse and p.exists():
-                results.append(json.loads(p.read_text()))
-                cached += 1
-            else:
-                todo.append(j)
+        done, todo = split_cached(jobs, lambda j: cache_path(*j), args.reuse)
+        results.extend(out for _, out in done)
+        cached += len(done)
         print(f"{len(jobs)} runs ({len(jobs) - len(todo)} cached), {args.jobs} processes", flush=True)
         with ProcessPoolExecutor(
             max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")

@@ -22,7 +22,6 @@ top-k 5 %, 8-bit); the same at ResFed's per-round ratio of ~700x on the uplink (
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import replace_section
+from bench.common import int_list, replace_section, split_cached
 from bench.fl_bench import (
     ADAM_B05,
     CNN,
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2])
     parser.add_argument("--horizon", type=int, default=150)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reuse", action="store_true", help="read runs back from bench.fl_bench's cache")
@@ -147,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                  per_round=COLLABORATORS)  # fmt: skip
     jobs = [(SETTING, chain, seed, cfg, TARGET) for chain, _ in ROWS for seed in args.seeds]
     start = time.perf_counter()
-    results = [json.loads(p.read_text()) for j in jobs if args.reuse and (p := cache_path(*j)).exists()]
-    todo = [j for j in jobs if not (args.reuse and cache_path(*j).exists())]
+    done, todo = split_cached(jobs, lambda j: cache_path(*j), args.reuse)
+    results = [out for _, out in done]
     with ProcessPoolExecutor(args.jobs) as pool:
         results += list(pool.map(run_one, todo))
     lines = table(results, args, time.perf_counter() - start, len(jobs) - len(todo))

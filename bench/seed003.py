@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import md_code, replace_section
+from bench.common import int_list, md_code, replace_section
 from bench.fl_bench import CNN, MNIST1D_SAMPLES, TRAINING, fmt_bytes, smoothed_final
 
 PRUNE_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0])
+    parser.add_argument("--seeds", type=int_list, default=[0])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated substrings of row names")
     parser.add_argument(

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import chain_label, downlink_label, replace_section
+from .common import chain_label, downlink_label, int_list, replace_section
 from .fl_bench import ADAM, ADAM_B05, CONTEXT
 
 # bench.fl_bench's H3, the chains with the fewest bytes to target there
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--hidden",
-        type=lambda v: [int(x) for x in v.split(",")],
+        type=int_list,
         default=HIDDEN,
         help="the MLP's hidden sizes (default 384,128: 66k parameters); another size gets its own section",
     )

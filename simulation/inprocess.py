@@ -48,9 +48,8 @@ class SimCollaborator:
     admission: Admission
     step: RoundStep
     prepass: PrepassContext | None = None
-    sent: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # per round: up_wire, down_wire, the uplink's nmse
+    # per round: up_wire, down_wire, the uplink's nmse
+    sent: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def id(self) -> str:
