@@ -65,7 +65,7 @@ class HeldOutEvaluator:
         self.shard_sizes: list[int] | None = None
         if plan.task.dataset in GENERATED:
             shards = partition(
-                self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed
+                self.data.partition_labels, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed
             )
             self.shard_sizes = [len(s) for s in shards]
 

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.from_json(json.loads(Path(args.plan).read_text()))
     data = load_plan_dataset(plan)
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, plan.seed)
-    idx = partition(data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[0]
+    idx = partition(data.partition_labels, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[
+        0
+    ]
     snaps = record_snapshots(model, data.x_train[idx], data.y_train[idx], plan, seed=prepass_seed(plan, 0))
     samples = training_set(snaps, plan, len(idx))
     found = find_stage(LinkChains.from_plan(plan).uplink)

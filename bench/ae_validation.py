@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     plan.prepass.what, plan.uplink.target = "weights", "weights"  # section 5.1 reconstructs weights
     plan.prepass.correction = 0.0
     data = load_plan_dataset(plan)
-    idx = partition(data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[0]
+    idx = partition(data.partition_labels, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed)[
+        0
+    ]
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, plan.seed)
     layout = model_layout(model)
     snaps = record_snapshots(model, data.x_train[idx], data.y_train[idx], plan, seed=plan.seed)

@@ -82,7 +82,7 @@ def record_trace(dataset: str, model_name: str, warmup_rounds: int = 3) -> Trace
 
     torch.set_num_threads(1)
     ds = load_dataset(dataset, None, 0)
-    shards = partition(ds.y_train, 4, "iid", seed=0)
+    shards = partition(ds.partition_labels, 4, "iid", seed=0)
     model = build_model(model_name, ds.input_shape, ds.num_classes, seed=0)
     layout = model_layout(model)
     global_w = get_flat(model)

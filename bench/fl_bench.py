@@ -58,6 +58,7 @@ CNN: dict[str, Any] = {"name": "cnn", "args": {"channels": [32, 64], "hidden": 2
 TRAINING = {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
 
 DEFAULT_DOWN = "residual | topk:0.05 | quantize:8 | entropy"
+LM_DOWN = "residual | topk:0.1 | quantize:8 | entropy"
 CONTEXT = "positions=context"
 AE_BASE = {"enabled": True, "epochs": 3, "snapshot_every": "batch", "what": "update", "variant": "chunked", "chunk": 1024,
            "latent": 16, "bits": 8, "correction": 0.002, "ae_epochs": 10, "ae_lr": 0.001}  # fmt: skip
@@ -104,19 +105,58 @@ ADAM_B05: dict[str, Any] = {
     **ADAM,
     "beta1": 0.5,
 }
+ADAM_LM: dict[str, Any] = {**ADAM, "lr": 0.003}  # FedAdam for the transformer (and its Flower peer)
 TOPK1_Q4 = "ef | topk:0.01 | quantize:4 | entropy"
 MAIN = ("mnist1d-a0.5", "mnist1d-cnn-a0.5")  # the issue's chains: MNIST-1D alpha 0.5 with both models
+LM = "stdlib-lm"  # the transformer language model
 MLP_ALL = ("mnist1d-a0.5", "mnist1d-a0.1", "digits-a0.5")  # the search rows that ran in every MLP setting
 CNN_ALL = ("mnist1d-cnn-a0.5", "mnist1d-cnn-a0.1")
 CHAINS: list[Chain] = [
     Chain("FedAvg (identity)", "identity", "identity", settings=("*",)),
     Chain("fp16", "fp16", "fp16", settings=MAIN),
-    Chain("top-k 1% + EF", "ef | topk:0.01", settings=MAIN),
-    Chain("STC 1% + EF", "ef | stc:0.01 | entropy", settings=MAIN),
-    Chain("QSGD 4 levels", "qsgd:4 | entropy", settings=MAIN),
-    Chain("sign + EF", "ef | sign", settings=MAIN),
-    Chain("PowerSGD rank 2 + EF", "ef | powersgd:2", settings=MAIN),
+    Chain("top-k 1% + EF", "ef | topk:0.01", settings=(*MAIN, LM)),
+    Chain("STC 1% + EF", "ef | stc:0.01 | entropy", settings=(*MAIN, LM)),
+    Chain("QSGD 4 levels", "qsgd:4 | entropy", settings=(*MAIN, LM)),
+    Chain("sign + EF", "ef | sign", settings=(*MAIN, LM)),
+    Chain("PowerSGD rank 2 + EF", "ef | powersgd:2", settings=(*MAIN, LM)),
     Chain("ResFed (default chains)", TOPK1_Q4, DEFAULT_DOWN, settings=("*",)),
+    # The language model: the plan of examples/stdlib_lm (denser top-k, a residual downlink from the initial model),
+    # and the same downlink under STC.
+    Chain(
+        "L1 stdlib example's plan",
+        "ef | topk:0.05 | quantize:4 | entropy",
+        LM_DOWN,
+        prior="initial",
+        group="search",
+        settings=(LM,),
+    ),
+    Chain(
+        "L2 STC 1% + EF / L1's downlink",
+        "ef | stc:0.01 | entropy",
+        LM_DOWN,
+        prior="initial",
+        group="search",
+        settings=(LM,),
+    ),
+    # FedAdam with a server step for the transformer's scale (weights of std 0.02-0.09; the MLPs' lr 0.03 is a third
+    # of them), and the H3 recipe carried over: its lattice step at a tenth, like the server lr.
+    Chain(
+        "L3 FedAdam (lr 0.003), identity",
+        "identity",
+        "identity",
+        server_optimizer=ADAM_LM,
+        group="search",
+        settings=(LM,),
+    ),
+    Chain(
+        "L4 = H3 for the LM (lattice step 0.01, FedAdam lr 0.003)",
+        f"ef:0.8 | stc:0.005,{CONTEXT} | entropy",
+        f"residual | lattice:0.01,{CONTEXT} | entropy",
+        prior="initial",
+        server_optimizer={**ADAM_LM, "beta1": 0.5},
+        group="search",
+        settings=(LM,),
+    ),
     # The AE trains an autoencoder per collaborator in the prepass (100 of them): chunked only, 1 seed, short AE training.
     # With FedAdam (seed 0, shared decoder) it peaked at 37-39 % and then fell.
     Chain(
@@ -344,6 +384,33 @@ CHAINS: list[Chain] = [
 ]
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What a setting's target is on: test accuracy (higher is better, target 1 pp below the reference) or
+    perplexity (exp of the per-token loss; lower is better, target 2 % above the reference)."""
+
+    name: str
+
+    def of(self, record: dict[str, Any]) -> float:
+        return float(record["accuracy"]) if self.name == "accuracy" else math.exp(record["loss"])
+
+    def reached(self, value: float, target: float) -> bool:
+        return value >= target if self.name == "accuracy" else value <= target
+
+    def target(self, reference: float) -> float:
+        return reference - 0.01 if self.name == "accuracy" else reference * 1.02
+
+    def text(self, value: float) -> str:
+        return f"{100 * value:.2f} %" if self.name == "accuracy" else f"{value:.2f}"
+
+    @property
+    def margin(self) -> str:
+        return "minus 1 pp" if self.name == "accuracy" else "plus 2 %"
+
+
+ACCURACY, PERPLEXITY = Metric("accuracy"), Metric("perplexity")
+
+
 @dataclass
 class Setting:
     key: str
@@ -351,18 +418,41 @@ class Setting:
     alpha: float
     num_samples: int = 0  # mnist1d: samples generated (0: the standard 5,000)
     model: dict[str, Any] = field(default_factory=lambda: MLP)
+    training: dict[str, Any] = field(default_factory=lambda: TRAINING)
+    metric: Metric = ACCURACY
+    # this setting's own protocol (Config fields: rounds, horizon, seeds, collaborators, per_round) over the defaults
+    protocol: dict[str, Any] = field(default_factory=dict)
+    about: str = ""  # the protocol in words, where it is not the common one
+    # Flower's FedAdam peer here (the FedAdam rows of the setting use the same)
+    fedadam: dict[str, Any] = field(default_factory=lambda: ADAM)
 
     @property
     def model_text(self) -> str:
         return f"`{self.model['name']}` " + ", ".join(f"{k} {v}" for k, v in self.model["args"].items())
 
+    def config(self, cfg: Config, explicit: dict[str, Any] | None = None) -> Config:
+        """`cfg` with this setting's own protocol, then what the command line set explicitly."""
+        return dataclasses.replace(cfg, **{**self.protocol, **(explicit or {})})
+
 
 # MNIST-1D with 50,000 generated samples: 400 training samples per collaborator (the standard 5,000
 # leave 40, and FedAvg reaches only ~29 % by round 100, a target inside the round-to-round noise).
 MNIST1D_SAMPLES = 50_000
+# The transformer language model (issue 20): the `stdlib` data set's 64-byte windows of the standard library's
+# sources, a window's topic its package; local Adam, a fixed number of local steps.
+LM_TRAINING = {"local_epochs": 1, "local_steps": 10, "batch_size": 32, "lr": 0.002, "momentum": 0.0, "weight_decay": 0.0,
+               "optimizer": "adam"}  # fmt: skip
+LM_PROTOCOL = {"rounds": 30, "horizon": 60, "seeds": [0], "collaborators": 8, "per_round": 4}
+LM_ABOUT = ("8 collaborators, 4 per round, each round 10 local Adam steps (lr 0.002, fresh each round) on batches of 32 "
+            "random 64-byte windows of its shard; shards are a Dirichlet (alpha 0.5) split of the windows by their "
+            "top-level package (184 packages, 174,937 training windows); the test set is 256 windows from every 10th "
+            "file, held out. 1 seed; FedAvg runs 30 rounds, the others up to 60; the metric is the test perplexity "
+            "per byte (exp of the mean next-byte loss).")  # fmt: skip
 SETTINGS = [Setting("mnist1d-a0.5", "mnist1d", 0.5, MNIST1D_SAMPLES), Setting("mnist1d-a0.1", "mnist1d", 0.1, MNIST1D_SAMPLES),
             Setting("digits-a0.5", "digits", 0.5),
-            Setting("mnist1d-cnn-a0.5", "mnist1d", 0.5, MNIST1D_SAMPLES, CNN), Setting("mnist1d-cnn-a0.1", "mnist1d", 0.1, MNIST1D_SAMPLES, CNN)]  # fmt: skip
+            Setting("mnist1d-cnn-a0.5", "mnist1d", 0.5, MNIST1D_SAMPLES, CNN), Setting("mnist1d-cnn-a0.1", "mnist1d", 0.1, MNIST1D_SAMPLES, CNN),
+            Setting(LM, "stdlib", 0.5, model={"name": "transformer", "args": {"d_model": 128, "layers": 6, "heads": 4}}, training=LM_TRAINING, metric=PERPLEXITY,
+                    protocol=LM_PROTOCOL, about=LM_ABOUT, fedadam=ADAM_LM)]  # fmt: skip
 
 
 @dataclass
@@ -393,7 +483,7 @@ def plan_json(setting: Setting, chain: Chain, seed: int, cfg: Config) -> dict[st
             "fraction": cfg.per_round / cfg.collaborators,
             "min_per_round": cfg.per_round,
         },
-        "training": TRAINING,
+        "training": setting.training,
         "uplink": {"chain": chain.up, "target": "delta"},
         "downlink": {"chain": chain.down, "update_chain": chain.update},
     }
@@ -448,7 +538,8 @@ def run_one(args: Job) -> dict[str, Any]:
 
     def stop_when(record: Any) -> bool:
         nonlocal reached
-        reached = reached or (target is not None and record.accuracy >= target)
+        value = setting.metric.of({"accuracy": record.accuracy, "loss": record.loss})
+        reached = reached or (target is not None and setting.metric.reached(value, target))
         return reached and record.round >= cfg.rounds
 
     res = run_plan(plan, on_round=stop_when)
@@ -462,7 +553,10 @@ def run_one(args: Job) -> dict[str, Any]:
         "prepass_bytes": res.prepass_bytes,
         "parameters": res.report["model"]["parameters"],
         "raw_bytes": res.report["model"]["raw_bytes"],
-        "rounds": [{"round": r["round"], "accuracy": r["accuracy"], **r["bytes"]} for r in res.rounds],
+        "rounds": [
+            {"round": r["round"], "accuracy": r["accuracy"], "loss": r["loss"], **r["bytes"]}
+            for r in res.rounds
+        ],
     }
     path = cache_path(setting, chain, seed, cfg, target)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +588,7 @@ def run_flower(
     if not FLOWER_PY.exists():
         return None
     data = load_dataset(setting.dataset, None, seed, setting.num_samples)
-    shards = partition(data.y_train, cfg.collaborators, "dirichlet", setting.alpha, seed)
+    shards = partition(data.partition_labels, cfg.collaborators, "dirichlet", setting.alpha, seed)
     model = build_model(
         setting.model["name"], data.input_shape, data.num_classes, setting.model["args"], seed
     )
@@ -503,7 +597,7 @@ def run_flower(
         np.savez(task, x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
                  shard_indices=np.concatenate(shards), shard_offsets=np.cumsum([0] + [len(s) for s in shards]),
                  selection=selection(seed, cfg.rounds, cfg.collaborators, cfg.per_round),
-                 meta=json.dumps({**TRAINING, "seed": seed, "server_optimizer": server_optimizer and resolved(server_optimizer)}))  # fmt: skip
+                 meta=json.dumps({**setting.training, "seed": seed, "server_optimizer": server_optimizer and resolved(server_optimizer)}))  # fmt: skip
         torch.jit.save(torch.jit.script(model), str(model_file))  # TorchScript: no pickled code to load back
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         proc = subprocess.run([str(FLOWER_PY), str(ROOT / "bench/flower/flower_fedavg.py"), str(task), str(model_file), str(out)],
@@ -517,18 +611,19 @@ def run_flower(
 
 
 # -- analysis --------------------------------------------------------------------------------------------
-def smoothed_final(rounds: list[dict[str, Any]], k: int) -> float:
-    return float(np.mean([r["accuracy"] for r in rounds[-k:]]))
+def smoothed_final(rounds: list[dict[str, Any]], k: int, metric: Metric = ACCURACY) -> float:
+    return float(np.mean([metric.of(r) for r in rounds[-k:]]))
 
 
-def target_of(base: list[dict[str, Any]], cfg: Config) -> tuple[float, float]:
-    """(FedAvg's accuracy by round `cfg.rounds`, the target): mean over seeds of the mean of its last `smooth` rounds; minus 1 pp."""
-    ref = statistics.mean(smoothed_final(r["rounds"][: cfg.rounds], cfg.smooth) for r in base)
-    return ref, ref - 0.01
+def target_of(base: list[dict[str, Any]], cfg: Config, metric: Metric = ACCURACY) -> tuple[float, float]:
+    """(FedAvg's metric by round `cfg.rounds`, the target): mean over seeds of the mean of its last `smooth` rounds;
+    minus 1 pp (accuracy) or plus 2 % (perplexity)."""
+    ref = statistics.mean(smoothed_final(r["rounds"][: cfg.rounds], cfg.smooth, metric) for r in base)
+    return ref, metric.target(ref)
 
 
-def to_target(run: dict[str, Any], target: float) -> dict[str, Any] | None:
-    """Rounds and cumulative bytes up to the first round at or above the target."""
+def to_target(run: dict[str, Any], target: float, metric: Metric = ACCURACY) -> dict[str, Any] | None:
+    """Rounds and cumulative bytes up to the first round that reaches the target."""
     pre = run.get("prepass_bytes") or {}
     up = pre.get("up_wire", 0)
     down = pre.get("down_wire", 0)
@@ -537,12 +632,12 @@ def to_target(run: dict[str, Any], target: float) -> dict[str, Any] | None:
         up += r.get("up_wire", r.get("up_bytes", 0))
         down += r.get("down_wire", r.get("down_bytes", 0))
         dec += r.get("decoder", 0)
-        if r["accuracy"] >= target:
+        if metric.reached(metric.of(r), target):
             return {"rounds": r["round"], "up": up + dec, "down": down, "decoder": dec}
     return None
 
 
-def cumulative(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cumulative(run: dict[str, Any], metric: Metric = ACCURACY) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pre = run.get("prepass_bytes") or {}
     up = (
         np.cumsum([r.get("up_wire", r.get("up_bytes", 0)) + r.get("decoder", 0) for r in run["rounds"]])
@@ -552,7 +647,7 @@ def cumulative(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     down = np.cumsum([r.get("down_wire", r.get("down_bytes", 0)) for r in run["rounds"]]) + pre.get(
         "down_wire", 0
     )
-    acc = np.array([r["accuracy"] for r in run["rounds"]])
+    acc = np.array([metric.of(r) for r in run["rounds"]])
     return up, down, acc
 
 
@@ -577,9 +672,9 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.3g}x"
 
 
-def peer_to_target(flower: list[dict[str, Any]], target: float) -> tuple[list[dict[str, Any]], float, float]:
+def peer_to_target(flower: list[dict[str, Any]], target: float, metric: Metric = ACCURACY) -> tuple[list[dict[str, Any]], float, float]:  # fmt: skip
     """The Flower runs that reached the target, and their mean uplink and downlink bytes to it."""
-    ok = [t for t in (to_target(f, target) for f in flower) if t is not None]
+    ok = [t for t in (to_target(f, target, metric) for f in flower) if t is not None]
     if not ok:
         return ok, float("nan"), float("nan")
     return ok, statistics.mean(t["up"] for t in ok), statistics.mean(t["down"] for t in ok)
@@ -588,33 +683,36 @@ def peer_to_target(flower: list[dict[str, Any]], target: float) -> tuple[list[di
 def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[dict[str, Any]], cfg: Config,
               skipped: dict[str, str], flower_adam: list[dict[str, Any]] | None = None) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
     base = runs.get(CHAINS[0].name, [])
-    ref, target = target_of(base, cfg)
-    flower_ok, fl_up, fl_down = peer_to_target(flower, target)
-    adam_ok, adam_up, adam_down = peer_to_target(flower_adam or [], target)
+    metric = setting.metric
+    ref, target = target_of(base, cfg, metric)
+    flower_ok, fl_up, fl_down = peer_to_target(flower, target, metric)
+    adam_ok, adam_up, adam_down = peer_to_target(flower_adam or [], target, metric)
     lines = [
-        f"**{setting.key}**: {setting.dataset}, model {setting.model_text}, Dirichlet alpha = {setting.alpha}. FedAvg's accuracy by round {cfg.rounds} "
-        f"(mean of the last {cfg.smooth} rounds, mean of {len(base)} seeds): {100 * ref:.2f} %; **target {100 * target:.2f} %**.",
+        f"**{setting.key}**: {setting.dataset}, model {setting.model_text}, Dirichlet alpha = {setting.alpha}. "
+        + (f"{setting.about} " if setting.about else "")
+        + f"FedAvg's {metric.name} by round {cfg.rounds} "
+        f"(mean of the last {cfg.smooth} rounds, mean of {len(base)} seeds): {metric.text(ref)}; **target {metric.text(target)}** ({metric.margin}).",
         "",
         "| chain | uplink | downlink | seeds at target | rounds to target | uplink bytes to target | downlink bytes to target | "
-        f"up ÷ Flower | down ÷ Flower | Flower ÷ ours (up / down) | accuracy by round {cfg.rounds} | sim s/run |",
+        f"up ÷ Flower | down ÷ Flower | Flower ÷ ours (up / down) | {metric.name} by round {cfg.rounds} | sim s/run |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     summary: dict[str, Any] = {"target": target, "reference": ref, "rows": []}
     if flower:
-        f_final = [smoothed_final(f["rounds"][: cfg.rounds], cfg.smooth) for f in flower]
+        f_final = [smoothed_final(f["rounds"][: cfg.rounds], cfg.smooth, metric) for f in flower]
         rt = [t["rounds"] for t in flower_ok]
         lines.append(
             f"| **Flower FedAvg** (flwr {flower[0].get('flwr')}, `ndarrays_to_parameters`) | .npy per tensor | .npy per tensor | "
             f"{len(flower_ok)}/{len(flower)} | {statistics.mean(rt):.1f} | {fmt_bytes(fl_up)} | {fmt_bytes(fl_down)} | 1 | 1 | 1 / 1 | "
-            f"{100 * statistics.mean(f_final):.2f} % | {statistics.mean(f['seconds'] for f in flower):.0f} |"
+            f"{metric.text(statistics.mean(f_final))} | {statistics.mean(f['seconds'] for f in flower):.0f} |"
             if rt
             else f"| Flower FedAvg | | | 0/{len(flower)} | - | - | - | | | | |"
         )
     if flower_adam:
-        a_final = [smoothed_final(f["rounds"][: cfg.rounds], cfg.smooth) for f in flower_adam]
+        a_final = [smoothed_final(f["rounds"][: cfg.rounds], cfg.smooth, metric) for f in flower_adam]
         vs = (f"{adam_up / fl_up:.2e} | {adam_down / fl_down:.2e} | {fmt_ratio(fl_up / adam_up)} / {fmt_ratio(fl_down / adam_down)}"
               if adam_ok and flower_ok else "- | - | -")  # fmt: skip
-        peer = resolved(ADAM)
+        peer = resolved(setting.fedadam)
         lines.append(
             f"| **Flower FedAdam** (lr {peer['lr']}, beta1 {peer['beta1']}, Flower's `FedAdam.aggregate_fit`; its weights are float64) | .npy per tensor | "
             ".npy per tensor | "
@@ -624,7 +722,7 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
                 if adam_ok
                 else "- | - | - | "
             )
-            + f"{vs} | {100 * statistics.mean(a_final):.2f} % | {statistics.mean(f['seconds'] for f in flower_adam):.0f} |"
+            + f"{vs} | {metric.text(statistics.mean(a_final))} | {statistics.mean(f['seconds'] for f in flower_adam):.0f} |"
         )
     for chain in CHAINS:
         if chain.name in skipped and setting.key == SETTINGS[0].key:
@@ -635,9 +733,9 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         rs = runs.get(chain.name)
         if not rs:
             continue
-        tts = [to_target(r, target) for r in rs]
+        tts = [to_target(r, target, metric) for r in rs]
         ok = [t for t in tts if t is not None]
-        final = [smoothed_final(r["rounds"][: cfg.rounds], cfg.smooth) for r in rs]
+        final = [smoothed_final(r["rounds"][: cfg.rounds], cfg.smooth, metric) for r in rs]
         row: dict[str, Any] = {"chain": chain.name, "up_chain": up_label(chain, str), "down_chain": down_label(chain, str),
                                "group": chain.group,
                                "reached": len(ok), "seeds": len(rs), "final": statistics.mean(final)}  # fmt: skip
@@ -671,7 +769,9 @@ def summarise(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: l
         name = f"**{chain.name}**" if chain.group == "main" else chain.name
         lines.append(
             f"| {name} | {up_label(chain)} | {down_label(chain)} | {len(ok)}/{len(rs)} | {rest} | "
-            f"{100 * statistics.mean(final):.2f} ± {100 * (statistics.pstdev(final)):.1f} % | {statistics.mean(r['seconds'] for r in rs):.0f} |"
+            f"{metric.text(statistics.mean(final))}"
+            + (f" ± {100 * statistics.pstdev(final):.1f} pp" if len(final) > 1 and metric is ACCURACY else "")
+            + f" | {statistics.mean(r['seconds'] for r in rs):.0f} |"
         )
     return lines, summary
 
@@ -690,7 +790,7 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[d
     if flower:
         series.insert(0, ("Flower FedAvg", flower))
     for i, (name, rs) in enumerate(series):
-        ups, downs, accs = zip(*(cumulative(r) for r in rs), strict=True)
+        ups, downs, accs = zip(*(cumulative(r, setting.metric) for r in rs), strict=True)
         n = min(len(a) for a in accs)
         up = np.mean([u[:n] for u in ups], axis=0)
         down = np.mean([d[:n] for d in downs], axis=0)
@@ -716,11 +816,13 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[d
         ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xlabel(f"cumulative {what} wire bytes, all collaborators")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("test accuracy (mean over seeds)")
+    axes[0].set_ylabel(f"test {setting.metric.name} (mean over seeds)")
+    if setting.metric is PERPLEXITY:
+        axes[0].set_yscale("log")
     fig.legend(
         *axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.78, 0.5)
     )
-    fig.suptitle(f"Accuracy vs cumulative bytes: {setting.key} (dotted: target)")
+    fig.suptitle(f"{setting.metric.name.capitalize()} vs cumulative bytes: {setting.key} (dotted: target)")
     fig.tight_layout(rect=(0, 0, 0.78, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -762,16 +864,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg = Config(rounds=15, horizon=30, seeds=[0], collaborators=20, per_round=5)
         settings = SETTINGS[:1]
+    explicit: dict[str, Any] = {}  # over every setting's own protocol
     if args.rounds:
-        cfg.rounds = args.rounds
+        explicit["rounds"] = args.rounds
     if args.horizon:
-        cfg.horizon = args.horizon
+        explicit["horizon"] = args.horizon
     if args.seeds:
-        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+        explicit["seeds"] = [int(s) for s in args.seeds.split(",")]
     if args.collaborators:
-        cfg.collaborators = args.collaborators
+        explicit["collaborators"] = args.collaborators
     if args.per_round:
-        cfg.per_round = args.per_round
+        explicit["per_round"] = args.per_round
+    cfg = dataclasses.replace(cfg, **explicit)
     if args.settings:
         settings = [s for s in SETTINGS if s.key in args.settings.split(",")]
     wanted = [w.strip() for w in args.chains.split(",")] if args.chains else None
@@ -785,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if wanted and c is not CHAINS[0] and not any(w in c.name for w in wanted):
                 continue
-            seeds = cfg.seeds[: c.max_seeds] if c.max_seeds else cfg.seeds
+            seeds = s.config(cfg, explicit).seeds
+            seeds = seeds[: c.max_seeds] if c.max_seeds else seeds
             plan_runs.extend((s, c, seed) for seed in seeds)
     results: list[dict[str, Any]] = []
     cached = 0
@@ -802,20 +907,21 @@ def main(argv: list[str] | None = None) -> int:
         ) as pool:
             for out in pool.map(run_one, todo):
                 r = out["rounds"][-1]
-                print(f"  {out['setting']:<13} {out['chain']:<46} seed {out['seed']}  round {r['round']}: {100 * r['accuracy']:.1f} %  "
+                metric = next(s.metric for s in settings if s.key == out["setting"])
+                print(f"  {out['setting']:<13} {out['chain']:<46} seed {out['seed']}  round {r['round']}: {metric.name} {metric.text(metric.of(r))}  "
                       f"{out['seconds']:.0f} s", flush=True)  # fmt: skip
                 results.append(out)
 
     # Phase 1: FedAvg fixes each setting's target; phase 2: every other chain runs against it.
-    execute([(s, c, seed, cfg, None) for s, c, seed in plan_runs if c is CHAINS[0]])
+    execute([(s, c, seed, s.config(cfg, explicit), None) for s, c, seed in plan_runs if c is CHAINS[0]])
     targets = {}
     for s in settings:
         base = [r for r in results if r["setting"] == s.key and r["chain"] == CHAINS[0].name]
         if base:
-            targets[s.key] = target_of(base, cfg)[1]
+            targets[s.key] = target_of(base, s.config(cfg, explicit), s.metric)[1]
     execute(
         [
-            (s, c, seed, cfg, targets[s.key])
+            (s, c, seed, s.config(cfg, explicit), targets[s.key])
             for s, c, seed in plan_runs
             if c is not CHAINS[0] and s.key in targets
         ]
@@ -830,16 +936,16 @@ def main(argv: list[str] | None = None) -> int:
             # Flower's FedAdam too, where a chain with FedAdam ran: the peer for the server optimizer.
             with_adam = {s.key for s, c, _ in plan_runs if c.fedadam}
             for s in settings:
-                for seed in cfg.seeds:
+                for seed in s.config(cfg, explicit).seeds:
                     for opt, into in (
                         (None, flower),
-                        *(((ADAM, flower_adam),) if s.key in with_adam else ()),
+                        *(((s.fedadam, flower_adam),) if s.key in with_adam else ()),
                     ):
-                        f = run_flower(s, seed, cfg, opt)
+                        f = run_flower(s, seed, s.config(cfg, explicit), opt)
                         if f is not None:
                             into.setdefault(s.key, []).append(f)
-                            print(f"  flower {f.get('strategy', 'FedAvg')} {s.key} seed {seed}: final {100 * f['rounds'][-1]['accuracy']:.1f} %  "
-                                  f"{f['seconds']:.0f} s", flush=True)  # fmt: skip
+                            print(f"  flower {f.get('strategy', 'FedAvg')} {s.key} seed {seed}: final {s.metric.name} "
+                                  f"{s.metric.text(s.metric.of(f['rounds'][-1]))}  {f['seconds']:.0f} s", flush=True)  # fmt: skip
     wall = time.perf_counter() - t0
     peer = resolved(ADAM)  # Flower's FedAdam settings, as the protocol text names them
     body = [
@@ -868,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         "training function and seeds, `FedAvg.aggregate_fit` (and, where a row uses FedAdam, `FedAdam.aggregate_fit` with "
         f"the E-G rows' lr {peer['lr']}, beta1 {peer['beta1']}, beta2 {peer['beta2']} and tau {peer['tau']}, as the peer for every FedAdam row); its bytes are the `Parameters` tensors that "
         "`ndarrays_to_parameters` produces (one .npy per tensor), downlink once per selected client. "
-        "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse.",
+        "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse. "
+        f"The {LM} setting (a transformer language model) has a protocol of its own, given with its table.",
         "",
     ]
     summaries = {}
@@ -879,18 +986,21 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault(r["chain"], []).append(r)
         if CHAINS[0].name not in runs:
             continue
-        lines, summary = summarise(s, runs, flower.get(s.key, []), cfg, skipped, flower_adam.get(s.key))
+        lines, summary = summarise(
+            s, runs, flower.get(s.key, []), s.config(cfg, explicit), skipped, flower_adam.get(s.key)
+        )
         summaries[s.key] = summary
         png = Path(args.plots) / f"bench-fl-{s.key}.png"
         plot(s, runs, flower.get(s.key, []), summary["target"], png, flower_adam.get(s.key))
-        body += [*lines, "", f"![accuracy vs cumulative bytes, {s.key}]({png.name})", ""]
+        body += [*lines, "", f"![{s.metric.name} vs cumulative bytes, {s.key}]({png.name})", ""]
         print("\n".join(lines))
     best_lines = best_verdict(summaries)
     body = body[:4] + ["Headline:", "", *best_lines, ""] + body[4:]
     print("\n".join(best_lines))
-    replace_section(
-        Path(args.out), "fl-bench", "Communication to target accuracy (vs FedAvg and Flower)", body
-    )
+    # A subset of the settings gets a section of its own, so that the full run's tables stay.
+    subset = "" if settings == SETTINGS else "-".join(s.key for s in settings)
+    replace_section(Path(args.out), "fl-bench" + (f"-{subset}" if subset else ""),
+                    "Communication to target accuracy (vs FedAvg and Flower)" + (f": {subset}" if subset else ""), body)  # fmt: skip
     Path(CACHE / "summary.json").write_text(json.dumps(summaries, indent=1, default=float))
     print(f"wrote {args.out}")
     return 0

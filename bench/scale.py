@@ -173,7 +173,7 @@ def recorded_update(plan_json: dict[str, Any]) -> tuple[bytes, int]:
     torch.set_num_threads(1)
     plan = Plan.from_json(plan_json)
     data = load_dataset("mnist1d", None, 0)
-    idx = partition(data.y_train, 100, "iid", 0.5, 0)[0]
+    idx = partition(data.partition_labels, 100, "iid", 0.5, 0)[0]
     model = build_model(plan.model.name, data.input_shape, data.num_classes, plan.model.args, 0)
     layout = model_layout(model)
     w0 = get_flat(model)

@@ -64,7 +64,7 @@ def record_snapshots(model: Any, x: np.ndarray, y: np.ndarray, plan: Plan, seed:
             snaps.append(get_flat(model))
 
     train_local(model, x, y, epochs=spec.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                weight_decay=t.weight_decay, seed=seed, on_step=on_step)  # fmt: skip
+                weight_decay=t.weight_decay, seed=seed, on_step=on_step, optimizer=t.optimizer)  # fmt: skip
     return np.stack(snaps)
 
 
@@ -76,7 +76,11 @@ def training_set(snaps: np.ndarray, plan: Plan, num_samples: int) -> np.ndarray:
     span = spec.span
     if span == 0:
         per_epoch = 1 if spec.snapshot_every == "epoch" else -(-num_samples // plan.training.batch_size)
-        span = max(1, plan.training.local_epochs * per_epoch)
+        t = plan.training
+        span = max(
+            1,
+            t.local_steps if t.local_steps and spec.snapshot_every == "batch" else t.local_epochs * per_epoch,
+        )
     span = min(span, len(snaps) - 1)
     deltas = snaps[span:] - snaps[:-span]
     if spec.snapshot_every == "batch" and span > 1:

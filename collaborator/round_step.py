@@ -95,7 +95,7 @@ class BuiltinTrainer:
         t = self.plan.training
         return train_local(self.model, self.x, self.y, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
                            weight_decay=t.weight_decay, seed=training_seed(self.plan, round_number, self.shard_index),
-                           quantizer=self.quantizer)  # fmt: skip
+                           quantizer=self.quantizer, steps=t.local_steps, optimizer=t.optimizer)  # fmt: skip
 
     def train(self, weights: np.ndarray, round_number: int) -> tuple[np.ndarray, dict[str, float]]:
         from fedsqueeze.models import get_flat, set_flat

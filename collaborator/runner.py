@@ -44,7 +44,9 @@ def load_local_data(session: Session, data_arg: str | None) -> LocalData:
         name, path, plan.seed, plan.task.num_samples if name == plan.task.dataset else 0
     )
     if data_arg is None or name in GENERATED:
-        shards = partition(ds.y_train, session.num_shards, plan.task.partition, plan.task.alpha, plan.seed)
+        shards = partition(
+            ds.partition_labels, session.num_shards, plan.task.partition, plan.task.alpha, plan.seed
+        )
         idx = shards[session.shard_index % len(shards)]
         desc = f"{name} shard {session.shard_index + 1}/{session.num_shards} ({len(idx)} samples)"
         return LocalData(ds.x_train[idx], ds.y_train[idx], ds.input_shape, ds.num_classes, desc)

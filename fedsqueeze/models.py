@@ -5,6 +5,10 @@
   (15,910 parameters, which `mlp` with hidden=[20] gives on 28x28 input).
 - `cnn`: two conv layers and a linear head; 1-D convolutions for (C, L) input such as
   MNIST-1D, 2-D for (C, H, W) images.
+- `transformer`: a GPT-style decoder-only language model over (T,) token windows (the `stdlib`
+  data set): token and learned position embeddings, pre-norm causal self-attention blocks, an output
+  head tied to the token embedding. The defaults (d_model 128, 6 layers, 4 heads) on 64-byte windows of
+  a 256-byte vocabulary are 1,230,848 parameters. TorchScript-able (the Flower peer loads it so).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedsqueeze.codecs import Layout
 from fedsqueeze.model_file import ModelError
@@ -52,7 +57,69 @@ def _cnn(
     )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn}
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))  # type: ignore[no-any-return]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attention = CausalSelfAttention(d_model, heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))  # type: ignore[no-any-return]
+
+
+class TransformerLM(nn.Module):
+    """(batch, time) token ids -> (batch, time, vocabulary) logits of the next token."""
+
+    def __init__(
+        self, vocabulary: int, context: int, d_model: int = 128, layers: int = 6, heads: int = 4
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, d_model)
+        self.position = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList([TransformerBlock(d_model, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocabulary, bias=False)
+        self.head.weight = self.embed.weight  # tied: travels once
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position.weight[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))  # type: ignore[no-any-return]
+
+
+def _transformer(input_shape: tuple[int, ...], num_classes: int, d_model: int = 128, layers: int = 6,
+                 heads: int = 4) -> nn.Module:  # fmt: skip
+    if len(input_shape) != 1:
+        raise ModelError(f"transformer needs (T,) token windows, got input shape {input_shape}")
+    try:
+        return TransformerLM(num_classes, input_shape[0], d_model, layers, heads)
+    except ValueError as exc:
+        raise ModelError(f"transformer: {exc}") from exc
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "transformer": _transformer}
 
 
 def build_model(

@@ -139,6 +139,11 @@ class CollaboratorsSpec:
 @dataclass
 class TrainingSpec:
     local_epochs: Annotated[int, NonNegative] = 2
+    # > 0: this many local batches per round instead of whole epochs (a language model's shard holds
+    # more windows than a round should visit)
+    local_steps: Annotated[int, NonNegative] = 0
+    # "adam": local Adam (fresh each round; `momentum` unused), which transformers train well with
+    optimizer: Literal["sgd", "adam"] = "sgd"
     batch_size: Annotated[int, AtLeastOne] = 32
     lr: Annotated[float, Positive] = 0.05
     momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9

@@ -1,7 +1,8 @@
 """Data sets that need no download, users' own files, and federated partitioning.
 
-Built-in: `digits` (scikit-learn's 8x8 handwritten digits, shipped inside the package) and
-`mnist1d` (generated procedurally by the `mnist1d` package). Users' own data: an `.npz` with
+Built-in: `digits` (scikit-learn's 8x8 handwritten digits, shipped inside the package),
+`mnist1d` (generated procedurally by the `mnist1d` package) and `stdlib` (next-byte prediction on
+the Python standard library's own sources, fedsqueeze/stdlib_text.py). Users' own data: an `.npz` with
 `x` and `y` (and optionally `x_test`, `y_test`), an MNIST folder in torchvision's layout
 (`MNIST/raw/*-ubyte[.gz]`), or a CIFAR-10 folder (`cifar-10-batches-bin` or `-py`). Nothing is
 ever downloaded.
@@ -28,15 +29,21 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    x_train: np.ndarray  # float32, (N, C, ...) channels first
-    y_train: np.ndarray  # int64
+    x_train: np.ndarray  # float32, (N, C, ...) channels first; or token ids (N, T) for a language model
+    y_train: np.ndarray  # int64 labels (N,); or uint8 next tokens (N, T)
     x_test: np.ndarray
     y_test: np.ndarray
-    num_classes: int
+    num_classes: int  # classes, or a language model's vocabulary
+    # what a Dirichlet partition skews (None: the labels): a text sample's topic, since its targets are tokens
+    topics: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def partition_labels(self) -> np.ndarray:
+        return self.y_train if self.topics is None else self.topics
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -267,8 +274,39 @@ def load_cifar10(root: str | Path) -> Dataset:
     return Dataset(x_tr.astype(np.float32) / 255.0, y_tr, x_te.astype(np.float32) / 255.0, y_te, 10)
 
 
-DATASETS = {"digits", "mnist1d", "npz", "mnist", "cifar10"}
-GENERATED = {"digits", "mnist1d"}  # made the same on every machine, and cut into the plan's shards
+STDLIB_WINDOW = 64  # bytes per sample: the language model's context
+STDLIB_TEST_WINDOWS = 256  # held-out windows the aggregator evaluates on (16,384 bytes)
+
+
+def load_stdlib() -> Dataset:
+    """Next-byte prediction on the standard library's sources: windows of STDLIB_WINDOW bytes.
+
+    A window's topic (what a Dirichlet partition skews) is its top-level package. Every 10th file, in sorted
+    order, is held out; the test set is STDLIB_TEST_WINDOWS windows, about as many from each held-out file."""
+    from fedsqueeze import stdlib_text
+
+    groups = stdlib_text.stdlib_groups()
+    files = [(topic, f) for topic, name in enumerate(sorted(groups)) for f in groups[name]]
+    every = stdlib_text.HELD_OUT_EVERY
+    xs, ys, topics = [], [], []
+    for topic in range(len(groups)):
+        train = [f for i, (t, f) in enumerate(files) if t == topic and i % every != every - 1]
+        x, y = stdlib_text.cut_windows(stdlib_text.concatenate(train), STDLIB_WINDOW)
+        xs.append(x)
+        ys.append(y)
+        topics.append(np.full(len(x), topic, dtype=np.int64))
+    held = [f for i, (_, f) in enumerate(files) if i % every == every - 1]
+    per_file = -(-STDLIB_TEST_WINDOWS // len(held))
+    test = [stdlib_text.cut_windows(stdlib_text.concatenate([f]), STDLIB_WINDOW) for f in held]
+    test_x = np.concatenate([x[stdlib_text.evenly_spaced(per_file, len(x))] for x, _ in test])
+    test_y = np.concatenate([y[stdlib_text.evenly_spaced(per_file, len(y))] for _, y in test])
+    keep = stdlib_text.evenly_spaced(STDLIB_TEST_WINDOWS, len(test_x))
+    return Dataset(np.concatenate(xs), np.concatenate(ys), test_x[keep], test_y[keep], stdlib_text.VOCAB,
+                   topics=np.concatenate(topics))  # fmt: skip
+
+
+DATASETS = {"digits", "mnist1d", "stdlib", "npz", "mnist", "cifar10"}
+GENERATED = {"digits", "mnist1d", "stdlib"}  # made the same on every machine, and cut into the plan's shards
 
 
 def load_dataset(name: str, path: str | None = None, seed: int = 0, num_samples: int = 0) -> Dataset:
@@ -277,6 +315,8 @@ def load_dataset(name: str, path: str | None = None, seed: int = 0, num_samples:
         return load_digits(seed)
     if name == "mnist1d":
         return load_mnist1d(seed, num_samples or MNIST1D_SAMPLES)
+    if name == "stdlib":
+        return load_stdlib()
     if path is None:
         raise DataError(f"data set {name!r} needs a path (--data {name}:PATH)")
     if name == "npz":

@@ -102,7 +102,7 @@ class InProcessFederation:
         self.layout = model_layout(self.model)
         initial_model = get_flat(self.model)
         shards = partition(
-            self.data.y_train, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed
+            self.data.partition_labels, plan.num_shards, plan.task.partition, plan.task.alpha, plan.seed
         )
         self.collaborators: list[SimCollaborator] = []
         self.encode_seconds = 0.0

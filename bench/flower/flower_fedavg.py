@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
             put(global_arrays)
             idx = shards[int(shard)]
             training.train_local(model, x[idx], y[idx], epochs=meta["local_epochs"], batch_size=meta["batch_size"], lr=meta["lr"],
-                                 momentum=meta["momentum"], weight_decay=meta["weight_decay"],
+                                 momentum=meta["momentum"], weight_decay=meta["weight_decay"], steps=meta.get("local_steps", 0), optimizer=meta.get("optimizer", "sgd"),
                                  seed=meta["seed"] * 100_003 + rnd * 1009 + int(shard))  # fmt: skip
             fit_params = ndarrays_to_parameters(get())
             up_tensor += sum(len(b) for b in fit_params.tensors)

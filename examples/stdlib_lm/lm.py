@@ -10,7 +10,6 @@ file is held out for evaluation.
 from __future__ import annotations
 
 import math
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-VOCAB = 256  # bytes
-HELD_OUT_EVERY = 10
-SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-FILE_SEPARATOR = b"\x00"  # between concatenated files (a byte no .py file of the stdlib holds)
+from fedsqueeze import stdlib_text
+from fedsqueeze.stdlib_text import HELD_OUT_EVERY, VOCAB, held_out, split_groups, stdlib_groups, stdlib_root
+
+__all__ = ["HELD_OUT_EVERY", "VOCAB", "TinyLM", "split_groups", "stdlib_groups", "stdlib_root"]
 
 
 class TinyLM(nn.Module):
@@ -49,37 +48,6 @@ class TinyLM(nn.Module):
         return self.head(self.norm(self.blocks(x, mask=causal, is_causal=True)))  # type: ignore[no-any-return]
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_groups(root: Path | None = None) -> dict[str, list[Path]]:
-    """Top-level package or module name -> its .py files (sorted), without test suites and site-packages."""
-    root = root or stdlib_root()
-    groups: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if SKIPPED_DIRS.intersection(parts[:-1]) or not path.is_file():
-            continue
-        groups.setdefault(parts[0].removesuffix(".py"), []).append(path)
-    return groups
-
-
-def split_groups(groups: dict[str, list[Path]], parts: int) -> list[list[str]]:
-    """The group names, sorted, cut into `parts` contiguous runs of about equal bytes, none empty."""
-    names = sorted(groups)
-    if not 1 <= parts <= len(names):
-        raise ValueError(f"{parts} parts of {len(names)} packages")
-    sizes = torch.tensor([sum(p.stat().st_size for p in groups[n]) for n in names], dtype=torch.float64)
-    before = (torch.cumsum(sizes, 0) - sizes) / sizes.sum()  # the fraction of all bytes before each group
-    cuts = torch.searchsorted(before, torch.arange(1, parts, dtype=torch.float64) / parts).tolist()
-    bounds = [0]
-    for k, cut in enumerate(cuts, start=1):  # strictly increasing, leaving a group for each later part
-        bounds.append(min(max(cut, bounds[-1] + 1), len(names) - (parts - k)))
-    bounds.append(len(names))
-    return [names[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
 @dataclass
 class TextData:
     packages: list[str]
@@ -90,8 +58,7 @@ class TextData:
 
 
 def concatenate(files: list[Path]) -> torch.Tensor:
-    data = FILE_SEPARATOR.join(f.read_bytes() for f in files)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torch.from_numpy(stdlib_text.concatenate(files))
 
 
 def load_part(part: int, parts: int, root: Path | None = None) -> TextData:
@@ -99,10 +66,7 @@ def load_part(part: int, parts: int, root: Path | None = None) -> TextData:
     groups = stdlib_groups(root)
     packages = split_groups(groups, parts)[part]
     files = [f for name in packages for f in groups[name]]
-    test = files[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
-    train = [f for i, f in enumerate(files) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    if not test:  # a part of fewer files than HELD_OUT_EVERY still holds one out
-        test, train = train[-1:], train[:-1] or train
+    train, test = held_out(files)
     return TextData(packages, concatenate(train), concatenate(test), len(train), len(test))
 
 
