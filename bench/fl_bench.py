@@ -576,15 +576,35 @@ def selection(seed: int, rounds: int, n: int, per_round: int) -> np.ndarray:
     )
 
 
+def flower_cache_path(
+    setting: Setting, seed: int, cfg: Config, server_optimizer: dict[str, Any] | None
+) -> Path:
+    """Where a Flower run is kept: named by everything its task file holds."""
+    import hashlib
+
+    task = [setting.dataset, setting.alpha, setting.num_samples, setting.model, setting.training, seed, cfg.rounds,
+            cfg.collaborators, cfg.per_round, server_optimizer and resolved(server_optimizer)]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
+    return CACHE / f"flower-{setting.key}-s{seed}-{digest}.json"
+
+
 def run_flower(
-    setting: Setting, seed: int, cfg: Config, server_optimizer: dict[str, Any] | None = None
+    setting: Setting,
+    seed: int,
+    cfg: Config,
+    server_optimizer: dict[str, Any] | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any] | None:
-    """Flower's FedAvg, or with `server_optimizer` (adam) Flower's FedAdam, on the same task; None without its venv."""
+    """Flower's FedAvg, or with `server_optimizer` (adam) Flower's FedAdam, on the same task; None without its venv.
+    Each run is kept under runs/bench/fl/; `reuse` reads a kept one back."""
     import torch
 
     from fedsqueeze.models import build_model
     from fedsqueeze.tasks import load_dataset, partition
 
+    kept = flower_cache_path(setting, seed, cfg, server_optimizer)
+    if reuse and kept.exists():
+        return json.loads(kept.read_text())  # type: ignore[no-any-return]
     if not FLOWER_PY.exists():
         return None
     data = load_dataset(setting.dataset, None, seed, setting.num_samples)
@@ -607,6 +627,8 @@ def run_flower(
             raise RuntimeError(f"flower run failed for {setting.key} seed {seed}")
         result: dict[str, Any] = json.loads(out.read_text())
     result.update(setting=setting.key, seed=seed)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(result))
     return result
 
 
@@ -941,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                         (None, flower),
                         *(((s.fedadam, flower_adam),) if s.key in with_adam else ()),
                     ):
-                        f = run_flower(s, seed, s.config(cfg, explicit), opt)
+                        f = run_flower(s, seed, s.config(cfg, explicit), opt, reuse=args.reuse)
                         if f is not None:
                             into.setdefault(s.key, []).append(f)
                             print(f"  flower {f.get('strategy', 'FedAvg')} {s.key} seed {seed}: final {s.metric.name} "

@@ -231,8 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--collaborators", type=int, default=4)
     demo.add_argument("--rounds", type=int, default=None, help="default: the plan's (20)")
     demo.add_argument("--plan", help="start from this plan instead of the built-in one")
-    demo.add_argument("--dataset", help="digits or mnist1d")
-    demo.add_argument("--model", help="mlp or cnn")
+    demo.add_argument(
+        "--dataset",
+        help="digits or mnist1d (stdlib: with --model transformer and a plan that sets training.local_steps)",
+    )
+    demo.add_argument("--model", help="mlp, cnn or transformer")
     demo.add_argument("--uplink", help="uplink codec chain, e.g. 'ef | topk:0.01 | qsgd:4 | entropy'")
     demo.add_argument("--downlink", help="downlink codec chain")
     demo.add_argument(

@@ -1,0 +1,44 @@
+"""bench.fl_bench's targets: accuracy (higher is better) and perplexity (lower is better), per setting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.fl_bench import ACCURACY, LM, PERPLEXITY, SETTINGS, Config, target_of, to_target
+
+
+def run(values: list[float], metric: str) -> dict:
+    key = (
+        (lambda v: {"accuracy": v, "loss": 0.0})
+        if metric == "accuracy"
+        else (lambda v: {"accuracy": 0.0, "loss": math.log(v)})
+    )
+    return {
+        "rounds": [{"round": i + 1, **key(v), "up_wire": 10, "down_wire": 20} for i, v in enumerate(values)]
+    }
+
+
+def test_an_accuracy_target_is_one_point_below_and_reached_from_below() -> None:
+    ref, target = target_of([run([0.5, 0.7, 0.8], "accuracy")], Config(rounds=3, smooth=2), ACCURACY)
+    assert ref == pytest.approx(0.75) and target == pytest.approx(0.74)
+    hit = to_target(run([0.5, 0.745, 0.8], "accuracy"), target, ACCURACY)
+    assert hit is not None and hit["rounds"] == 2 and hit["up"] == 20 and hit["down"] == 40
+
+
+def test_a_perplexity_target_is_two_percent_above_and_reached_from_above() -> None:
+    ref, target = target_of([run([30.0, 12.0, 10.0], "perplexity")], Config(rounds=3, smooth=2), PERPLEXITY)
+    assert ref == pytest.approx(11.0) and target == pytest.approx(11.22)
+    assert to_target(run([30.0, 11.5, 11.3], "perplexity"), target, PERPLEXITY) is None
+    hit = to_target(run([30.0, 11.5, 11.2], "perplexity"), target, PERPLEXITY)
+    assert hit is not None and hit["rounds"] == 3
+
+
+def test_the_language_model_setting_keeps_its_protocol_under_explicit_flags() -> None:
+    lm = next(s for s in SETTINGS if s.key == LM)
+    cfg = lm.config(Config())
+    assert (cfg.rounds, cfg.collaborators, cfg.per_round, cfg.seeds) == (30, 8, 4, [0])
+    assert lm.config(Config(), {"rounds": 3}).rounds == 3
+    assert lm.metric is PERPLEXITY and lm.training["optimizer"] == "adam"
+    assert all(s.config(Config()) == Config() for s in SETTINGS if s.key != LM)
