@@ -286,16 +286,15 @@ def load_stdlib() -> Dataset:
     from fedsqueeze import stdlib_text
 
     groups = stdlib_text.stdlib_groups()
-    files = [(topic, f) for topic, name in enumerate(sorted(groups)) for f in groups[name]]
-    every = stdlib_text.HELD_OUT_EVERY
+    _, held = stdlib_text.held_out([f for name in sorted(groups) for f in groups[name]])
+    held_set = set(held)
     xs, ys, topics = [], [], []
-    for topic in range(len(groups)):
-        train = [f for i, (t, f) in enumerate(files) if t == topic and i % every != every - 1]
+    for topic, name in enumerate(sorted(groups)):
+        train = [f for f in groups[name] if f not in held_set]
         x, y = stdlib_text.cut_windows(stdlib_text.concatenate(train), STDLIB_WINDOW)
         xs.append(x)
         ys.append(y)
         topics.append(np.full(len(x), topic, dtype=np.int64))
-    held = [f for i, (_, f) in enumerate(files) if i % every == every - 1]
     per_file = -(-STDLIB_TEST_WINDOWS // len(held))
     test = [stdlib_text.cut_windows(stdlib_text.concatenate([f]), STDLIB_WINDOW) for f in held]
     test_x = np.concatenate([x[stdlib_text.evenly_spaced(per_file, len(x))] for x, _ in test])
