@@ -2,7 +2,8 @@
 
 It speaks domain objects (`Admission`, `Task`, `Payload`) and raises domain errors
 (`fedsqueeze.errors`, mapped from the status by `fedsqueeze/wire.py`), so the collaborator's code
-never sees a status code. Every call retries UNAVAILABLE and DEADLINE_EXCEEDED with capped
+never sees a status code. Every call retries UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED by the
+aggregator (a server stopping cancels its calls in flight) with capped
 exponential backoff and jitter: before Join for `connect_timeout` seconds, afterwards (the
 aggregator restarting, say) for `reconnect_timeout`, then raises `Unreachable`. RESOURCE_EXHAUSTED
 is retried the same way (an aggregator with all its upload slots taken, `--max-concurrent-uploads`),
@@ -60,10 +61,18 @@ def backoff_delays(initial: float = BACKOFF_INITIAL_S, cap: float = BACKOFF_CAP_
         d = min(d * 2, cap)
 
 
+# gRPC's own details when this process cancelled the call or closed the channel: nothing to retry.
+CANCELLED_HERE = ("Locally cancelled by application!", "Channel closed!")
+
+
 def retryable(code: grpc.StatusCode, details: str) -> bool:
     """A status worth retrying: transient, or an aggregator busy with other uploads."""
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         return False  # "Sent/Received message larger than max (N vs. M)": permanent
+    if code == grpc.StatusCode.CANCELLED:
+        # cancelled by the aggregator: a server stopping (SIGTERM, a restart) cancels the calls it has
+        # in flight when its grace period ends, and the restarted one answers the retry
+        return details not in CANCELLED_HERE
     return code in RETRYABLE
 
 

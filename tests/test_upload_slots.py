@@ -21,6 +21,7 @@ from fedsqueeze.aggregator.cli import main as aggregator_main
 from fedsqueeze.aggregator.server import AggregatorServer
 from fedsqueeze.codecs import CodecState
 from fedsqueeze.collaborator.transport import FederationClient, retryable
+from fedsqueeze.errors import FederationError
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
 from fedsqueeze.plan import Plan
@@ -189,6 +190,42 @@ def test_which_statuses_the_collaborator_retries() -> None:
     assert retryable(code.UNAVAILABLE, "") and retryable(code.DEADLINE_EXCEEDED, "")
     assert not retryable(code.RESOURCE_EXHAUSTED, "Received message larger than max (9 vs. 4)")
     assert not retryable(code.INVALID_ARGUMENT, "") and not retryable(code.ALREADY_EXISTS, "")
+    # An aggregator stopping cancels its calls in flight: retried. A call this process cancelled is not.
+    assert retryable(code.CANCELLED, "CANCELLED")
+    assert not retryable(code.CANCELLED, "Locally cancelled by application!")
+    assert not retryable(code.CANCELLED, "Channel closed!")
+
+
+class _Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_call_cancelled_by_a_stopping_aggregator_is_retried() -> None:
+    """What a collaborator saw in a `docker restart` of the aggregator: CANCELLED with details
+    "CANCELLED" when the old server's grace ended; it must retry, not exit."""
+    client = FederationClient("127.0.0.1:1", connect_timeout=30)
+    answers: list[Exception | str] = [_Status(grpc.StatusCode.CANCELLED, "CANCELLED"), "task"]
+
+    def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    try:
+        assert client._call("GetTask", call) == "task" and answers == []
+        local = _Status(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        with pytest.raises(FederationError):
+            client._call("GetTask", lambda: (_ for _ in ()).throw(local))
+    finally:
+        client.close()
 
 
 def test_the_bound_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
