@@ -851,6 +851,48 @@ def plot(setting: Setting, runs: dict[str, list[dict[str, Any]]], flower: list[d
     plt.close(fig)
 
 
+def protocol_text(cfg: Config, only_lm: bool) -> str:
+    """The protocol paragraph: the small models' set-up (unless only the LM setting ran), then what every run shares."""
+    peer = resolved(ADAM)  # Flower's FedAdam settings, as the protocol text names them
+    small = (
+        "Protocol: model `mlp` hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), and in the mnist1d-cnn settings "
+        f"a 1-D `cnn`, the kind of model MNIST-1D was made to reward (two conv layers of 32 and 64 channels, a hidden layer of 256: 74,698 parameters), {cfg.collaborators} collaborators, "
+        f"{cfg.per_round} per round, 1 local epoch (batch 32, SGD lr 0.05, momentum 0.9), seeds {cfg.seeds}. "
+        f"MNIST-1D is generated with {MNIST1D_SAMPLES:,} samples (80 % train: 400 per collaborator). FedAvg and Flower run "
+        f"{cfg.rounds} rounds; every other chain runs at least {cfg.rounds} rounds and then on, up to {cfg.horizon}, until it "
+        "reaches the target, so slower chains still get a rounds-to-target (the accuracy column is at round "
+        f"{cfg.rounds} for all). Downlink `{CATCH_UP}` with an `update` is the aggregator compressing its own global update "
+        "(`downlink.update_chain`, server-side error feedback) and each collaborator catching up on the coordinates that moved. "
+    )
+    shared = (
+        "Each run drives the production `Federation` in-process (`simulation/inprocess.py`): same chains, CodecStates, training "
+        "function and streaming FedAvg as over gRPC, and bytes that are the serialized `Payload` sizes (see the gRPC check). "
+        "Rounds and bytes to target are means over the seeds that reached it; bytes are totals over all collaborators"
+        + (
+            ""
+            if only_lm
+            else ", the AE's prepass model downloads and decoder uploads included (uplink column)"
+        )
+        + ". Flower: flwr 1.41 in its own venv (`make flower-venv`), the same data, shards, per-round selection, initial model, "
+        "training function and seeds, `FedAvg.aggregate_fit` (and, where a row uses FedAdam, `FedAdam.aggregate_fit` with "
+        + (
+            "the setting's FedAdam parameters, given with its table"
+            if only_lm
+            else f"the E-G rows' lr {peer['lr']}, beta1 {peer['beta1']}, beta2 {peer['beta2']} and tau {peer['tau']}, as the peer for every FedAdam row"
+        )
+        + "); its bytes are the `Parameters` tensors that `ndarrays_to_parameters` produces (one .npy per tensor), "
+        "downlink once per selected client. "
+        "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse. "
+    )
+    if only_lm:
+        return f"Protocol: {shared}The {LM} setting's model, data split and rounds are given with its table."
+    return (
+        small
+        + shared
+        + f"The {LM} setting (a transformer language model) has a protocol of its own, given with its table."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -969,35 +1011,17 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"  flower {f.get('strategy', 'FedAvg')} {s.key} seed {seed}: final {s.metric.name} "
                                   f"{s.metric.text(s.metric.of(f['rounds'][-1]))}  {f['seconds']:.0f} s", flush=True)  # fmt: skip
     wall = time.perf_counter() - t0
-    peer = resolved(ADAM)  # Flower's FedAdam settings, as the protocol text names them
     body = [
         f"Command: `{' '.join(['python -m bench.fl_bench', *(argv if argv is not None else sys.argv[1:])])}` "
         f"({wall / 60:.1f} min wall on this 2-core machine, {args.jobs} processes"
         + (
-            f"; {cached} of {len(jobs)} runs read from the cache of an identical earlier run (`--reuse`), Flower re-run"
+            f"; {cached} of {len(jobs)} runs read from the cache of identical earlier runs (`--reuse`), Flower's too where kept"
             if cached
             else ""
         )
         + ").",
         "",
-        f"Protocol: model `mlp` hidden [384, 128] (66,314 parameters on MNIST-1D, 75,530 on digits), and in the mnist1d-cnn settings "
-        f"a 1-D `cnn`, the kind of model MNIST-1D was made to reward (two conv layers of 32 and 64 channels, a hidden layer of 256: 74,698 parameters), {cfg.collaborators} collaborators, "
-        f"{cfg.per_round} per round, 1 local epoch (batch 32, SGD lr 0.05, momentum 0.9), seeds {cfg.seeds}. "
-        f"MNIST-1D is generated with {MNIST1D_SAMPLES:,} samples (80 % train: 400 per collaborator). FedAvg and Flower run "
-        f"{cfg.rounds} rounds; every other chain runs at least {cfg.rounds} rounds and then on, up to {cfg.horizon}, until it "
-        "reaches the target, so slower chains still get a rounds-to-target (the accuracy column is at round "
-        f"{cfg.rounds} for all). Downlink `{CATCH_UP}` with an `update` is the aggregator compressing its own global update "
-        "(`downlink.update_chain`, server-side error feedback) and each collaborator catching up on the coordinates that moved. "
-        "Each run drives the production `Federation` in-process (`simulation/inprocess.py`): same chains, CodecStates, training "
-        "function and streaming FedAvg as over gRPC, and bytes that are the serialized `Payload` sizes (see the gRPC check). "
-        "Rounds and bytes to target are means over the seeds that reached it; bytes are totals over all collaborators, "
-        "the AE's prepass model downloads and decoder uploads included (uplink column). "
-        "Flower: flwr 1.41 in its own venv (`make flower-venv`), the same data, shards, per-round selection, initial model, "
-        "training function and seeds, `FedAvg.aggregate_fit` (and, where a row uses FedAdam, `FedAdam.aggregate_fit` with "
-        f"the E-G rows' lr {peer['lr']}, beta1 {peer['beta1']}, beta2 {peer['beta2']} and tau {peer['tau']}, as the peer for every FedAdam row); its bytes are the `Parameters` tensors that "
-        "`ndarrays_to_parameters` produces (one .npy per tensor), downlink once per selected client. "
-        "`up ÷ Flower` is our uplink bytes to target divided by Flower's (smaller is better); the next column is its inverse. "
-        f"The {LM} setting (a transformer language model) has a protocol of its own, given with its table.",
+        protocol_text(cfg, only_lm=all(s.key == LM for s in settings)),
         "",
     ]
     summaries = {}

@@ -1,6 +1,10 @@
 """Time to accuracy on slow links: aggregator and collaborators in separate network namespaces.
 
     sudo python -m bench.slowlink [--up-mbit 1] [--down-mbit 10] [--collaborators 4] [--rounds 20] [--out docs/benchmarks.md]
+                                  [--reuse]
+
+With `--reuse`, a run whose plan and links match one in runs/slowlink/ is read back instead of run again
+(its report, with the round durations measured then); the table says how many rows came from there.
 
 Needs root (`ip netns`, `tc`). Topology, all on this machine and private to it: one namespace for the
 aggregator, one per collaborator; collaborator i is joined to the aggregator by its own veth pair,
@@ -18,6 +22,7 @@ aggregation, evaluation) up to the first round at or above the target, plus the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -99,6 +104,7 @@ class Topology:
         self.cleanup()
 
 
+CACHE = Path("runs/slowlink")
 HIDDEN = [384, 128]  # the 66k-parameter MLP of bench.fl_bench
 MNIST1D_SHAPE = (40, 10)  # input length, classes
 
@@ -176,6 +182,27 @@ def run_federation(topo: Topology, plan: dict[str, Any], tmp: Path) -> dict[str,
     return dict(json.loads(report.read_text()))
 
 
+def cache_path(plan: dict[str, Any], topo: Topology) -> Path:
+    """Where a run of `plan` over these links is kept: the plan, the rates and the collaborators' count."""
+    key = json.dumps([plan, topo.n, topo.up, topo.down], sort_keys=True)
+    return CACHE / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def run_or_reuse(topo: Topology, plan: dict[str, Any], reuse: bool) -> tuple[dict[str, Any], float, bool]:
+    """(the run's report, its wall seconds, whether it came from the cache)."""
+    path = cache_path(plan, topo)
+    if reuse and path.exists():
+        kept = json.loads(path.read_text())
+        return kept["report"], kept["wall"], True
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        report = run_federation(topo, plan, Path(d))
+        wall = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"plan": plan, "report": report, "wall": wall}))
+    return report, wall, False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chains", type=int, default=len(CHAINS), help="the first N chains")
     parser.add_argument("--only", help="comma-separated row numbers (0 = FedAvg, always run)")
     parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument(
+        "--reuse", action="store_true", help=f"read back runs kept in {CACHE}/ instead of running them again"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.slowlink needs root (ip netns, tc)", file=sys.stderr)
@@ -218,16 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         chosen = [CHAINS[0], *(CHAINS[int(i)] for i in args.only.split(",") if int(i) != 0)]
     rows = []
+    reused = 0
     with Topology(args.collaborators, args.up_mbit, args.down_mbit) as topo:
         for name, up, down, *extra in chosen:
             rounds = args.rounds if name == CHAINS[0][0] else max(args.rounds, args.horizon or 0)
             plan = make_plan(
                 up, down, args.collaborators, rounds, args.seed, extra[0] if extra else None, args.hidden
             )
-            with tempfile.TemporaryDirectory() as d:
-                t0 = time.perf_counter()
-                rep = run_federation(topo, plan, Path(d))
-                wall = time.perf_counter() - t0
+            rep, wall, kept = run_or_reuse(topo, plan, args.reuse)
+            reused += kept
             pre = rep.get("prepass", {})
             elapsed, hit = 0.0, None
             for r in rep["rounds"]:
@@ -249,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"{name}: {f'round {hit[0]}, {hit[1]:.1f} s' if hit else 'not reached'}; {per_round:.2f} s/round; final {100 * row['final']:.2f} %; wall {wall:.0f} s"
+                + (" (kept run)" if kept else "")
             )
     cleanup_ok = not any(ns.startswith(f"fsqb{topo.tag}-") for ns in sh("ip", "netns", "list").stdout.split())
     base = rows[0]["hit"][1] if rows and rows[0]["hit"] else None
@@ -262,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Target {100 * target:.2f} % (in-process FedAvg, mean of the last 3 rounds, minus 1 pp). Time to target: the aggregator's "
         "round durations summed up to the first round at target (transfers, codec time, training, aggregation, evaluation; "
         "process start-up and joining excluded). Namespaces removed afterwards: "
-        + ("yes." if cleanup_ok else "NO."),
+        + ("yes." if cleanup_ok else "NO.")
+        + (
+            f" {reused} of {len(rows)} rows are runs kept from an earlier invocation (`--reuse`), measured the same way."
+            if reused
+            else ""
+        ),
         "",
         "| chain | uplink | downlink | uplink bytes / message | downlink bytes / message | s / round | rounds to target | time to target | speed-up vs FedAvg | final accuracy |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
