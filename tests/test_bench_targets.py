@@ -42,3 +42,14 @@ def test_the_language_model_setting_keeps_its_protocol_under_explicit_flags() ->
     assert lm.config(Config(), {"rounds": 3}).rounds == 3
     assert lm.metric is PERPLEXITY and lm.training["optimizer"] == "adam"
     assert all(s.config(Config()) == Config() for s in SETTINGS if s.key != LM)
+
+
+def test_converged_runs_of_other_settings_get_a_section_of_their_own() -> None:
+    from bench.converged import section
+
+    assert section("mnist1d-a0.5,digits-a0.5,mnist1d-cnn-a0.5")[0] == "converged"
+    assert section("digits-a0.5")[0] == "converged"
+    key, title = section("mnist1d-a0.1,mnist1d-cnn-a0.1")
+    assert key == "converged-mnist1d-a0.1-mnist1d-cnn-a0.1" and title.endswith(
+        ": mnist1d-a0.1, mnist1d-cnn-a0.1"
+    )
