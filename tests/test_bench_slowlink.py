@@ -38,3 +38,25 @@ def test_reuse_reads_back_what_a_run_kept(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert kept and again == first and len(runs) == 1
     fresh, _, kept = run_or_reuse(topo, plan, reuse=False)  # without --reuse every run is measured again
     assert not kept and len(runs) == 2 and fresh["rounds"][0]["seconds"] == 5.0
+
+
+def test_the_screen_bounds_time_by_bytes_at_the_link_rates() -> None:
+    from bench.slowlink_screen import link_seconds
+
+    row = {"up": 125_000.0, "down": 1_250_000.0}  # 1 s up at 1 Mbit/s, 1 s down at 10 Mbit/s
+    assert link_seconds(row, 0.5, 1.0, 10.0) == pytest.approx(2.5)
+
+
+def test_the_screen_runs_its_candidates_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import slowlink_screen
+
+    argv = ["--hidden", "8", "--rounds", "2", "--horizon", "2", "--only", "2", "--jobs", "1"]
+    assert slowlink_screen.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| FedAvg (identity) |") or line.startswith("| FedAdam")
+    ]
+    assert len(rows) == 2 and all("`identity`" in line for line in rows)
+    assert "server `adam` lr 0.03" in rows[1]
