@@ -53,3 +53,23 @@ def test_converged_runs_of_other_settings_get_a_section_of_their_own() -> None:
     assert key == "converged-mnist1d-a0.1-mnist1d-cnn-a0.1" and title.endswith(
         ": mnist1d-a0.1, mnist1d-cnn-a0.1"
     )
+
+
+def test_the_ae_ablation_is_matched_to_the_ae_bytes_per_message() -> None:
+    from bench.ae_target import matched_fraction, sign_topk_bytes
+
+    n = 66_442
+    for fraction in (0.002, 0.01, 0.05):
+        assert matched_fraction(sign_topk_bytes(fraction, n), n) == pytest.approx(fraction, rel=0.05)
+
+
+def test_an_ae_row_counts_the_decoder_in_its_uplink_bytes() -> None:
+    from bench.ae_target import FEDAVG, ae_chain, row
+
+    setting = next(s for s in SETTINGS if s.key == "mnist1d-a0.5")
+    run = {"prepass_bytes": {"up_wire": 0, "down_wire": 9_000, "decoder": 1_000},
+           "rounds": [{"round": r, "accuracy": 0.1 * r, "up_wire": 100, "down_wire": 50} for r in (1, 2, 3)]}  # fmt: skip
+    fedavg = {"rounds": 3, "up": 120_000, "down": 0, "decoder": 0}
+    cells = row(setting, 0.25, ae_chain(0.01), run, fedavg).split(" | ")
+    assert cells[5:10] == ["3", "1.3 kB", "1 kB", "9.15 kB", "92x"]  # 1,000 + 3 x 100 up; 9,000 + 3 x 50 down
+    assert row(setting, 0.9, FEDAVG, run, None).count("not in 3") == 1
