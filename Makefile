@@ -8,7 +8,7 @@ PROTO_SRC := $(PROTO_DIR)/fedsqueeze/v1/fedsqueeze.proto
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-converged bench-resfed bench-grpc-check bench-slowlink bench-scale flower-venv flower-test bench-flower-app clean prometheus compose-test
+.PHONY: help install demo demo-ae test test-fast lint typecheck proto check-proto bench bench-quick bench-fl bench-converged bench-converged-a0.1 bench-seed003 bench-ae-target bench-slowlink-screen bench-resfed bench-grpc-check bench-slowlink bench-scale flower-venv flower-test bench-flower-app clean prometheus compose-test
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -123,6 +123,18 @@ bench-lm: $(STAMP) $(FLOWER_STAMP) ## The transformer language model (1.2M param
 
 bench-converged: $(STAMP) $(FLOWER_STAMP) ## Bytes to a converged target (300 rounds) vs Flower's best strategy
 	$(BIN)/python -m bench.converged --settings mnist1d-a0.5,digits-a0.5,mnist1d-cnn-a0.5 --seeds 0,1,2 --setting-seeds mnist1d-cnn-a0.5=0 --jobs 2 --reuse --out docs/benchmarks.md
+
+bench-converged-a0.1: $(STAMP) $(FLOWER_STAMP) ## The converged target on the alpha 0.1 MNIST-1D settings (MLP and CNN, seed 0)
+	$(BIN)/python -m bench.converged --settings mnist1d-a0.1,mnist1d-cnn-a0.1 --seeds 0 --jobs 2 --reuse --out docs/benchmarks.md
+
+bench-seed003: $(STAMP) ## Seed 003 on a stand-in: pruning 10-99 %, post-hoc quantization and QAT at 1/4/8 bits, float downlink too
+	$(BIN)/python -m bench.seed003 --rounds 60 --seeds 0 --jobs 2 --reuse --out docs/benchmarks.md
+
+bench-ae-target: $(STAMP) ## The shared-decoder AE (1 % correction) to fl_bench's target on the MNIST-1D MLP, beside its ablation
+	$(BIN)/python -m bench.ae_target --settings mnist1d-a0.5,mnist1d-a0.1 --jobs 2 --reuse --out docs/benchmarks.md
+
+bench-slowlink-screen: $(STAMP) ## Slow-link chains screened in-process on the 1.1M-parameter MLP: rounds to target, a time bound
+	$(BIN)/python -m bench.slowlink_screen --hidden 1024,1024 --out docs/benchmarks.md
 
 bench-resfed: $(STAMP) ## Seed 004 (ResFed) on a stand-in: traffic per client to 70 %
 	$(BIN)/python -m bench.resfed --jobs 2 --out docs/benchmarks.md
