@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(args.jobs) as pool:
         ran = dict(zip(map(cache_path, todo), pool.map(run_one, todo), strict=True))
     kept = {cache_path(job): out for job, out in done}
-    results = [kept.get(cache_path(job)) or ran[cache_path(job)] for job in jobs]  # in row order
+    # in row order, under the row's name of today
+    results = [{**(kept.get(cache_path(job)) or ran[cache_path(job)]), "row": job[0].name} for job in jobs]
     lines = table(results, args, time.perf_counter() - start, len(done))
     print("\n".join(lines))
     if args.out is not None:
