@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import md_code, replace_section, split_cached
+from .common import replace_section, split_cached
 from .fl_bench import (
     AE_BASE,
     CHAINS,
@@ -41,10 +41,12 @@ from .fl_bench import (
     Config,
     Setting,
     cache_path,
+    down_label,
     fmt_bytes,
     run_one,
     target_of,
     to_target,
+    up_label,
 )
 
 MNIST1D = ("mnist1d-a0.5", "mnist1d-a0.1", "mnist1d-cnn-a0.5", "mnist1d-cnn-a0.1")
@@ -144,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "Ablation: the AE's sparse correction and error feedback without the AE, k matched to the AE's bytes per message. "
         "Best chain: `bench.fl_bench`'s H3 (the recipe: STC 0.5 % with FedAdam, a lattice downlink).",
         "",
-        "| setting | target | chain | uplink | B / message | rounds to target | uplink bytes to target | of which decoder | downlink bytes to target | FedAvg's uplink ÷ ours | accuracy at the last round |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| setting | target | chain | uplink | downlink | B / message | rounds to target | uplink bytes to target | of which decoder | downlink bytes to target | FedAvg's uplink ÷ ours | accuracy at the last round |",
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     for i, s in enumerate(settings):
         fedavg = to_target(bases[i], targets[s.key])
@@ -165,7 +167,14 @@ def row(
 ) -> str:
     hit = to_target(run, target)
     factor = f"{fedavg['up'] / hit['up']:,.0f}x" if (hit and fedavg) else "-"
-    cells = [setting.key, f"{100 * target:.2f} %", chain.name, md_code(chain.up), f"{per_message(run):,.0f}"]
+    cells = [
+        setting.key,
+        f"{100 * target:.2f} %",
+        chain.name,
+        up_label(chain),
+        down_label(chain),
+        f"{per_message(run):,.0f}",
+    ]
     if hit:
         cells += [str(hit["rounds"]), fmt_bytes(hit["up"]), fmt_bytes(hit["decoder"]) if hit["decoder"] else "-",
                   fmt_bytes(hit["down"]), factor]  # fmt: skip

@@ -71,5 +71,5 @@ def test_an_ae_row_counts_the_decoder_in_its_uplink_bytes() -> None:
            "rounds": [{"round": r, "accuracy": 0.1 * r, "up_wire": 100, "down_wire": 50} for r in (1, 2, 3)]}  # fmt: skip
     fedavg = {"rounds": 3, "up": 120_000, "down": 0, "decoder": 0}
     cells = row(setting, 0.25, ae_chain(0.01), run, fedavg).split(" | ")
-    assert cells[5:10] == ["3", "1.3 kB", "1 kB", "9.15 kB", "92x"]  # 1,000 + 3 x 100 up; 9,000 + 3 x 50 down
+    assert cells[6:11] == ["3", "1.3 kB", "1 kB", "9.15 kB", "92x"]  # 1,000 + 3 x 100 up; 9,000 + 3 x 50 down
     assert row(setting, 0.9, FEDAVG, run, None).count("not in 3") == 1
