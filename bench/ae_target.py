@@ -55,8 +55,16 @@ BEST = next(c for c in CHAINS if c.name.startswith("H3 "))  # fl_bench's fewest 
 
 
 def ae_chain(correction: float) -> Chain:
-    return Chain(f"AE chunked, shared decoder, correction {correction:g}", "ae", "identity",
-                 {**AE_BASE, "decoder": "shared", "correction": correction}, settings=MNIST1D)  # fmt: skip
+    """fl_bench's row "AE chunked, shared decoder, correction 0.01", or the same AE with another correction."""
+    name = f"AE chunked, shared decoder, correction {correction:g}"
+    return next((c for c in CHAINS if c.name == name), None) or Chain(
+        name,
+        "ae",
+        "identity",
+        {**AE_BASE, "decoder": "shared", "correction": correction},
+        max_seeds=1,
+        settings=MNIST1D,
+    )
 
 
 def ablation_chain(fraction: float) -> Chain:
