@@ -26,19 +26,19 @@ import argparse
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import replace_section, split_cached
+from .common import replace_section, run_or_read
 from .fl_bench import (
     AE_BASE,
     CHAINS,
     SETTINGS,
     Chain,
     Config,
+    Job,
     Setting,
     cache_path,
     down_label,
@@ -97,14 +97,8 @@ def per_message(run: dict[str, Any], per_round: int = Config.per_round) -> float
     return float(sum(r["up_wire"] for r in rounds) / max(1, per_round * len(rounds)))
 
 
-def run_all(
-    jobs: list[tuple[Setting, Chain, int, Config, float | None]], reuse: bool, workers: int
-) -> tuple[list[dict[str, Any]], int]:
-    done, todo = split_cached(jobs, lambda j: cache_path(*j), reuse)
-    with ProcessPoolExecutor(workers) as pool:
-        ran = dict(zip((cache_path(*j) for j in todo), pool.map(run_one, todo), strict=True))
-    kept = {cache_path(*j): out for j, out in done}
-    return [kept.get(cache_path(*j)) or ran[cache_path(*j)] for j in jobs], len(done)
+def run_all(jobs: list[Job], reuse: bool, workers: int) -> tuple[list[dict[str, Any]], int]:
+    return run_or_read(jobs, lambda j: cache_path(*j), run_one, reuse, workers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,24 @@ def split_cached(
     return done, todo
 
 
+def run_or_read(
+    jobs: Sequence[J],
+    path_of: Callable[[J], Path],
+    run: Callable[[J], dict[str, Any]],
+    reuse: bool,
+    workers: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """(every job's result in job order, how many were read back): `split_cached`, then the rest run by
+    `run` (a module-level function, which writes its own result file) in `workers` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    done, todo = split_cached(jobs, path_of, reuse)
+    with ProcessPoolExecutor(workers) as pool:
+        ran = dict(zip(map(path_of, todo), pool.map(run, todo), strict=True))
+    kept = {path_of(job): out for job, out in done}
+    return [kept.get(path_of(job)) or ran[path_of(job)] for job in jobs], len(done)
+
+
 def md_code(text: str) -> str:
     """Inline code for a Markdown table cell: GitHub splits cells at every unescaped `|`, even in code."""
     return "`" + text.replace("|", "\\|") + "`"

@@ -27,12 +27,11 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import int_list, md_code, replace_section, split_cached
+from bench.common import int_list, md_code, replace_section, run_or_read
 from bench.fl_bench import CNN, MNIST1D_SAMPLES, TRAINING, fmt_bytes, smoothed_final
 
 PRUNE_RATES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)
@@ -192,13 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(row, seed, args.rounds) for row in rows() for seed in args.seeds
             if not wanted or row.group == "baseline" or any(w in row.name for w in wanted)]  # fmt: skip
     start = time.perf_counter()
-    done, todo = split_cached(jobs, cache_path, args.reuse)
-    with ProcessPoolExecutor(args.jobs) as pool:
-        ran = dict(zip(map(cache_path, todo), pool.map(run_one, todo), strict=True))
-    kept = {cache_path(job): out for job, out in done}
-    # in row order, under the row's name of today
-    results = [{**(kept.get(cache_path(job)) or ran[cache_path(job)]), "row": job[0].name} for job in jobs]
-    lines = table(results, args, time.perf_counter() - start, len(done))
+    results, kept = run_or_read(jobs, cache_path, run_one, args.reuse, args.jobs)
+    results = [
+        {**out, "row": job[0].name} for job, out in zip(jobs, results, strict=True)
+    ]  # today's row names
+    lines = table(results, args, time.perf_counter() - start, kept)
     print("\n".join(lines))
     if args.out is not None:
         replace_section(
