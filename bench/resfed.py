@@ -25,11 +25,10 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import int_list, replace_section, split_cached
+from bench.common import int_list, replace_section, run_or_read
 from bench.fl_bench import (
     ADAM_B05,
     CNN,
@@ -146,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                  per_round=COLLABORATORS)  # fmt: skip
     jobs = [(SETTING, chain, seed, cfg, TARGET) for chain, _ in ROWS for seed in args.seeds]
     start = time.perf_counter()
-    done, todo = split_cached(jobs, lambda j: cache_path(*j), args.reuse)
-    results = [out for _, out in done]
-    with ProcessPoolExecutor(args.jobs) as pool:
-        results += list(pool.map(run_one, todo))
-    lines = table(results, args, time.perf_counter() - start, len(jobs) - len(todo))
+    results, cached = run_or_read(jobs, lambda j: cache_path(*j), run_one, args.reuse, args.jobs)
+    lines = table(results, args, time.perf_counter() - start, cached)
     print("\n".join(lines))
     if args.out is not None:
         replace_section(args.out, "resfed", "Seed 004: ResFed's traffic to 70 % accuracy (stand-in)", lines)
