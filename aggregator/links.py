@@ -49,6 +49,17 @@ class Download:
 
 
 @dataclass
+class SharedEncode:
+    """One download encoded for every member whose downlink state shares its arrays with `source`
+    (all of them with full participation: they start from one primed state and move together)."""
+
+    source: CodecState
+    model: np.ndarray  # the model encoded: the same round may hand out another (a resumed federation)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    result: tuple[CodecState, Payload] | None = None  # the state after encoding, and the payload
+
+
+@dataclass
 class Upload:
     """A decoded update, not yet committed: `commit()` moves the member's uplink state."""
 
@@ -72,6 +83,10 @@ class Links:
         # a stateless downlink encodes once per round, for everyone
         self._shared: tuple[int, Payload] | None = None
         self._shared_lock = threading.Lock()
+        # a stateful one once per round for each group of members in the same state: (round, encodes)
+        self._shared_states: tuple[int, list[SharedEncode]] = (0, [])
+        # every fresh downlink state is a fork of this one, so members start out sharing their arrays
+        self._template_down = chains.downlink_state(self._initial)
         # Encoding is CPU-bound and takes a few model-sized temporaries: more at once than there are
         # cores is no faster and only costs memory (1,000 collaborators polling at once).
         self._encode_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
@@ -107,7 +122,7 @@ class Links:
             link.up, link.down, link.sent = up, self._fresh_down(), None
 
     def _fresh_down(self) -> CodecState:
-        return self.chains.downlink_state(self._initial)
+        return self._template_down.fork()
 
     def install(self, member_id: str, stage: int, tensors: StageState) -> None:
         """Put tensors (an autoencoder decoder) into a member's uplink state at `stage`."""
@@ -132,13 +147,35 @@ class Links:
                 link.sent = (round_number, payload)
 
             return Download(payload, commit_stateless, fresh=True)
-        state = link.down.fork()
-        payload = self._encode(global_model, state)
+        state, payload = self._encode_stateful(link.down, round_number, global_model)
 
         def commit() -> None:
             link.down, link.sent = state, (round_number, payload)
 
         return Download(payload, commit, fresh=True)
+
+    def _encode_stateful(
+        self, source: CodecState, round_number: int, global_model: np.ndarray
+    ) -> tuple[CodecState, Payload]:
+        """(the state after encoding, the payload) for a member whose downlink state is `source`: encoded
+        once per round for all members whose states share their arrays (`CodecState.shares_arrays_with`)."""
+        with self._shared_lock:
+            number, encodes = self._shared_states
+            if number != round_number:
+                encodes = []
+                self._shared_states = (round_number, encodes)
+            entry = next(
+                (e for e in encodes if e.model is global_model and e.source.shares_arrays_with(source)), None
+            )
+            if entry is None:
+                entry = SharedEncode(source, global_model)
+                encodes.append(entry)
+        with entry.lock:  # a member polling at the same moment waits for this encode instead of repeating it
+            if entry.result is None:
+                state = source.fork()
+                entry.result = (state, self._encode(global_model, state))
+        state, payload = entry.result
+        return state.fork(), payload
 
     def _encode(self, global_model: np.ndarray, state: CodecState) -> Payload:
         with self._encode_slots:

@@ -43,6 +43,17 @@ class CodecState:
         out.messages = self.messages
         return out
 
+    def shares_arrays_with(self, other: CodecState) -> bool:
+        """True when both hold the very same array objects (one is a fork of the other, or both of a
+        third, and neither has moved since): then encoding into either gives the same bytes."""
+        if self.messages != other.messages or self._stages.keys() != other._stages.keys():
+            return False
+        for index, mine in self._stages.items():
+            theirs = other._stages[index]
+            if mine.keys() != theirs.keys() or any(a is not theirs[k] for k, a in mine.items()):
+                return False
+        return True
+
     def __bool__(self) -> bool:
         return any(self._stages.values())
 

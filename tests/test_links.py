@@ -1,0 +1,94 @@
+"""The aggregator's links: a stateful downlink is encoded once per round for members in the same state."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedsqueeze.aggregator.links import Links
+from fedsqueeze.chains import LinkChains
+from fedsqueeze.codecs import Chain, Layout
+from fedsqueeze.metrics import Metrics
+from fedsqueeze.plan import Plan
+
+DOWN = "residual | lattice:0.1,positions=context | entropy"
+
+
+def make_links(n: int) -> tuple[Links, LinkChains, Layout, np.ndarray]:
+    plan = Plan.from_json({"downlink": {"chain": DOWN, "prior": "initial"}})
+    chains = LinkChains.from_plan(plan)
+    layout = Layout.of({"w": np.zeros((40, 25)), "b": np.zeros(40)})
+    initial = np.random.default_rng(0).standard_normal(layout.numel).astype(np.float32)
+    links = Links(chains, layout, initial, Metrics("aggregator"))
+    for i in range(n):
+        links.add(f"m{i}")
+    return links, chains, layout, initial
+
+
+class CountingChain(Chain):
+    """The plan's downlink, counting its encodes."""
+
+    def __init__(self, config: list[dict[str, object]]) -> None:
+        super().__init__(Chain.from_config(config).stages)
+        self.encodes = 0
+
+    def encode(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.encodes += 1
+        return super().encode(*args, **kwargs)
+
+
+def test_members_in_the_same_state_share_one_encode_and_each_decodes_it() -> None:
+    links, chains, layout, initial = make_links(3)
+    counting = CountingChain(chains.downlink.get_config())
+    links.chains = LinkChains(chains.uplink, counting, None, True)
+    receivers = {f"m{i}": chains.downlink_state(initial) for i in range(3)}
+    rng = np.random.default_rng(1)
+    model = initial
+    for round_number in (1, 2, 3):
+        model = model + 0.05 * rng.standard_normal(model.size).astype(np.float32)
+        before = counting.encodes
+        payloads = {}
+        for member in receivers:
+            download = links.encode_download(member, round_number, model)
+            download.commit()
+            payloads[member] = download.payload.data
+        assert counting.encodes == before + 1  # one encode for all three
+        assert len(set(payloads.values())) == 1
+        for member, state in receivers.items():  # each collaborator decodes with its own state
+            decoded = chains.downlink.decode(payloads[member], layout, state)
+            assert np.abs(decoded - model).max() < 0.2
+
+
+def test_a_member_that_missed_a_round_gets_its_own_encode() -> None:
+    links, chains, layout, initial = make_links(3)
+    counting = CountingChain(chains.downlink.get_config())
+    links.chains = LinkChains(chains.uplink, counting, None, True)
+    receivers = {f"m{i}": chains.downlink_state(initial) for i in range(3)}
+    rng = np.random.default_rng(2)
+    first = initial + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
+    for member in ("m0", "m1"):  # m2 is not selected in round 1
+        download = links.encode_download(member, 1, first)
+        download.commit()
+        chains.downlink.decode(download.payload.data, layout, receivers[member])
+    second = first + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
+    before = counting.encodes
+    payloads = {}
+    for member in receivers:
+        download = links.encode_download(member, 2, second)
+        download.commit()
+        payloads[member] = download.payload.data
+    assert counting.encodes == before + 2  # m0 and m1 share one, m2 (a round behind) has its own
+    assert payloads["m0"] == payloads["m1"] != payloads["m2"]
+    for member, state in receivers.items():
+        decoded = chains.downlink.decode(payloads[member], layout, state)
+        assert np.abs(decoded - second).max() < 0.2
+
+
+def test_an_uncommitted_download_leaves_the_state_alone() -> None:
+    links, chains, layout, initial = make_links(2)
+    model = initial + 0.1
+    links.encode_download("m0", 1, model)  # handed out to nobody: not committed
+    receiver = chains.downlink_state(initial)
+    download = links.encode_download("m0", 1, model)
+    download.commit()
+    decoded = chains.downlink.decode(download.payload.data, layout, receiver)
+    assert np.abs(decoded - model).max() < 0.2
