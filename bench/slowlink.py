@@ -38,6 +38,12 @@ from .fl_bench import ADAM, ADAM_B05, CONTEXT
 # bench.fl_bench's H3, the chains with the fewest bytes to target there
 RECIPE_UP = f"ef:0.8 | stc:0.005,{CONTEXT} | entropy"
 RECIPE_DOWN = f"residual | lattice:0.1,{CONTEXT} | entropy"
+# The slow-link recipe (bench.slowlink_screen): fewer rounds than FedAvg from a denser uplink (STC 2 %), a
+# downlink fine enough to be almost lossless (step 0.003) and a gentler FedAdam. Golomb-Rice positions: on
+# this 2-core machine context coding 2 % of 1.1M positions costs more CPU time than its 5 kB save at 1 Mbit/s.
+SLOW_UP = "ef:0.8 | stc:0.02 | entropy"
+SLOW_DOWN = {"chain": "residual | lattice:0.003 | entropy", "prior": "initial"}
+ADAM_SLOW: dict[str, Any] = {**ADAM_B05, "lr": 0.01}
 # (name, uplink chain, downlink chain or spec, plan sections merged on top)
 CHAINS: list[tuple[Any, ...]] = [
     ("FedAvg (identity)", "identity", "identity"),
@@ -54,6 +60,11 @@ CHAINS: list[tuple[Any, ...]] = [
     ("sign + EF + FedAdam / fp16", "ef | sign", "fp16", {"aggregation": {"server_optimizer": ADAM}}),
     ("recipe: STC 0.5% + FedAdam / dense catch-up", RECIPE_UP, {"chain": RECIPE_DOWN, "prior": "initial"},
      {"aggregation": {"server_optimizer": ADAM_B05}}),
+    ("slow-link recipe: STC 2% + FedAdam lr 0.01 / lattice 0.003", SLOW_UP, SLOW_DOWN,
+     {"aggregation": {"server_optimizer": ADAM_SLOW}}),
+    ("slow-link recipe, context-coded positions", SLOW_UP.replace("0.02", f"0.02,{CONTEXT}"),
+     {**SLOW_DOWN, "chain": SLOW_DOWN["chain"].replace("0.003", f"0.003,{CONTEXT}")},
+     {"aggregation": {"server_optimizer": ADAM_SLOW}}),
 ]  # fmt: skip
 
 

@@ -19,6 +19,7 @@ runs in `bench.slowlink` measured FedAvg's 17 rounds at 702 s where this formula
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +28,16 @@ from typing import Any
 
 from .common import chain_label, downlink_label, int_list, replace_section
 from .fl_bench import ADAM, ADAM_B05, CONTEXT, TOPK1_Q4
-from .slowlink import RECIPE_DOWN, RECIPE_UP, in_process_target, make_plan, mlp_parameters
+from .slowlink import (
+    ADAM_SLOW,
+    RECIPE_DOWN,
+    RECIPE_UP,
+    SLOW_DOWN,
+    SLOW_UP,
+    in_process_target,
+    make_plan,
+    mlp_parameters,
+)
 
 FINE_DOWN = {"chain": f"residual | lattice:0.01,{CONTEXT} | entropy", "prior": "initial"}
 RECIPE = {"chain": RECIPE_DOWN, "prior": "initial"}
@@ -46,6 +56,17 @@ CANDIDATES: list[tuple[str, str, str | dict[str, Any], dict[str, Any] | None]] =
     ("2-bit MSE-clipped + EF + FedAdam / identity", Q2_MSE, "identity", ADAM),
     ("2-bit MSE-clipped + EF + FedAdam / lattice 0.01", Q2_MSE, FINE_DOWN, ADAM),
     ("PowerSGD rank 4 + EF + FedAdam / lattice 0.1", "ef | powersgd:4 | fp16", RECIPE, ADAM),
+    # the slow-link recipe (bench.slowlink's), then one change at a time
+    ("slow-link recipe: STC 2% + FedAdam lr 0.01 b1 0.5 / lattice 0.003", SLOW_UP, SLOW_DOWN, ADAM_SLOW),
+    (
+        "slow-link recipe, downlink lattice 0.1",
+        SLOW_UP,
+        {**SLOW_DOWN, "chain": "residual | lattice:0.1 | entropy"},
+        ADAM_SLOW,
+    ),
+    ("slow-link recipe, downlink uncompressed", SLOW_UP, "identity", ADAM_SLOW),
+    ("slow-link recipe, uplink STC 0.5%", SLOW_UP.replace("0.02", "0.005"), SLOW_DOWN, ADAM_SLOW),
+    ("slow-link recipe, FedAdam lr 0.03", SLOW_UP, SLOW_DOWN, ADAM_B05),
 ]
 
 Job = tuple[str, str, Any, Any, int, int, int, list[int], float]
@@ -86,37 +107,53 @@ def link_seconds(row: dict[str, Any], floor: float, up_mbit: float, down_mbit: f
 
 def table(
     candidates: list[tuple[str, str, Any, Any]],
-    rows: list[dict[str, Any]],
+    rows: dict[int, list[dict[str, Any]]],
     args: argparse.Namespace,
-    target: float,
+    targets: dict[int, float],
     wall: float,
 ) -> list[str]:
-    base = rows[0]
-    base_time = (
-        base["hit"] * link_seconds(base, args.floor_s, args.up_mbit, args.down_mbit) if base["hit"] else None
-    )
-    lines = [
-        f"Command: `python -m bench.slowlink_screen --hidden {','.join(map(str, args.hidden))} --horizon {args.horizon}` "
-        f"({wall / 60:.1f} min wall, {args.jobs} processes). In-process, the plan of `bench.slowlink` (MNIST-1D, Dirichlet 0.5, "
-        f"{args.collaborators} collaborators, the MLP with hidden layers {args.hidden}, {mlp_parameters(args.hidden):,} "
-        f"parameters, 1 local epoch, seed {args.seed}); target {100 * target:.2f} % (the same in-process FedAvg rule); each "
-        f"chain runs until the target or round {args.horizon}. Time bound: rounds x ({args.floor_s:g} s + uplink bytes at "
-        f"{args.up_mbit:g} Mbit/s + downlink bytes at {args.down_mbit:g} Mbit/s); 50x needs no more than "
-        + (f"{base_time / 50:.1f} s." if base_time else "(FedAvg did not reach the target)."),
-        "",
-        "| chain | uplink | downlink | rounds to target | best accuracy | uplink bytes / message | downlink bytes / message | time bound | speed-up bound |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]  # fmt: skip
-    for (_, up, down, optimizer), row in zip(candidates, rows, strict=True):
-        bound = (
+    """One line per candidate: rounds, bytes and the time bound for each seed, and the speed-up bound
+    against FedAvg (the first candidate) of the same seed."""
+    seeds = list(rows)
+
+    def bound(row: dict[str, Any]) -> float | None:
+        return (
             row["hit"] * link_seconds(row, args.floor_s, args.up_mbit, args.down_mbit) if row["hit"] else None
         )
-        speed = f"{base_time / bound:.1f}x" if (bound and base_time) else "-"
-        rounds = row["hit"] or f"not in {row['ran']}"
+
+    base = {seed: bound(rows[seed][0]) for seed in seeds}
+    per_seed = " / ".join(f"{100 * targets[seed]:.2f} %" for seed in seeds)
+    need = " / ".join(f"{b / 50:.1f} s" if b else "-" for b in base.values())
+    lines = [
+        f"Command: `python -m bench.slowlink_screen --hidden {','.join(map(str, args.hidden))} --horizon {args.horizon} "
+        f"--seeds {','.join(map(str, seeds))}` ({wall / 60:.1f} min wall, {args.jobs} processes). In-process, the plan of "
+        f"`bench.slowlink` (MNIST-1D, Dirichlet 0.5, {args.collaborators} collaborators, the MLP with hidden layers "
+        f"{args.hidden}, {mlp_parameters(args.hidden):,} parameters, 1 local epoch), seeds {seeds}: targets {per_seed} "
+        f"(the same in-process FedAvg rule, per seed); each chain runs until the target or round {args.horizon}. Time "
+        f"bound: rounds x ({args.floor_s:g} s + uplink bytes at {args.up_mbit:g} Mbit/s + downlink bytes at "
+        f"{args.down_mbit:g} Mbit/s); 50x needs no more than {need}. Columns with several values give one per seed, "
+        "in that order; bytes are means over the seeds.",
+        "",
+        "| chain | uplink | downlink | rounds to target | best accuracy | uplink bytes / message | downlink bytes / message | time bound | speed-up bound | worst seed |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for index, (_, up, down, optimizer) in enumerate(candidates):
+        runs = [rows[seed][index] for seed in seeds]
+        bounds = [bound(r) for r in runs]
+        speeds = [
+            base[seed] / b if (b and base[seed]) else None for seed, b in zip(seeds, bounds, strict=True)
+        ]
+        worst = "-" if None in speeds else f"{min(s for s in speeds if s is not None):.1f}x"
         lines.append(
-            f"| {row['name']} | {chain_label(up, server_optimizer=optimizer)} | {downlink_label(down)} | "
-            f"{rounds} | {100 * row['best']:.2f} % | {row['up']:,.0f} | {row['down']:,.0f} | "
-            f"{f'{bound:.1f} s' if bound else '-'} | {speed} |"
+            f"| {runs[0]['name']} | {chain_label(up, server_optimizer=optimizer)} | {downlink_label(down)} | "
+            + " / ".join(str(r["hit"] or f"not in {r['ran']}") for r in runs)
+            + " | "
+            + " / ".join(f"{100 * r['best']:.2f} %" for r in runs)
+            + f" | {sum(r['up'] for r in runs) / len(runs):,.0f} | {sum(r['down'] for r in runs) / len(runs):,.0f} | "
+            + " / ".join(f"{b:.1f} s" if b else "-" for b in bounds)
+            + " | "
+            + " / ".join(f"{v:.1f}x" if v else "-" for v in speeds)
+            + f" | {worst} |"
         )
     return lines
 
@@ -131,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=20, help="FedAvg's rounds for the target (bench.slowlink's)"
     )
     parser.add_argument("--horizon", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2])
     parser.add_argument("--up-mbit", type=float, default=1.0)
     parser.add_argument("--down-mbit", type=float, default=10.0)
     parser.add_argument("--floor-s", type=float, default=0.76, help="seconds of a round when nothing travels")
@@ -142,16 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    target = in_process_target(args.collaborators, args.rounds, args.seed, args.hidden)
-    print(f"target {100 * target:.2f} %", flush=True)
+    targets = {
+        seed: in_process_target(args.collaborators, args.rounds, seed, args.hidden) for seed in args.seeds
+    }
+    print("targets " + ", ".join(f"seed {s}: {100 * t:.2f} %" for s, t in targets.items()), flush=True)
     candidates = CANDIDATES[: args.only] if args.only else CANDIDATES
-    jobs = [(name, up, down, opt, args.collaborators, args.horizon, args.seed, args.hidden, target)
-            for name, up, down, opt in candidates]  # fmt: skip
-    with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(screen_one, jobs))
-    for row in rows:
-        print(f"  {row['name']}: {row['hit'] or 'not reached'} ({row['wall']:.0f} s)", flush=True)
-    lines = table(candidates, rows, args, target, time.perf_counter() - start)
+    jobs = [(name, up, down, opt, args.collaborators, args.horizon, seed, args.hidden, targets[seed])
+            for seed in args.seeds for name, up, down, opt in candidates]  # fmt: skip
+    # spawn, not fork: the targets' runs have started torch's threads in this process
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(screen_one, jobs))
+    rows = {
+        seed: results[i * len(candidates) : (i + 1) * len(candidates)] for i, seed in enumerate(args.seeds)
+    }
+    for seed, seed_rows in rows.items():
+        for row in seed_rows:
+            print(
+                f"  seed {seed}, {row['name']}: {row['hit'] or 'not reached'} ({row['wall']:.0f} s)",
+                flush=True,
+            )
+    lines = table(candidates, rows, args, targets, time.perf_counter() - start)
     print("\n".join(lines))
     if args.out is not None:
         replace_section(args.out, "slowlink-screen", "Slow links: chains screened in-process for 50x", lines)

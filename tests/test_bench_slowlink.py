@@ -50,7 +50,20 @@ def test_the_screen_bounds_time_by_bytes_at_the_link_rates() -> None:
 def test_the_screen_runs_its_candidates_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     from bench import slowlink_screen
 
-    argv = ["--hidden", "8", "--rounds", "2", "--horizon", "2", "--only", "2", "--jobs", "1"]
+    argv = [
+        "--hidden",
+        "8",
+        "--rounds",
+        "2",
+        "--horizon",
+        "2",
+        "--only",
+        "2",
+        "--jobs",
+        "1",
+        "--seeds",
+        "0,1",
+    ]
     assert slowlink_screen.main(argv) == 0
     out = capsys.readouterr().out
     rows = [
@@ -60,3 +73,6 @@ def test_the_screen_runs_its_candidates_in_process(capsys: pytest.CaptureFixture
     ]
     assert len(rows) == 2 and all("`identity`" in line for line in rows)
     assert "server `adam` lr 0.03" in rows[1]
+    cells = [cell.strip() for cell in rows[0].split("|")]
+    assert len(cells[4].split(" / ")) == 2  # rounds to target, one per seed
+    assert cells[9] == "1.0x / 1.0x"  # FedAvg against itself, seed by seed
