@@ -112,11 +112,12 @@ class LinkStates:
     up: CodecState  # sender side of the uplink: error feedback, predictors
     down: CodecState  # receiver side of the downlink: the residual's copy of the global model
 
-    def snapshot(self) -> tuple[bytes, bytes]:
-        return self.up.to_bytes(), self.down.to_bytes()
+    def snapshot(self) -> tuple[CodecState, CodecState]:
+        """Forks of both states: no copy of their arrays, which stages replace and never write into."""
+        return self.up.fork(), self.down.fork()
 
-    def restore(self, snapshot: tuple[bytes, bytes]) -> None:
-        self.up, self.down = CodecState.from_bytes(snapshot[0]), CodecState.from_bytes(snapshot[1])
+    def restore(self, snapshot: tuple[CodecState, CodecState]) -> None:
+        self.up, self.down = snapshot[0].fork(), snapshot[1].fork()
 
 
 @dataclass
@@ -179,7 +180,8 @@ class RoundStep:
         self.metrics = metrics
         self.up_fingerprint = chains.uplink.fingerprint(layout)
         self.up_codec, self.down_codec = str(chains.uplink), str(chains.downlink)
-        self._snapshot: tuple[int, tuple[bytes, bytes]] | None = None  # (round, states before that round)
+        # (round, the states before that round)
+        self._snapshot: tuple[int, tuple[CodecState, CodecState]] | None = None
         # called with (round, update) once the aggregator has taken an update (prepass.DriftMonitor)
         self.on_submitted: Callable[[int, np.ndarray], None] | None = None
 
@@ -236,7 +238,7 @@ class RoundStep:
                 self.metrics.record_message("up", "update", exc.status)
             log.warning("round %d: update not accepted (%s); going on", download.round, exc)
             assert self._snapshot is not None
-            self.states.up = CodecState.from_bytes(self._snapshot[1][0])
+            self.states.up = self._snapshot[1][0].fork()
             return None
         if self.metrics is not None:
             self.metrics.record_transfer("up", self.up_codec, self.member_id, raw=raw, wire=wire)
