@@ -32,18 +32,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fedsqueeze
+
 from .common import chain_label, downlink_label, int_list, replace_section
 from .fl_bench import ADAM, ADAM_B05, CONTEXT
 
 # bench.fl_bench's H3, the chains with the fewest bytes to target there
 RECIPE_UP = f"ef:0.8 | stc:0.005,{CONTEXT} | entropy"
 RECIPE_DOWN = f"residual | lattice:0.1,{CONTEXT} | entropy"
-# The slow-link recipe (bench.slowlink_screen): fewer rounds than FedAvg from a denser uplink (STC 2 %), a
-# downlink fine enough to be almost lossless (step 0.003) and a gentler FedAdam. Golomb-Rice positions: on
-# this 2-core machine context coding 2 % of 1.1M positions costs more CPU time than its 5 kB save at 1 Mbit/s.
-SLOW_UP = "ef:0.8 | stc:0.02 | entropy"
-SLOW_DOWN = {"chain": "residual | lattice:0.003 | entropy", "prior": "initial"}
-ADAM_SLOW: dict[str, Any] = {**ADAM_B05, "lr": 0.01}
+# The slow-link recipe, fedsqueeze/plans/slow-link.json (found by bench.slowlink_screen): fewer rounds than
+# FedAvg from a denser uplink (STC 2 %), a downlink fine enough to be almost lossless (step 0.003) and a
+# gentler FedAdam. Golomb-Rice positions: on this 2-core machine context coding 2 % of 1.1M positions costs
+# more CPU time than the 5 kB it saves at 1 Mbit/s.
+SLOW_LINK_PLAN = json.loads((Path(fedsqueeze.__file__).parent / "plans" / "slow-link.json").read_text())
+SLOW_UP: str = SLOW_LINK_PLAN["uplink"]["chain"]
+SLOW_DOWN: dict[str, Any] = SLOW_LINK_PLAN["downlink"]
+ADAM_SLOW: dict[str, Any] = SLOW_LINK_PLAN["aggregation"]["server_optimizer"]
 # (name, uplink chain, downlink chain or spec, plan sections merged on top)
 CHAINS: list[tuple[Any, ...]] = [
     ("FedAvg (identity)", "identity", "identity"),

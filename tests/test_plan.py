@@ -41,7 +41,7 @@ def test_missing_plan_file(tmp_path) -> None:
         Plan.load(tmp_path / "nope.json")
 
 
-@pytest.mark.parametrize("name", ["ae", "ae-paper", "fewest-bytes", "fewest-bytes-mnist1d-cnn"])
+@pytest.mark.parametrize("name", ["ae", "ae-paper", "fewest-bytes", "fewest-bytes-mnist1d-cnn", "slow-link"])
 def test_bundled_plans_load_and_build_their_chains(name: str) -> None:
     from pathlib import Path
 
@@ -50,5 +50,5 @@ def test_bundled_plans_load_and_build_their_chains(name: str) -> None:
     plan = Plan.load(Path(fedsqueeze.__file__).parent / "plans" / f"{name}.json")
     assert Plan.from_json(plan.to_json()).sha256 == plan.sha256
     LinkChains.from_plan(plan)  # every codec named exists and its parameters are valid
-    if name.startswith("fewest-bytes"):
+    if name.startswith("fewest-bytes") or name == "slow-link":
         assert plan.aggregation.server_optimizer.name == "adam" and plan.downlink.prior == "initial"
