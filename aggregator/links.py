@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedsqueeze.chains import LinkChains
-from fedsqueeze.codecs import CodecError, CodecState, Layout, StageState
+from fedsqueeze.codecs import CodecError, CodecState, Layout, StageState, StateIdentity
 from fedsqueeze.errors import FailedPrecondition, InvalidArgument
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.payload import Payload
@@ -50,10 +50,10 @@ class Download:
 
 @dataclass
 class SharedEncode:
-    """One download encoded for every member whose downlink state shares its arrays with `source`
-    (all of them with full participation: they start from one primed state and move together)."""
+    """One download encoded for every member whose downlink state holds the arrays of `source` (all
+    of them with full participation: they start from one primed state and move together)."""
 
-    source: CodecState
+    source: StateIdentity  # weak: an encode kept for a round holds no old state alive
     model: np.ndarray  # the model encoded: the same round may hand out another (a resumed federation)
     lock: threading.Lock = field(default_factory=threading.Lock)
     result: tuple[CodecState, Payload] | None = None  # the state after encoding, and the payload
@@ -84,7 +84,7 @@ class Links:
         self._shared: tuple[int, Payload] | None = None
         self._shared_lock = threading.Lock()
         # a stateful one once per round for each group of members in the same state: (round, encodes)
-        self._shared_states: tuple[int, list[SharedEncode]] = (0, [])
+        self._shared_states: tuple[int, dict[tuple[object, ...], SharedEncode]] = (0, {})
         # every fresh downlink state is a fork of this one, so members start out sharing their arrays
         self._template_down = chains.downlink_state(self._initial)
         # Encoding is CPU-bound and takes a few model-sized temporaries: more at once than there are
@@ -158,18 +158,17 @@ class Links:
         self, source: CodecState, round_number: int, global_model: np.ndarray
     ) -> tuple[CodecState, Payload]:
         """(the state after encoding, the payload) for a member whose downlink state is `source`: encoded
-        once per round for all members whose states share their arrays (`CodecState.shares_arrays_with`)."""
+        once per round for all members whose states hold the same arrays (`CodecState.identity`)."""
+        identity = source.identity()
         with self._shared_lock:
             number, encodes = self._shared_states
             if number != round_number:
-                encodes = []
+                encodes = {}
                 self._shared_states = (round_number, encodes)
-            entry = next(
-                (e for e in encodes if e.model is global_model and e.source.shares_arrays_with(source)), None
-            )
-            if entry is None:
-                entry = SharedEncode(source, global_model)
-                encodes.append(entry)
+            entry = encodes.get(identity.key)
+            if entry is None or entry.model is not global_model or not entry.source.held_by(source):
+                entry = SharedEncode(identity, global_model)
+                encodes[identity.key] = entry
         with entry.lock:  # a member polling at the same moment waits for this encode instead of repeating it
             if entry.result is None:
                 state = source.fork()

@@ -213,6 +213,17 @@ def cache_path(plan: dict[str, Any], topo: Topology) -> Path:
     return CACHE / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+def section(hidden: list[int], seed: int, up_mbit: float) -> tuple[str, str]:
+    """(key, title) of a run's section in docs/benchmarks.md: one per model size and seed."""
+    key = "slowlink" if hidden == HIDDEN else f"slowlink-mlp-{'-'.join(map(str, hidden))}"
+    title = f"Time to accuracy on slow links ({up_mbit:g} Mbit/s uplink)"
+    if hidden != HIDDEN:
+        title += f", a {mlp_parameters(hidden) / 1e6:.1f}M-parameter MLP"
+    if seed != 0:
+        key, title = f"{key}-seed{seed}", f"{title}, seed {seed}"
+    return key, title
+
+
 def run_or_reuse(topo: Topology, plan: dict[str, Any], reuse: bool) -> tuple[dict[str, Any], float, bool]:
     """(the run's report, its wall seconds, whether it came from the cache)."""
     path = cache_path(plan, topo)
@@ -338,14 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{50 * fastest['per_round'] * args.up_mbit * 1e6 / 8 / 4 / 1e6:.1f} M parameters) at this uplink, with training "
             "no slower than here.",
         ]
-    default_model = args.hidden == HIDDEN
-    replace_section(
-        Path(args.out),
-        "slowlink" if default_model else f"slowlink-mlp-{'-'.join(map(str, args.hidden))}",
-        f"Time to accuracy on slow links ({args.up_mbit:g} Mbit/s uplink)"
-        + ("" if default_model else f", a {mlp_parameters(args.hidden) / 1e6:.1f}M-parameter MLP"),
-        lines,
-    )
+    replace_section(Path(args.out), *section(args.hidden, args.seed, args.up_mbit), lines)
     print("\n".join(lines))
     return 0
 

@@ -31,7 +31,7 @@ from .base import (
 from .chain import Chain, Encoded, EncodeStats, parse_stage
 from .errors import CodecError
 from .layout import Layout, TensorInfo
-from .state import CodecState
+from .state import CodecState, StateIdentity
 
 # The built-in codecs, one module each; importing a module registers its codecs.
 BUILTIN_MODULES = (
@@ -50,6 +50,7 @@ __all__ = [
     "CodecError",
     "Data",
     "CodecState",
+    "StateIdentity",
     "Encoded",
     "EncodeStats",
     "Layout",

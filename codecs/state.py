@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import struct
+import weakref
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -25,6 +27,24 @@ from safetensors.numpy import save as st_save
 
 from .base import StageState
 from .errors import CodecError
+
+
+@dataclass(frozen=True)
+class StateIdentity:
+    """The arrays a CodecState holds, by identity: states that share every array (forks of one state
+    that neither has moved since) have equal keys, and encoding into either gives the same bytes.
+
+    `key` is hashable (array ids); `refs` are weak, so a state that is gone keeps nothing alive, and
+    `held_by` checks that the arrays are still the same objects (an id may be reused once one is freed)."""
+
+    key: tuple[object, ...]
+    refs: tuple[weakref.ReferenceType[np.ndarray], ...]
+
+    def held_by(self, state: CodecState) -> bool:
+        other = state.identity()
+        return other.key == self.key and all(
+            mine() is theirs() for mine, theirs in zip(self.refs, other.refs, strict=True)
+        )
 
 
 class CodecState:
@@ -43,16 +63,11 @@ class CodecState:
         out.messages = self.messages
         return out
 
-    def shares_arrays_with(self, other: CodecState) -> bool:
-        """True when both hold the very same array objects (one is a fork of the other, or both of a
-        third, and neither has moved since): then encoding into either gives the same bytes."""
-        if self.messages != other.messages or self._stages.keys() != other._stages.keys():
-            return False
-        for index, mine in self._stages.items():
-            theirs = other._stages[index]
-            if mine.keys() != theirs.keys() or any(a is not theirs[k] for k, a in mine.items()):
-                return False
-        return True
+    def identity(self) -> StateIdentity:
+        """Which arrays this state holds, without keeping them alive (see `StateIdentity`)."""
+        arrays = [(i, name, a) for i in sorted(self._stages) for name, a in sorted(self._stages[i].items())]
+        key = (self.messages, *((i, name, id(a)) for i, name, a in arrays))
+        return StateIdentity(key, tuple(weakref.ref(a) for _, _, a in arrays))
 
     def __bool__(self) -> bool:
         return any(self._stages.values())

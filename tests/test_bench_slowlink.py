@@ -76,3 +76,14 @@ def test_the_screen_runs_its_candidates_in_process(capsys: pytest.CaptureFixture
     cells = [cell.strip() for cell in rows[0].split("|")]
     assert len(cells[4].split(" / ")) == 2  # rounds to target, one per seed
     assert cells[9] == "1.0x / 1.0x"  # FedAvg against itself, seed by seed
+
+
+def test_each_model_size_and_seed_has_a_section_of_its_own() -> None:
+    from bench.slowlink import HIDDEN, section
+
+    assert section(HIDDEN, 0, 1.0)[0] == "slowlink"
+    assert section([1024, 1024], 0, 1.0) == (
+        "slowlink-mlp-1024-1024",
+        "Time to accuracy on slow links (1 Mbit/s uplink), a 1.1M-parameter MLP",
+    )
+    assert section([1024, 1024], 1, 1.0)[0] == "slowlink-mlp-1024-1024-seed1"

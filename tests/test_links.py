@@ -92,3 +92,39 @@ def test_an_uncommitted_download_leaves_the_state_alone() -> None:
     download.commit()
     decoded = chains.downlink.decode(download.payload.data, layout, receiver)
     assert np.abs(decoded - model).max() < 0.2
+
+
+def test_state_identity_matches_forks_only_and_keeps_nothing_alive() -> None:
+    import gc
+    import weakref
+
+    from fedsqueeze.codecs import CodecState
+
+    state = CodecState()
+    state.stage(0)["history"] = np.zeros(4, np.float32)
+    identity = state.identity()
+    assert identity.held_by(state.fork())
+    moved = state.fork()
+    moved.stage(0)["history"] = np.ones(4, np.float32)
+    assert not identity.held_by(moved)
+    array = weakref.ref(state.stage(0)["history"])
+    del state
+    gc.collect()
+    assert array() is None  # the identity held only weak references
+    assert not any(ref() is not None for ref in identity.refs)
+
+
+def test_the_round_cache_frees_the_states_members_moved_past() -> None:
+    import gc
+    import weakref
+
+    links, chains, layout, initial = make_links(2)
+    model = initial + 0.1
+    for member in ("m0", "m1"):
+        links.encode_download(member, 1, model).commit()
+    after_round_1 = weakref.ref(links.link("m0").down.stage(0)["history"])
+    model = model + 0.1
+    for member in ("m0", "m1"):
+        links.encode_download(member, 2, model).commit()
+    gc.collect()
+    assert after_round_1() is None
