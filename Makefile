@@ -146,8 +146,10 @@ bench-grpc-check: $(STAMP) ## In-process byte counts == real gRPC byte counts
 bench-slowlink: $(STAMP) ## Time to accuracy over 1 Mbit/s links (root: ip netns + tc tbf)
 	$(BIN)/python -m bench.slowlink --out docs/benchmarks.md
 
-bench-slowlink-1m: $(STAMP) ## The same on the 1.1M-parameter MLP with the slow-link recipe (root; ~20 min, FedAvg's 17 rounds most of it)
+bench-slowlink-1m: $(STAMP) ## The same on the 1.1M-parameter MLP with the slow-link recipe, seeds 0-2 (root; ~50 min, FedAvg's runs most of it)
 	$(BIN)/python -m bench.slowlink --hidden 1024,1024 --only 3,5,9,10,11 --horizon 40 --reuse --out docs/benchmarks.md
+	$(BIN)/python -m bench.slowlink --hidden 1024,1024 --only 10 --horizon 30 --seed 1 --reuse --out docs/benchmarks.md
+	$(BIN)/python -m bench.slowlink --hidden 1024,1024 --only 10 --horizon 30 --seed 2 --reuse --out docs/benchmarks.md
 
 bench-scale: $(STAMP) ## 10 / 100 / 1,000 collaborators per round over gRPC: ingest, memory, round time
 	$(BIN)/python -m bench.scale --out docs/benchmarks.md

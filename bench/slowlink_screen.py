@@ -1,19 +1,21 @@
 """Which chain could be 50x faster to target than FedAvg on a slow link? An in-process screen.
 
-    python -m bench.slowlink_screen [--hidden 1024,1024] [--horizon 30] [--jobs 2] [--out docs/benchmarks.md]
+    python -m bench.slowlink_screen [--hidden 1024,1024] [--horizon 30] [--seeds 0,1,2] [--jobs 2] [--out docs/benchmarks.md]
 
 `bench.slowlink` measures time to target with real processes over shaped links, a few chains at a time
 (root, minutes per chain). This screens more chains on the same plan in-process (`fedsqueeze.simulation`,
 the same federation code, no transport): each runs until it reaches `bench.slowlink`'s target or the
-horizon, and gives its rounds to target and mean bytes per message. A chain's time to target at the
-link is then bounded below by
+horizon, on each seed (with that seed's target), and gives its rounds to target and mean bytes per
+message. A chain's time to target at the link is then bounded below by
 
     rounds x (floor + uplink bytes x 8 / uplink rate + downlink bytes x 8 / downlink rate)
 
 with `floor` the seconds of a round in which almost nothing travels (training, codec time, aggregation,
 evaluation, round trips; `bench.slowlink` measured 0.76 s for its fastest chain on the 1.1M-parameter
-MLP). FedAvg's row uses the same formula, so the speed-up column compares like with like; the real
-runs in `bench.slowlink` measured FedAvg's 17 rounds at 702 s where this formula gives 673 s.
+MLP, before the aggregator encoded one download per round for all collaborators in the same state; the
+slow-link recipe's real rounds now leave 0.64 s). FedAvg's row uses the same formula, so the speed-up
+column compares like with like; the real runs in `bench.slowlink` measured FedAvg's 17 rounds at 702 s
+where this formula gives 672 s.
 """
 
 from __future__ import annotations
