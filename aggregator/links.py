@@ -166,7 +166,7 @@ class Links:
                 encodes = {}
                 self._shared_states = (round_number, encodes)
             entry = encodes.get(identity.key)
-            if entry is None or entry.model is not global_model or not entry.source.held_by(source):
+            if entry is None or entry.model is not global_model or not entry.source.same_arrays(identity):
                 entry = SharedEncode(identity, global_model)
                 encodes[identity.key] = entry
         with entry.lock:  # a member polling at the same moment waits for this encode instead of repeating it

@@ -35,13 +35,13 @@ class StateIdentity:
     that neither has moved since) have equal keys, and encoding into either gives the same bytes.
 
     `key` is hashable (array ids); `refs` are weak, so a state that is gone keeps nothing alive, and
-    `held_by` checks that the arrays are still the same objects (an id may be reused once one is freed)."""
+    `same_arrays` checks that the arrays are still the same objects (an id may be reused once one is freed)."""
 
     key: tuple[object, ...]
     refs: tuple[weakref.ReferenceType[np.ndarray], ...]
 
-    def held_by(self, state: CodecState) -> bool:
-        other = state.identity()
+    def same_arrays(self, other: StateIdentity) -> bool:
+        """True when `other` (a live state's identity) names the very arrays this one was taken of."""
         return other.key == self.key and all(
             mine() is theirs() for mine, theirs in zip(self.refs, other.refs, strict=True)
         )
