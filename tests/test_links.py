@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from collections.abc import Iterable
+
 import numpy as np
 
 from fedsqueeze.aggregator.links import Links
 from fedsqueeze.chains import LinkChains
-from fedsqueeze.codecs import Chain, Layout
+from fedsqueeze.codecs import Chain, CodecState, Layout
 from fedsqueeze.metrics import Metrics
 from fedsqueeze.plan import Plan
 
@@ -36,21 +40,33 @@ class CountingChain(Chain):
         return super().encode(*args, **kwargs)
 
 
-def test_members_in_the_same_state_share_one_encode_and_each_decodes_it() -> None:
-    links, chains, layout, initial = make_links(3)
+def counted_links(n: int) -> tuple[Links, CountingChain, dict[str, CodecState], np.ndarray]:
+    """Links for n members whose downlink counts its encodes, and each member's receiving state."""
+    links, chains, _, initial = make_links(n)
     counting = CountingChain(chains.downlink.get_config())
     links.chains = LinkChains(chains.uplink, counting, None, True)
-    receivers = {f"m{i}": chains.downlink_state(initial) for i in range(3)}
+    return links, counting, {f"m{i}": chains.downlink_state(initial) for i in range(n)}, initial
+
+
+def hand_out(links: Links, members: Iterable[str], round_number: int, model: np.ndarray) -> dict[str, bytes]:
+    """Each member's committed download of `model` for the round."""
+    payloads = {}
+    for member in members:
+        download = links.encode_download(member, round_number, model)
+        download.commit()
+        payloads[member] = download.payload.data
+    return payloads
+
+
+def test_members_in_the_same_state_share_one_encode_and_each_decodes_it() -> None:
+    links, counting, receivers, initial = counted_links(3)
+    chains, layout = links.chains, links.layout
     rng = np.random.default_rng(1)
     model = initial
     for round_number in (1, 2, 3):
         model = model + 0.05 * rng.standard_normal(model.size).astype(np.float32)
         before = counting.encodes
-        payloads = {}
-        for member in receivers:
-            download = links.encode_download(member, round_number, model)
-            download.commit()
-            payloads[member] = download.payload.data
+        payloads = hand_out(links, receivers, round_number, model)
         assert counting.encodes == before + 1  # one encode for all three
         assert len(set(payloads.values())) == 1
         for member, state in receivers.items():  # each collaborator decodes with its own state
@@ -59,23 +75,15 @@ def test_members_in_the_same_state_share_one_encode_and_each_decodes_it() -> Non
 
 
 def test_a_member_that_missed_a_round_gets_its_own_encode() -> None:
-    links, chains, layout, initial = make_links(3)
-    counting = CountingChain(chains.downlink.get_config())
-    links.chains = LinkChains(chains.uplink, counting, None, True)
-    receivers = {f"m{i}": chains.downlink_state(initial) for i in range(3)}
+    links, counting, receivers, initial = counted_links(3)
+    chains, layout = links.chains, links.layout
     rng = np.random.default_rng(2)
     first = initial + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
-    for member in ("m0", "m1"):  # m2 is not selected in round 1
-        download = links.encode_download(member, 1, first)
-        download.commit()
-        chains.downlink.decode(download.payload.data, layout, receivers[member])
+    for member, data in hand_out(links, ("m0", "m1"), 1, first).items():  # m2 is not selected in round 1
+        chains.downlink.decode(data, layout, receivers[member])
     second = first + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
     before = counting.encodes
-    payloads = {}
-    for member in receivers:
-        download = links.encode_download(member, 2, second)
-        download.commit()
-        payloads[member] = download.payload.data
+    payloads = hand_out(links, receivers, 2, second)
     assert counting.encodes == before + 2  # m0 and m1 share one, m2 (a round behind) has its own
     assert payloads["m0"] == payloads["m1"] != payloads["m2"]
     for member, state in receivers.items():
@@ -95,18 +103,13 @@ def test_an_uncommitted_download_leaves_the_state_alone() -> None:
 
 
 def test_state_identity_matches_forks_only_and_keeps_nothing_alive() -> None:
-    import gc
-    import weakref
-
-    from fedsqueeze.codecs import CodecState
-
     state = CodecState()
     state.stage(0)["history"] = np.zeros(4, np.float32)
     identity = state.identity()
-    assert identity.held_by(state.fork())
+    assert identity.same_arrays(state.fork().identity())
     moved = state.fork()
     moved.stage(0)["history"] = np.ones(4, np.float32)
-    assert not identity.held_by(moved)
+    assert not identity.same_arrays(moved.identity())
     array = weakref.ref(state.stage(0)["history"])
     del state
     gc.collect()
@@ -115,16 +118,10 @@ def test_state_identity_matches_forks_only_and_keeps_nothing_alive() -> None:
 
 
 def test_the_round_cache_frees_the_states_members_moved_past() -> None:
-    import gc
-    import weakref
-
-    links, chains, layout, initial = make_links(2)
+    links, _, _, initial = make_links(2)
     model = initial + 0.1
-    for member in ("m0", "m1"):
-        links.encode_download(member, 1, model).commit()
+    hand_out(links, ("m0", "m1"), 1, model)
     after_round_1 = weakref.ref(links.link("m0").down.stage(0)["history"])
-    model = model + 0.1
-    for member in ("m0", "m1"):
-        links.encode_download(member, 2, model).commit()
+    hand_out(links, ("m0", "m1"), 2, model + 0.1)
     gc.collect()
     assert after_round_1() is None
