@@ -40,10 +40,20 @@ from .fl_bench import ADAM, ADAM_B05, CONTEXT
 # bench.fl_bench's H3, the chains with the fewest bytes to target there
 RECIPE_UP = f"ef:0.8 | stc:0.005,{CONTEXT} | entropy"
 RECIPE_DOWN = f"residual | lattice:0.1,{CONTEXT} | entropy"
+
+
 # The slow-link recipe, fedsqueeze/plans/slow-link.json (found by bench.slowlink_screen): fewer rounds than
 # FedAvg from a denser uplink (STC 2 %), a downlink fine enough to be almost lossless (step 0.003) and a
 # gentler FedAdam. Golomb-Rice positions: on this 2-core machine context coding 2 % of 1.1M positions costs
 # more CPU time than the 5 kB it saves at 1 Mbit/s.
+def context_positions(chain: str) -> str:
+    """`chain` with its sparse and lattice stages' positions coded with contexts (codecs/sigmap.py)."""
+    stages = [part.strip() for part in chain.split("|")]
+    return " | ".join(
+        f"{st},{CONTEXT}" if st.startswith(("stc:", "topk:", "lattice:")) else st for st in stages
+    )
+
+
 SLOW_LINK_PLAN = json.loads((Path(fedsqueeze.__file__).parent / "plans" / "slow-link.json").read_text())
 SLOW_UP: str = SLOW_LINK_PLAN["uplink"]["chain"]
 SLOW_DOWN: dict[str, Any] = SLOW_LINK_PLAN["downlink"]
@@ -66,9 +76,8 @@ CHAINS: list[tuple[Any, ...]] = [
      {"aggregation": {"server_optimizer": ADAM_B05}}),
     ("slow-link recipe: STC 2% + FedAdam lr 0.01 / lattice 0.003", SLOW_UP, SLOW_DOWN,
      {"aggregation": {"server_optimizer": ADAM_SLOW}}),
-    ("slow-link recipe, context-coded positions", SLOW_UP.replace("0.02", f"0.02,{CONTEXT}"),
-     {**SLOW_DOWN, "chain": SLOW_DOWN["chain"].replace("0.003", f"0.003,{CONTEXT}")},
-     {"aggregation": {"server_optimizer": ADAM_SLOW}}),
+    ("slow-link recipe, context-coded positions", context_positions(SLOW_UP),
+     {**SLOW_DOWN, "chain": context_positions(SLOW_DOWN["chain"])}, {"aggregation": {"server_optimizer": ADAM_SLOW}}),
 ]  # fmt: skip
 
 

@@ -87,3 +87,13 @@ def test_each_model_size_and_seed_has_a_section_of_its_own() -> None:
         "Time to accuracy on slow links (1 Mbit/s uplink), a 1.1M-parameter MLP",
     )
     assert section([1024, 1024], 1, 1.0)[0] == "slowlink-mlp-1024-1024-seed1"
+
+
+def test_context_positions_go_on_the_sparse_and_lattice_stages_only() -> None:
+    from bench.slowlink import context_positions
+
+    assert context_positions("ef:0.8 | stc:0.02 | entropy") == "ef:0.8 | stc:0.02,positions=context | entropy"
+    assert (
+        context_positions("residual | lattice:0.003 | entropy")
+        == "residual | lattice:0.003,positions=context | entropy"
+    )
