@@ -236,18 +236,28 @@ def check_report(d: Deployment, report: dict[str, Any], resumed: int, killed_aft
     assert len(fp16) == 1, fp16  # one downlink chain, one model: every message the same size
     message = fp16.pop()
     assert raw // 2 < message < raw // 2 + 256
-    assert max(rec["round"] for rec in sent[victim[:12]]["rounds"]) < lost_round
+    victim_rounds = {rec["round"] for rec in sent[victim[:12]]["rounds"]}
+    assert max(victim_rounds) < lost_round
     for r in rounds:
         b, n = r["bytes"], r["participants"]
         mine = [rec for rec in records if rec["round"] == r["round"]]
-        assert len(mine) == n, (r, mine)
-        assert b["up_raw"] == n * raw == sum(rec["up_raw"] for rec in mine)
-        assert b["up_wire"] == sum(rec["up_wire"] for rec in mine)
+        # A kill can land after the aggregator took the victim's last update and before the victim wrote
+        # that round to its report: only then is one record short, the victim's, in the round before it was lost.
+        unrecorded = n - len(mine)
+        assert unrecorded == 0 or (
+            unrecorded == 1 and r["round"] == lost_round - 1 and r["round"] not in victim_rounds
+        ), (r, mine)
+        assert b["up_raw"] == n * raw == sum(rec["up_raw"] for rec in mine) + unrecorded * raw
+        unrecorded_up = b["up_wire"] - sum(rec["up_wire"] for rec in mine)
+        if unrecorded:
+            assert raw // 4 < unrecorded_up < raw // 2, (r, mine)  # one fp16 | zstd message
+        else:
+            assert unrecorded_up == 0, (r, mine)
         assert b["decoder"] == 0
         models = b["down_raw"] // raw  # downloads; in the victim's round it may have had its model
         assert b["down_raw"] == models * raw and b["down_wire"] == models * message
         assert models == n or (r["round"] == lost_round and models == n + 1), r
-        assert sum(rec["down_wire"] for rec in mine) == n * message
+        assert sum(rec["down_wire"] for rec in mine) == len(mine) * message
     summary = report["summary"]
     for key in KEYS:
         assert summary[key] == sum(r["bytes"][key] for r in rounds), key
