@@ -751,9 +751,9 @@ class Federation:
             )
             self.server_optimizer.load_state(ckpt.optimizer_state, self.layout.numel)
             self.membership.restore(ckpt.membership)
-            for mid in self.membership.members:
-                if mid in ckpt.states:
-                    self.links.restore(mid, *ckpt.states[mid])
+            self.links.restore(
+                {mid: ckpt.states[mid] for mid in self.membership.members if mid in ckpt.states}
+            )
             self.prepass.restore(ckpt.prepass)
             rep = ckpt.report
             self.report.rounds = [RoundRecord(**r) for r in rep.get("rounds", [])]

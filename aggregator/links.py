@@ -14,10 +14,11 @@ installed for that member): a payload that declares another chain or layout is r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,5 +210,12 @@ class Links:
         with link.lock:
             return link.up.to_bytes(), link.down.to_bytes()
 
-    def restore(self, member_id: str, up: bytes, down: bytes) -> None:
-        self._links[member_id] = Link(up=CodecState.from_bytes(up), down=CodecState.from_bytes(down))
+    def restore(self, states: Mapping[str, tuple[bytes, bytes]]) -> None:
+        """Each member's (uplink, downlink) state bytes from a checkpoint. Members whose downlink states
+        are equal (all who had the same downloads) get forks of one state, so they share encodes again."""
+        downs: dict[bytes, CodecState] = {}
+        for member_id, (up, down) in states.items():
+            digest = hashlib.blake2b(down, digest_size=16).digest()
+            if digest not in downs:
+                downs[digest] = CodecState.from_bytes(down)
+            self._links[member_id] = Link(up=CodecState.from_bytes(up), down=downs[digest].fork())

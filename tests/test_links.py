@@ -91,6 +91,24 @@ def test_a_member_that_missed_a_round_gets_its_own_encode() -> None:
         assert np.abs(decoded - second).max() < 0.2
 
 
+def test_members_restored_from_a_checkpoint_in_the_same_state_share_encodes_again() -> None:
+    links, counting, receivers, initial = counted_links(3)
+    chains, layout = links.chains, links.layout
+    rng = np.random.default_rng(3)
+    first = initial + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
+    for member, data in hand_out(links, ("m0", "m1"), 1, first).items():  # m2 is a round behind
+        chains.downlink.decode(data, layout, receivers[member])
+    restored, restored_counting, _, _ = counted_links(0)
+    restored.restore({member: links.states(member) for member in receivers})
+    second = first + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
+    payloads = hand_out(restored, receivers, 2, second)
+    assert restored_counting.encodes == 2  # m0 and m1 (equal states) share one, m2 has its own
+    assert payloads["m0"] == payloads["m1"] != payloads["m2"]
+    for member, state in receivers.items():
+        decoded = chains.downlink.decode(payloads[member], layout, state)
+        assert np.abs(decoded - second).max() < 0.2
+
+
 def test_an_uncommitted_download_leaves_the_state_alone() -> None:
     links, chains, layout, initial = make_links(2)
     model = initial + 0.1
