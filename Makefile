@@ -107,6 +107,7 @@ bench: $(STAMP) $(FLOWER_STAMP) ## Run all benchmarks (~2.5 h on 2 cores, most o
 	$(BIN)/python -m bench.fl_bench --jobs 2 --out docs/benchmarks.md
 	$(BIN)/python -m bench.slowlink --out docs/benchmarks.md
 	$(BIN)/python -m bench.scale --out docs/benchmarks.md
+	$(BIN)/python -m bench.checkpoint --out docs/benchmarks.md
 
 bench-quick: $(STAMP) ## Minutes-long smoke run of every benchmark, written to runs/bench-quick.md (docs/ untouched)
 	$(BIN)/python -m bench.codecs_bench --quick --out runs/bench-quick.md
@@ -114,6 +115,7 @@ bench-quick: $(STAMP) ## Minutes-long smoke run of every benchmark, written to r
 	$(BIN)/python -m bench.fl_bench --quick --chains "fp16,ResFed,C2,H3" --out runs/bench-quick.md --plots runs
 	$(BIN)/python -m bench.slowlink --collaborators 2 --rounds 3 --chains 2 --out runs/bench-quick.md
 	$(BIN)/python -m bench.scale --sizes 10,100 --models 66k --uplinks identity --rounds 2 --out runs/bench-quick.md
+	$(BIN)/python -m bench.checkpoint --members 10 --rounds 2 --out runs/bench-quick.md
 
 bench-fl: $(STAMP) $(FLOWER_STAMP) ## Communication to target accuracy (perplexity for the LM) vs FedAvg and Flower, every setting (plots in docs/)
 	$(BIN)/python -m bench.fl_bench --jobs 2 --out docs/benchmarks.md
@@ -153,6 +155,9 @@ bench-slowlink-1m: $(STAMP) ## The same on the 1.1M-parameter MLP with the slow-
 
 bench-scale: $(STAMP) ## 10 / 100 / 1,000 collaborators per round over gRPC: ingest, memory, round time
 	$(BIN)/python -m bench.scale --out docs/benchmarks.md
+
+bench-checkpoint: $(STAMP) ## Checkpoint size and time with 10 / 100 members on the slow-link plan's stateful downlink (seconds)
+	$(BIN)/python -m bench.checkpoint --out docs/benchmarks.md
 
 clean: ## Remove build outputs and run artefacts (keeps .venv)
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache runs

@@ -4,16 +4,21 @@
 fsync of DIR), so a crash leaves either the previous checkpoint or the new one, never a torn file:
 
 - tensors `model/<name>`: the global model, one tensor per layer of the model layout (float32);
-- tensors `state/<collaborator id>/up` and `.../down`: uint8, each the safetensors bytes of that
-  collaborator's CodecState (`CodecState.to_bytes()`): the uplink receiver side (residual
-  predictors, installed autoencoder decoders) and the downlink sender side (error feedback);
+- tensors `state/<n>`: uint8, each the safetensors bytes of a CodecState (`CodecState.to_bytes()`),
+  every distinct one once: members that had the same downloads have equal downlink states (a
+  model-sized residual history each), stored once however many members share it;
 - tensor `server/update`: uint8, the CodecState bytes of the aggregator's own global-update chain
   (`downlink.update_chain`: its error-feedback memory), when there is one;
 - tensor `server/optimizer`: uint8, the safetensors bytes of the server optimizer's moments
   (`aggregation.server_optimizer`: m and v), when it keeps any;
 - metadata `fedsqueeze`: JSON with the format version, the round number, the plan's sha256,
-  `membership` (members: ids, tokens, names, shard index, ...; joins so far), `prepass` (its
-  bookkeeping), `report` (the run report's rounds, prepass bytes and extra fields so far).
+  `states` ({collaborator id: [n of its uplink receiver state, n of its downlink sender state]}:
+  residual predictors, installed autoencoder decoders; error feedback, the residual's copy),
+  `membership` (members: ids, tokens, names, shard index, ...; joins so far; a member that left
+  has no states), `prepass` (its bookkeeping), `report` (the run report's rounds, prepass bytes
+  and extra fields so far).
+
+Format 2 (one `state/<collaborator id>/up` and `.../down` pair per member) is still read.
 
 It holds the session tokens: the file is created with mode 0600. Nothing is pickled.
 
@@ -40,7 +45,8 @@ from fedsqueeze.codecs import Layout
 
 FILENAME = "checkpoint.safetensors"
 DECODERS = "decoders"  # accepted decoder uploads, kept between checkpoints
-FORMAT = 2  # 2: CodecState slots are configured stages (1 counted the implicit raw stages)
+FORMAT = 3  # 3: distinct states once (2: a pair per member; 1 counted the implicit raw stages in slots)
+READS = (2, 3)
 
 
 class CheckpointError(ValueError):
@@ -108,15 +114,18 @@ def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
     tensors: dict[str, np.ndarray] = {}
     for t, sl in layout.slices():
         tensors[f"model/{t.name}"] = np.ascontiguousarray(ckpt.global_model[sl].reshape(t.shape))
-    for cid, (up, down) in ckpt.states.items():
-        tensors[f"state/{cid}/up"] = np.frombuffer(up, dtype=np.uint8)
-        tensors[f"state/{cid}/down"] = np.frombuffer(down, dtype=np.uint8)
+    distinct: dict[bytes, int] = {}  # equal states are usually one bytes object (Links.states): hashed once
+    index = {
+        cid: [distinct.setdefault(blob, len(distinct)) for blob in pair] for cid, pair in ckpt.states.items()
+    }
+    for blob, n in distinct.items():
+        tensors[f"state/{n}"] = np.frombuffer(blob, dtype=np.uint8)
     if ckpt.server_state:
         tensors["server/update"] = np.frombuffer(ckpt.server_state, dtype=np.uint8)
     if ckpt.optimizer_state:
         tensors["server/optimizer"] = np.frombuffer(ckpt.optimizer_state, dtype=np.uint8)
-    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, "membership": ckpt.membership,
-            "prepass": ckpt.prepass, "report": ckpt.report}  # fmt: skip
+    meta = {"format": FORMAT, "round": ckpt.round, "plan_sha256": ckpt.plan_sha256, "states": index,
+            "membership": ckpt.membership, "prepass": ckpt.prepass, "report": ckpt.report}  # fmt: skip
     blob = st_save(tensors, metadata={"fedsqueeze": json.dumps(meta, separators=(",", ":"))})
     return _write_atomic(directory, FILENAME, blob)
 
@@ -133,9 +142,9 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
         meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fedsqueeze"])
     except Exception as exc:  # safetensors / JSON errors
         raise CheckpointError(f"{path} is not a readable fedsqueeze checkpoint: {exc}") from exc
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READS:
         raise CheckpointError(
-            f"{path} has checkpoint format {meta.get('format')!r}, this build reads {FORMAT}"
+            f"{path} has checkpoint format {meta.get('format')!r}, this build reads {' and '.join(map(str, READS))}"
         )
     if meta.get("plan_sha256") != plan_sha256:
         raise CheckpointError(
@@ -151,13 +160,10 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
     model = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     try:
         membership = meta["membership"]
-        states: dict[str, tuple[bytes, bytes]] = {}
+        states = _states_v2(tensors) if meta["format"] == 2 else _states(path, tensors, meta["states"])
         for m in membership["members"]:
-            cid = m["id"]
-            up, down = tensors.get(f"state/{cid}/up"), tensors.get(f"state/{cid}/down")
-            if up is None or down is None:
-                raise CheckpointError(f"{path}: codec states of {cid} are missing")
-            states[cid] = (up.tobytes(), down.tobytes())
+            if m["active"] and m["id"] not in states:
+                raise CheckpointError(f"{path}: codec states of {m['id']} are missing")
         server, optimizer = tensors.get("server/update"), tensors.get("server/optimizer")
         return Checkpoint(round=int(meta["round"]), plan_sha256=plan_sha256, global_model=model, states=states,
                           membership=membership, prepass=dict(meta.get("prepass", {})), report=dict(meta.get("report", {})),
@@ -167,3 +173,36 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path}: malformed checkpoint: {exc!r}") from exc
+
+
+def _states(
+    path: Path, tensors: dict[str, np.ndarray], index: dict[str, list[int]]
+) -> dict[str, tuple[bytes, bytes]]:
+    """Each member's (up, down) state bytes; members sharing a stored state share one bytes object."""
+    blobs: dict[int, bytes] = {}
+
+    def blob(n: int) -> bytes:
+        if n not in blobs:
+            arr = tensors.get(f"state/{n}")
+            if arr is None or arr.dtype != np.uint8:
+                raise CheckpointError(f"{path}: codec state {n} is missing")
+            blobs[n] = arr.tobytes()
+        return blobs[n]
+
+    out = {}
+    for cid, pair in index.items():
+        up, down = pair  # ValueError (malformed) unless two
+        out[str(cid)] = (blob(int(up)), blob(int(down)))
+    return out
+
+
+def _states_v2(tensors: dict[str, np.ndarray]) -> dict[str, tuple[bytes, bytes]]:
+    """Format 2: a `state/<id>/up` and `state/<id>/down` pair per member."""
+    out = {}
+    for key, arr in tensors.items():
+        if key.startswith("state/") and key.endswith("/up"):
+            cid = key.removeprefix("state/").removesuffix("/up")
+            down = tensors.get(f"state/{cid}/down")
+            if down is not None:
+                out[cid] = (arr.tobytes(), down.tobytes())
+    return out

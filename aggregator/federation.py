@@ -703,9 +703,8 @@ class Federation:
             report = {"rounds": [r.to_json() for r in self.report.rounds], "extra": dict(self.report.extra),
                       "prepass_bytes": dict(self.report.prepass_bytes)}  # fmt: skip
             model = self.global_model.copy()
-            # those that left have no states
-            ids = [mid for mid in self.membership.members if self.links.has(mid)]
-        states = {mid: self.links.states(mid) for mid in ids}  # link locks, never under _cond
+            ids = list(self.membership.members)
+        states = self.links.states(ids)  # link locks, never under _cond; those that left have none
         ckpt = checkpoint.Checkpoint(round=self.rounds.completed, plan_sha256=self.plan.sha256, global_model=model, states=states,
                                      membership=membership, prepass=prepass, report=report,
                                      server_state=self.global_update.state.to_bytes(),

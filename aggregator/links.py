@@ -14,11 +14,10 @@ installed for that member): a payload that declares another chain or layout is r
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,18 +203,29 @@ class Links:
         return Upload(update, commit)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def states(self, member_id: str) -> tuple[bytes, bytes]:
-        """(uplink, downlink) state bytes of one member, for the checkpoint."""
-        link = self.link(member_id)
-        with link.lock:
-            return link.up.to_bytes(), link.down.to_bytes()
+    def states(self, member_ids: Iterable[str]) -> dict[str, tuple[bytes, bytes]]:
+        """Each member's (uplink, downlink) state bytes, for the checkpoint; members that have left are
+        skipped. Downlink states that hold the same arrays (members that had the same downloads) are
+        serialized once and given as one bytes object, which the checkpoint stores once."""
+        out: dict[str, tuple[bytes, bytes]] = {}
+        serialized: dict[tuple[object, ...], tuple[StateIdentity, bytes]] = {}
+        for member_id in member_ids:
+            link = self._links.get(member_id)
+            if link is None:
+                continue
+            with link.lock:
+                identity = link.down.identity()
+                known = serialized.get(identity.key)
+                if known is None or not known[0].same_arrays(identity):
+                    known = serialized[identity.key] = (identity, link.down.to_bytes())
+                out[member_id] = (link.up.to_bytes(), known[1])
+        return out
 
     def restore(self, states: Mapping[str, tuple[bytes, bytes]]) -> None:
         """Each member's (uplink, downlink) state bytes from a checkpoint. Members whose downlink states
         are equal (all who had the same downloads) get forks of one state, so they share encodes again."""
-        downs: dict[bytes, CodecState] = {}
+        downs: dict[bytes, CodecState] = {}  # equal bytes: usually one object, hashed once
         for member_id, (up, down) in states.items():
-            digest = hashlib.blake2b(down, digest_size=16).digest()
-            if digest not in downs:
-                downs[digest] = CodecState.from_bytes(down)
-            self._links[member_id] = Link(up=CodecState.from_bytes(up), down=downs[digest].fork())
+            if down not in downs:
+                downs[down] = CodecState.from_bytes(down)
+            self._links[member_id] = Link(up=CodecState.from_bytes(up), down=downs[down].fork())

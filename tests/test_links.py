@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+import pytest
+from safetensors.numpy import load_file, save
 
+from fedsqueeze.aggregator import checkpoint
 from fedsqueeze.aggregator.links import Links
 from fedsqueeze.chains import LinkChains
 from fedsqueeze.codecs import Chain, CodecState, Layout
@@ -91,15 +96,23 @@ def test_a_member_that_missed_a_round_gets_its_own_encode() -> None:
         assert np.abs(decoded - second).max() < 0.2
 
 
-def test_members_restored_from_a_checkpoint_in_the_same_state_share_encodes_again() -> None:
+def test_members_restored_from_a_checkpoint_in_the_same_state_share_encodes_again(tmp_path: Path) -> None:
     links, counting, receivers, initial = counted_links(3)
     chains, layout = links.chains, links.layout
     rng = np.random.default_rng(3)
     first = initial + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
     for member, data in hand_out(links, ("m0", "m1"), 1, first).items():  # m2 is a round behind
         chains.downlink.decode(data, layout, receivers[member])
+    states = links.states(receivers)
+    assert states["m0"][1] is states["m1"][1] != states["m2"][1]  # equal states serialized once
+    members = {"members": [{"id": m, "active": True} for m in receivers], "joined": 3}
+    checkpoint.save(tmp_path, checkpoint.Checkpoint(1, "plan", first, states, members), layout)
+    stored = [k for k in load_file(tmp_path / checkpoint.FILENAME) if k.startswith("state/")]
+    assert len(stored) == 3  # the (empty) uplink states, m0's and m1's downlink state, m2's
+    loaded = checkpoint.load(tmp_path, "plan", layout)
+    assert loaded is not None and loaded.states == states
     restored, restored_counting, _, _ = counted_links(0)
-    restored.restore({member: links.states(member) for member in receivers})
+    restored.restore(loaded.states)
     second = first + 0.05 * rng.standard_normal(initial.size).astype(np.float32)
     payloads = hand_out(restored, receivers, 2, second)
     assert restored_counting.encodes == 2  # m0 and m1 (equal states) share one, m2 has its own
@@ -107,6 +120,24 @@ def test_members_restored_from_a_checkpoint_in_the_same_state_share_encodes_agai
     for member, state in receivers.items():
         decoded = chains.downlink.decode(payloads[member], layout, state)
         assert np.abs(decoded - second).max() < 0.2
+
+
+def test_a_format_2_checkpoint_a_state_pair_per_member_is_still_read(tmp_path: Path) -> None:
+    links, _, layout, initial = make_links(2)
+    states = links.states(["m0", "m1"])
+    tensors = {f"model/{t.name}": initial[sl].reshape(t.shape) for t, sl in layout.slices()}
+    for member, (up, down) in states.items():
+        tensors[f"state/{member}/up"] = np.frombuffer(up, np.uint8)
+        tensors[f"state/{member}/down"] = np.frombuffer(down, np.uint8)
+    members = [{"id": "m0", "active": True}, {"id": "m1", "active": True}, {"id": "left", "active": False}]
+    meta = {"format": 2, "round": 1, "plan_sha256": "plan", "membership": {"members": members, "joined": 3}}
+    (tmp_path / checkpoint.FILENAME).write_bytes(save(tensors, metadata={"fedsqueeze": json.dumps(meta)}))
+    loaded = checkpoint.load(tmp_path, "plan", layout)
+    assert loaded is not None and loaded.states == states and np.array_equal(loaded.global_model, initial)
+    members[0]["id"] = "m2"  # an active member without states
+    (tmp_path / checkpoint.FILENAME).write_bytes(save(tensors, metadata={"fedsqueeze": json.dumps(meta)}))
+    with pytest.raises(checkpoint.CheckpointError, match="codec states of m2 are missing"):
+        checkpoint.load(tmp_path, "plan", layout)
 
 
 def test_an_uncommitted_download_leaves_the_state_alone() -> None:

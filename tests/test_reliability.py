@@ -297,6 +297,30 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(
         Federation(make_plan(rounds=5), state_dir=tmp_path)
 
 
+def test_a_checkpoint_written_after_a_member_left_resumes(tmp_path: Path) -> None:
+    plan = make_plan(rounds=4, downlink={"chain": "residual | fp16", "prior": "initial"})
+    first = Federation(plan, state_dir=tmp_path)
+    stop = threading.Event()
+    th = threading.Thread(target=first.run, args=(stop,), daemon=True)
+    sim = Sim(first, 3)
+    th.start()
+    while len(first.report.rounds) < 1:
+        for i in range(3):
+            sim.step(i)
+    gone = sim.members[2]
+    first.leave(gone.collaborator_id, gone.token)  # its codec states are freed: the checkpoint has none
+    while len(first.report.rounds) < 2:
+        sim.step(0)
+        sim.step(1)
+    stop.set()
+    th.join(10)
+    resumed = Federation(plan, state_dir=tmp_path)
+    assert resumed.resumed_from == 2
+    assert not resumed.membership.members[gone.collaborator_id].active
+    assert not resumed.links.has(gone.collaborator_id)
+    assert all(resumed.links.has(m.collaborator_id) for m in sim.members[:2])
+
+
 BYZANTINE = {"rounds": 6, "collaborators": {"min": 5}, "training": {"local_epochs": 1, "lr": 0.1, "momentum": 0.0},
              "uplink": {"chain": "identity"}, "downlink": {"chain": "identity"}}  # fmt: skip
 
