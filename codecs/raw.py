@@ -21,16 +21,29 @@ def symbol_bits(symbols: tuple[int, int]) -> int:
     return max(1, int(hi - lo).bit_length())
 
 
+def _unsigned(width: int) -> type[np.unsignedinteger]:
+    """The narrowest unsigned type of `width` bits: the packing's temporaries stay small."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= width)
+
+
 def pack_symbols(values: np.ndarray, symbols: tuple[int, int]) -> bytes:
     """Pack integers in [lo, hi] at ceil(log2(hi - lo + 1)) bits each, MSB first."""
     width = symbol_bits(symbols)
-    offset = (values.astype(np.int64) - symbols[0]).astype(np.uint64)
+    kind = _unsigned(width)
+    offset = (values.astype(np.int64) - symbols[0]).astype(kind)
     if width == 8:
-        return offset.astype(np.uint8).tobytes()
+        return offset.tobytes()
     if width == 1:
-        return np.packbits(offset.astype(np.uint8)).tobytes()
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-    bits = ((offset[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+        return np.packbits(offset).tobytes()
+    if width in (2, 4):  # whole symbols per byte: shift and add, no bit array
+        per_byte = 8 // width
+        padded = np.zeros(-(-offset.size // per_byte) * per_byte, np.uint8)
+        padded[: offset.size] = offset
+        shifts = np.arange(8 - width, -1, -width, dtype=np.uint8)
+        packed: np.ndarray = (padded.reshape(-1, per_byte) << shifts).sum(axis=1, dtype=np.uint8)
+        return packed.tobytes()
+    shifts = np.arange(width - 1, -1, -1, dtype=kind)
+    bits = ((offset[:, None] >> shifts) & kind(1)).astype(np.uint8)
     return np.packbits(bits.reshape(-1)).tobytes()
 
 
@@ -42,9 +55,15 @@ def unpack_symbols(data: bytes, count: int, symbols: tuple[int, int], dtype: np.
     buf = np.frombuffer(data, dtype=np.uint8)
     if width == 8:
         offset = buf.astype(np.int64)
+    elif width == 1:
+        offset = np.unpackbits(buf, count=count).astype(np.int64)
+    elif width in (2, 4):
+        shifts = np.arange(8 - width, -1, -width, dtype=np.uint8)
+        mask = np.uint8((1 << width) - 1)
+        offset = ((buf[:, None] >> shifts) & mask).reshape(-1)[:count].astype(np.int64)
     else:
         bits = np.unpackbits(buf, count=count * width).reshape(count, width).astype(np.int64)
-        offset = bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64)) if width > 1 else bits[:, 0]
+        offset = bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
     values = offset + symbols[0]
     if values.size and int(values.max()) > symbols[1]:
         raise CodecError(f"raw: packed symbol above the declared maximum {symbols[1]}")

@@ -37,18 +37,21 @@ class WeightQuantizer:
     model: nn.Module
     chain: Chain
     layout: Layout
+    tensors: dict[str, torch.Tensor]  # the travelling tensors, found once: not the state_dict every step
 
     @classmethod
     def of(cls, model: nn.Module, chain: Chain) -> WeightQuantizer:
-        from fedsqueeze.models import model_layout
+        from fedsqueeze.model_state import layout_of, travelling
 
-        return cls(model, chain, model_layout(model))
+        tensors = travelling(model)
+        return cls(model, chain, layout_of(tensors), tensors)
 
     def quantize(self) -> None:
         """The model's travelling tensors, replaced by what the chain reconstructs of them."""
-        from fedsqueeze.models import get_flat, set_flat
+        from fedsqueeze.model_state import load_vector, to_vector
 
-        set_flat(self.model, self.chain.encode(get_flat(self.model), self.layout).reconstruction)
+        encoded = self.chain.encode(to_vector(self.tensors), self.layout)
+        load_vector(self.tensors, encoded.reconstruction, self.model)
 
     def swap_in(self) -> list[torch.Tensor]:
         """Quantize, returning the float parameters to `restore` before the optimizer's step."""
