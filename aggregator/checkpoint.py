@@ -142,6 +142,10 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
         meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fedsqueeze"])
     except Exception as exc:  # safetensors / JSON errors
         raise CheckpointError(f"{path} is not a readable fedsqueeze checkpoint: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path} is not a readable fedsqueeze checkpoint: its metadata is not an object"
+        )
     if meta.get("format") not in READS:
         raise CheckpointError(
             f"{path} has checkpoint format {meta.get('format')!r}, this build reads {' and '.join(map(str, READS))}"
@@ -169,7 +173,7 @@ def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None
                           membership=membership, prepass=dict(meta.get("prepass", {})), report=dict(meta.get("report", {})),
                           server_state=b"" if server is None else server.tobytes(),
                           optimizer_state=b"" if optimizer is None else optimizer.tobytes())  # fmt: skip
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a field of the wrong type or missing
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path}: malformed checkpoint: {exc!r}") from exc
