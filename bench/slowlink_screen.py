@@ -69,6 +69,13 @@ CANDIDATES: list[tuple[str, str, str | dict[str, Any], dict[str, Any] | None]] =
     ("slow-link recipe, downlink uncompressed", SLOW_UP, "identity", ADAM_SLOW),
     ("slow-link recipe, uplink STC 0.5%", SLOW_UP.replace("0.02", "0.005"), SLOW_DOWN, ADAM_SLOW),
     ("slow-link recipe, FedAdam lr 0.03", SLOW_UP, SLOW_DOWN, ADAM_B05),
+    ("slow-link recipe, FedAdam lr 0.015", SLOW_UP, SLOW_DOWN, {**ADAM_SLOW, "lr": 0.015}),
+    ("slow-link recipe, FedAdam lr 0.007", SLOW_UP, SLOW_DOWN, {**ADAM_SLOW, "lr": 0.007}),
+    ("slow-link recipe, FedAdam beta1 0.7", SLOW_UP, SLOW_DOWN, {**ADAM_SLOW, "beta1": 0.7}),
+    ("slow-link recipe, FedAdam beta2 0.999", SLOW_UP, SLOW_DOWN, {**ADAM_SLOW, "beta2": 0.999}),
+    ("slow-link recipe, FedAdam tau 0.01", SLOW_UP, SLOW_DOWN, {**ADAM_SLOW, "tau": 0.01}),
+    ("slow-link recipe, error feedback 1.0", SLOW_UP.replace("ef:0.8", "ef"), SLOW_DOWN, ADAM_SLOW),
+    ("slow-link recipe, uplink STC 3%", SLOW_UP.replace("0.02", "0.03"), SLOW_DOWN, ADAM_SLOW),
 ]
 
 Job = tuple[str, str, Any, Any, int, int, int, list[int], float]
@@ -126,9 +133,10 @@ def table(
     base = {seed: bound(rows[seed][0]) for seed in seeds}
     per_seed = " / ".join(f"{100 * targets[seed]:.2f} %" for seed in seeds)
     need = " / ".join(f"{b / 50:.1f} s" if b else "-" for b in base.values())
+    match = f' --match "{args.match}"' if args.match else ""
     lines = [
         f"Command: `python -m bench.slowlink_screen --hidden {','.join(map(str, args.hidden))} --horizon {args.horizon} "
-        f"--seeds {','.join(map(str, seeds))}` ({wall / 60:.1f} min wall, {args.jobs} processes). In-process, the plan of "
+        f"--seeds {','.join(map(str, seeds))}{match}` ({wall / 60:.1f} min wall, {args.jobs} processes). In-process, the plan of "
         f"`bench.slowlink` (MNIST-1D, Dirichlet 0.5, {args.collaborators} collaborators, the MLP with hidden layers "
         f"{args.hidden}, {mlp_parameters(args.hidden):,} parameters, 1 local epoch), seeds {seeds}: targets {per_seed} "
         f"(the same in-process FedAvg rule, per seed); each chain runs until the target or round {args.horizon}. Time "
@@ -175,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--down-mbit", type=float, default=10.0)
     parser.add_argument("--floor-s", type=float, default=0.76, help="seconds of a round when nothing travels")
     parser.add_argument("--only", type=int, help="the first N candidates (a smoke run)")
+    parser.add_argument(
+        "--match", help="only the candidates whose name contains this (and FedAvg, the reference)"
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument(
         "--out", type=Path, default=None, help="markdown file to update (e.g. docs/benchmarks.md)"
@@ -186,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print("targets " + ", ".join(f"seed {s}: {100 * t:.2f} %" for s, t in targets.items()), flush=True)
     candidates = CANDIDATES[: args.only] if args.only else CANDIDATES
+    if args.match:
+        candidates = candidates[:1] + [c for c in candidates[1:] if args.match in c[0]]
     jobs = [(name, up, down, opt, args.collaborators, args.horizon, seed, args.hidden, targets[seed])
             for seed in args.seeds for name, up, down, opt in candidates]  # fmt: skip
     # spawn, not fork: the targets' runs have started torch's threads in this process
@@ -203,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(candidates, rows, args, targets, time.perf_counter() - start)
     print("\n".join(lines))
     if args.out is not None:
-        replace_section(args.out, "slowlink-screen", "Slow links: chains screened in-process for 50x", lines)
+        key, title = "slowlink-screen", "Slow links: chains screened in-process for 50x"
+        if args.seeds != [0, 1, 2]:  # another seeds' screen keeps its own section
+            key += "-seeds-" + "-".join(map(str, args.seeds))
+            title += f", seeds {', '.join(map(str, args.seeds))}"
+        replace_section(args.out, key, title, lines)
     return 0
 
 

@@ -47,31 +47,21 @@ def test_the_screen_bounds_time_by_bytes_at_the_link_rates() -> None:
     assert link_seconds(row, 0.5, 1.0, 10.0) == pytest.approx(2.5)
 
 
-def test_the_screen_runs_its_candidates_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_screen_runs_its_candidates_in_process(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     from bench import slowlink_screen
 
-    argv = [
-        "--hidden",
-        "8",
-        "--rounds",
-        "2",
-        "--horizon",
-        "2",
-        "--only",
-        "2",
-        "--jobs",
-        "1",
-        "--seeds",
-        "0,1",
-    ]
+    out_file = tmp_path / "benchmarks.md"
+    argv = ["--hidden", "8", "--rounds", "2", "--horizon", "2", "--match", "FedAdam (identity)", "--jobs", "1",
+            "--seeds", "0,1", "--out", str(out_file)]  # fmt: skip
     assert slowlink_screen.main(argv) == 0
     out = capsys.readouterr().out
-    rows = [
-        line
-        for line in out.splitlines()
-        if line.startswith("| FedAvg (identity) |") or line.startswith("| FedAdam")
-    ]
-    assert len(rows) == 2 and all("`identity`" in line for line in rows)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "`" in line]
+    assert [line.split(" | ")[0] for line in rows] == ["| FedAvg (identity)", "| FedAdam (identity)"]
+    assert all("`identity`" in line for line in rows)
+    written = out_file.read_text()
+    assert "<!-- slowlink-screen-seeds-0-1:start -->" in written and '--match "FedAdam (identity)"' in written
     assert "server `adam` lr 0.03" in rows[1]
     cells = [cell.strip() for cell in rows[0].split("|")]
     assert len(cells[4].split(" / ")) == 2  # rounds to target, one per seed
