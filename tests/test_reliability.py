@@ -111,13 +111,21 @@ class Sim:
         return task.kind
 
 
+def start_federation(
+    fed: Federation, n: int, scale=None, declared=None
+) -> tuple[Sim, threading.Event, threading.Thread]:
+    """`fed` running in a thread, with n collaborators joined that the test drives (`sim.step`)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=fed.run, args=(stop,), daemon=True)
+    sim = Sim(fed, n, scale, declared)
+    thread.start()
+    return sim, stop, thread
+
+
 def run_federation(
     fed: Federation, n: int, *, scale=None, declared=None, alive=None, timeout: float = 120.0
 ) -> Sim:
-    stop = threading.Event()
-    t = threading.Thread(target=fed.run, args=(stop,), daemon=True)
-    sim = Sim(fed, n, scale, declared)
-    t.start()
+    sim, stop, t = start_federation(fed, n, scale, declared)
     alive = set(range(n)) if alive is None else alive
     end = time.monotonic() + timeout
     while t.is_alive() and time.monotonic() < end:
@@ -262,10 +270,7 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(
     ref = Federation(plan)
     run_federation(ref, 2)
     first = Federation(plan, state_dir=tmp_path)
-    stop = threading.Event()
-    th = threading.Thread(target=first.run, args=(stop,), daemon=True)
-    sim = Sim(first, 2)
-    th.start()
+    sim, stop, th = start_federation(first, 2)
     while len(first.report.rounds) < 2:
         sim.step(0)
         sim.step(1)
@@ -300,10 +305,7 @@ def test_checkpoint_resume_matches_uninterrupted_and_refuses_another_plan(
 def test_a_checkpoint_written_after_a_member_left_resumes(tmp_path: Path) -> None:
     plan = make_plan(rounds=4, downlink={"chain": "residual | fp16", "prior": "initial"})
     first = Federation(plan, state_dir=tmp_path)
-    stop = threading.Event()
-    th = threading.Thread(target=first.run, args=(stop,), daemon=True)
-    sim = Sim(first, 3)
-    th.start()
+    sim, stop, th = start_federation(first, 3)
     while len(first.report.rounds) < 1:
         for i in range(3):
             sim.step(i)
