@@ -130,16 +130,21 @@ def save(directory: Path, ckpt: Checkpoint, layout: Layout) -> Path:
     return _write_atomic(directory, FILENAME, blob)
 
 
+def read(blob: bytes) -> tuple[dict[str, np.ndarray], Any]:
+    """(tensors, the `fedsqueeze` metadata as parsed JSON) of a checkpoint file's bytes, unchecked;
+    safetensors or JSON errors for bytes that are not one."""
+    header_len = int.from_bytes(blob[:8], "little")
+    meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fedsqueeze"])
+    return st_load(blob), meta
+
+
 def load(directory: Path, plan_sha256: str, layout: Layout) -> Checkpoint | None:
     """The checkpoint in `directory`, or None if there is none. Refuses another plan's checkpoint."""
     path = directory / FILENAME
     if not path.exists():
         return None
-    blob = path.read_bytes()
     try:
-        tensors = st_load(blob)
-        header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(json.loads(blob[8 : 8 + header_len])["__metadata__"]["fedsqueeze"])
+        tensors, meta = read(path.read_bytes())
     except Exception as exc:  # safetensors / JSON errors
         raise CheckpointError(f"{path} is not a readable fedsqueeze checkpoint: {exc}") from exc
     if not isinstance(meta, dict):

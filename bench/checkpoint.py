@@ -31,15 +31,16 @@ from fedsqueeze.models import build_model, get_flat, model_layout
 from fedsqueeze.plan import Plan
 
 from .common import int_list, md_code, replace_section
-
-PLAN = Path(__file__).resolve().parents[1] / "fedsqueeze" / "plans" / "slow-link.json"
+from .slowlink import MNIST1D_SHAPE, SLOW_LINK_PLAN
 
 
 def measure(members: int, fraction: float, rounds: int) -> dict[str, float]:
-    plan = Plan.load(PLAN)
-    model = build_model(plan.model.name, (40,), 10, plan.model.args, plan.seed)
+    plan = Plan.from_json(SLOW_LINK_PLAN)
+    length, classes = MNIST1D_SHAPE
+    model = build_model(plan.model.name, (length,), classes, plan.model.args, plan.seed)
     layout, initial = model_layout(model), get_flat(model)
-    links = Links(LinkChains.from_plan(plan), layout, initial, Metrics("aggregator"))
+    chains = LinkChains.from_plan(plan)
+    links = Links(chains, layout, initial, Metrics("aggregator"))
     ids = [f"m{i}" for i in range(members)]
     for member in ids:
         links.add(member)
@@ -60,7 +61,7 @@ def measure(members: int, fraction: float, rounds: int) -> dict[str, float]:
         t0 = time.perf_counter()
         loaded = checkpoint.load(Path(folder), plan.sha256, layout)
         assert loaded is not None
-        Links(LinkChains.from_plan(plan), layout, initial, Metrics("aggregator")).restore(loaded.states)
+        Links(chains, layout, initial, Metrics("aggregator")).restore(loaded.states)
         read_s = time.perf_counter() - t0
         size = path.stat().st_size
     per_member = sum(len(up) + len(down) for up, down in states.values()) + layout.raw_bytes
@@ -97,14 +98,8 @@ def main() -> None:
     lines = table(rows, args.rounds)
     print("\n".join(lines))
     if args.out:
-        command = "python -m bench.checkpoint " + " ".join(
-            f"--{k} {v}"
-            for k, v in (
-                ("members", ",".join(map(str, args.members))),
-                ("fractions", args.fractions),
-                ("rounds", args.rounds),
-            )  # fmt: skip
-        )
+        members = ",".join(map(str, args.members))
+        command = f"python -m bench.checkpoint --members {members} --fractions {args.fractions} --rounds {args.rounds}"
         replace_section(args.out, "checkpoint", "Checkpoints with many members", [f"`{command}`", "", *lines])
 
 

@@ -59,9 +59,7 @@ def test_a_damaged_checkpoint_is_refused_naming_what_is_wrong(tmp_path: Path, da
     ckpt = checkpoint.Checkpoint(1, "plan", initial, links.states(["m0", "m1"]), members)
     path = checkpoint.save(tmp_path, ckpt, layout)
     blob = path.read_bytes()
-    header = int.from_bytes(blob[:8], "little")
-    meta = json.loads(json.loads(blob[8 : 8 + header])["__metadata__"]["fedsqueeze"])
-    tensors = dict(checkpoint.st_load(blob))
+    tensors, meta = checkpoint.read(blob)
     damaged = damage(blob, meta, tensors)
     if isinstance(damaged, bytes):
         path.write_bytes(damaged)
